@@ -1,0 +1,37 @@
+# The README's commands. `make demo` sets up .venv and runs the main job; `make test` runs the tests.
+VENV ?= .venv
+PY := $(CURDIR)/$(VENV)/bin/python
+DATASET ?= breastmnist
+PROFILE ?= quick
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+# Use the offline copies beside the checkout when present (this project's build machines).
+ifeq ($(MEDMNIST_ROOT),)
+ifneq ($(wildcard $(CURDIR)/../shared/data/medmnist/breastmnist.npz),)
+export MEDMNIST_ROOT := $(abspath $(CURDIR)/../shared/data/medmnist)
+endif
+endif
+
+.PHONY: setup demo study test test-fast ui bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	mlflow run . -e baseline -P dataset=$(DATASET) --env-manager local --experiment-name $(DATASET)
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean:
+	rm -rf mlruns mlartifacts reports results .pytest_cache

@@ -1,0 +1,45 @@
+"""Checkpoints as data: tensors and plain containers only, always loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.models import Classifier, ModelSpec, build_classifier
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, spec: ModelSpec, config: Mapping[str, Any], **extra: Any) -> Path:
+    """Write {state_dict, spec, config, **extra} so that `torch.load(weights_only=True)` reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "spec": spec.to_dict(), "config": dict(config), **extra}, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint as data; anything unreadable or not ours is a UserError."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} cannot be read as data ({type(exc).__name__}); it is corrupted or not a medmnist-ssl checkpoint") from None
+    if not isinstance(data, dict) or "state_dict" not in data or "spec" not in data:
+        raise UserError(f"checkpoint {path} is not a medmnist-ssl checkpoint (no state_dict/spec)")
+    return data
+
+
+def load_classifier(path: Path, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier a checkpoint describes and load its weights (no weight download)."""
+    data = load_checkpoint(path)
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    spec = ModelSpec(**{k: v for k, v in data["spec"].items() if k in fields})
+    model = build_classifier(dataclasses.replace(spec, weights="none"))
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not match its declared architecture {spec.model}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), data

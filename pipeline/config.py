@@ -1,0 +1,175 @@
+"""Resolve a stage's configuration: YAML defaults ← dataset overrides ← profile ← user file ← CLI.
+
+Each stage has `configs/<stage>.yaml`; its keys and the types of their default values are the
+schema. `configs/datasets/<dataset>.yaml` and `configs/profiles/<profile>.yaml` hold per-stage
+sections that override them. Values are coerced to the default's type and checked against RULES,
+so every mistake becomes one `UserError` line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from pipeline.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SIZES = (28, 64, 128, 224)
+
+
+def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in allowed else f"must be one of {', '.join(map(str, allowed))}"
+
+    return check
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _fraction(value: Any) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _unit_interval(value: Any) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _fractions(values: Any) -> str | None:
+    bad = [v for v in values if not 0 < v <= 1]
+    return None if values and not bad else "must be a non-empty list of fractions in (0, 1]"
+
+
+def _seeds(values: Any) -> str | None:
+    return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "size": _one_of(*SIZES),
+    "epochs": _at_least(1),
+    "batch_size": _at_least(1),
+    "eval_batch_size": _at_least(1),
+    "lr": _positive,
+    "weight_decay": _at_least(0),
+    "momentum": _unit_interval,
+    "seed": _at_least(0),
+    "model": _one_of("smallcnn", "resnet18"),
+    "stem": _one_of("cifar", "imagenet"),
+    "weights": _one_of("none", "imagenet"),
+    "finetune": _one_of("head", "all"),
+    "optimizer": _one_of("adam", "adamw", "sgd"),
+    "scheduler": _one_of("cosine", "multistep", "none"),
+    "device": _one_of("auto", "cpu", "cuda", "mps"),
+    "dropout": _unit_interval,
+    "label_fraction": _fraction,
+    "label_fractions": _fractions,
+    "seeds": _seeds,
+    "checkpoint_every": _at_least(1),
+    "bootstrap": _at_least(0),
+    "ece_bins": _at_least(2),
+    "gamma": _positive,
+    "warmup_epochs": _at_least(0),
+}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing, unreadable or non-mapping file is a UserError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert `value` (often a CLI string) to the type of `default`."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError
+                return lowered in {"true", "1", "yes"}
+            return bool(value)
+        if isinstance(default, int):
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            items = [s for s in value.replace(",", " ").split()] if isinstance(value, str) else list(value)
+            element = default[0] if default else ""
+            return [_coerce(key, item, element) for item in items]
+        return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__ if not isinstance(default, list) else "list"
+        raise UserError(f"{key}={value!r} is not a valid {kind}") from None
+
+
+def _section(path: Path, stage: str) -> dict[str, Any]:
+    return load_yaml(path).get(stage, {}) if path.exists() else {}
+
+
+def resolve(
+    stage: str,
+    dataset: str,
+    overrides: Mapping[str, Any],
+    config_file: str = "",
+    profile: str = "",
+) -> dict[str, Any]:
+    """Return the validated configuration of `stage` for `dataset`.
+
+    `overrides` are CLI values; None or "" means "not given" (MLproject passes "" for unset).
+    """
+    defaults = load_yaml(CONFIG_DIR / f"{stage}.yaml")
+    layers: list[tuple[str, dict[str, Any]]] = [
+        (f"configs/datasets/{dataset}.yaml", _section(CONFIG_DIR / "datasets" / f"{dataset}.yaml", stage)),
+    ]
+    if profile:
+        profile_path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+        if not profile_path.exists():
+            known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+            raise UserError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+        layers.append((str(profile_path), load_yaml(profile_path).get(stage, {})))
+    if config_file:
+        layers.append((config_file, load_yaml(Path(config_file))))
+    layers.append(("command line", {k: v for k, v in overrides.items() if v is not None and v != ""}))
+
+    config = dict(defaults)
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in defaults:
+                raise UserError(
+                    f"unknown {stage} setting {key!r} (from {source}); known: {', '.join(sorted(defaults))}"
+                )
+            config[key] = _coerce(key, value, defaults[key])
+    for key, value in config.items():
+        check = RULES.get(key)
+        problem = check(value) if check else None
+        if problem:
+            raise UserError(f"{key}={value!r} {problem}")
+    config["dataset"] = dataset
+    return config
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved configuration, used to find reusable runs."""
+    canonical = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -1,0 +1,197 @@
+"""MedMNIST2D binary datasets as uint8 tensors held on the device, batched by index permutation.
+
+Loading goes through the `medmnist` package (its dataset classes, INFO table and download code), so
+the files are exactly those medmnist uses. Images stay uint8 until a batch is drawn: a whole
+PneumoniaMNIST split at 28×28 is under 4 MB, so it lives on the GPU next to the model.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import medmnist
+import numpy as np
+import torch
+from medmnist.info import DEFAULT_ROOT, INFO
+
+from pipeline.config import SIZES
+from pipeline.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def binary_2d_datasets() -> list[str]:
+    """The medmnist keys this project accepts: binary-class tasks on 2D images."""
+    return sorted(k for k, v in INFO.items() if v["task"] == "binary-class" and not k.endswith("3d"))
+
+
+def check_dataset(name: str) -> None:
+    """Refuse names medmnist does not know, and medmnist datasets that are not binary 2D."""
+    allowed = ", ".join(binary_2d_datasets())
+    if name not in INFO:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {allowed}")
+    info = INFO[name]
+    if name not in binary_2d_datasets():
+        kind = "3D" if name.endswith("3d") else "2D"
+        raise UserError(
+            f"dataset {name!r} is a {kind} {info['task']} task; medmnist-ssl studies binary 2D "
+            f"classification only: choose one of: {allowed}"
+        )
+
+
+def resolve_root(data_root: str = "") -> Path:
+    """The data folder: `data_root`, else $MEDMNIST_ROOT, else medmnist's default (~/.medmnist)."""
+    root = Path(data_root or os.environ.get("MEDMNIST_ROOT") or DEFAULT_ROOT).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def file_name(name: str, size: int) -> str:
+    """medmnist's file naming: `breastmnist.npz` at 28 px, `breastmnist_64.npz` above."""
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def _size_flag(size: int) -> str:
+    return "" if size == 28 else f"_{size}"
+
+
+def ensure_file(name: str, size: int, root: Path) -> Path:
+    """Return the npz path, downloading it with medmnist when missing; offline, say what to do."""
+    check_dataset(name)
+    if size not in SIZES:
+        raise UserError(f"size={size} must be one of {', '.join(map(str, SIZES))}")
+    path = root / file_name(name, size)
+    if path.exists():
+        return path
+    data_class = getattr(medmnist, INFO[name]["python_class"])
+    try:
+        data_class(split="train", root=str(root), download=True, size=size)
+    except Exception:  # medmnist wraps every download failure in a bare RuntimeError
+        info, flag = INFO[name], _size_flag(size)
+        raise UserError(
+            f"{path.name} is not in {root} and could not be downloaded: fetch {info['url' + flag]} "
+            f"(MD5 {info['MD5' + flag]}) and put it at {path}, or point data_root/MEDMNIST_ROOT at "
+            f"the folder that holds it"
+        ) from None
+    return path
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """One split as numpy arrays: images uint8 N×H×W (or N×H×W×C), labels int64 N."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
+    """Read the three splits through medmnist's dataset class, validating shapes and labels."""
+    path = ensure_file(name, size, root)
+    data_class = getattr(medmnist, INFO[name]["python_class"])
+    splits: dict[str, ArraySplit] = {}
+    try:
+        for split in SPLITS:
+            dataset = data_class(split=split, root=str(root), download=False, size=size)
+            images = np.asarray(dataset.imgs)
+            labels = np.asarray(dataset.labels).reshape(-1).astype(np.int64)
+            splits[split] = ArraySplit(images, labels)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"{path} is corrupted or truncated ({type(exc).__name__}): delete it and download it "
+            f"again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})"
+        ) from None
+    for split, arrays in splits.items():
+        images, labels = arrays.images, arrays.labels
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1:3] != (size, size):
+            raise UserError(f"{path}: {split}_images must be uint8 N×{size}×{size}, got {images.dtype} {images.shape}")
+        if len(labels) != len(images) or not np.isin(labels, (0, 1)).all():
+            raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image")
+    return splits
+
+
+@dataclass
+class Split:
+    """A split on the device: uint8 images N×C×H×W and int64 labels N."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray | torch.Tensor) -> "Split":
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.labels.device)
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class DatasetSplits:
+    """The three splits of one dataset at one size, plus medmnist's label names."""
+
+    name: str
+    size: int
+    train: Split
+    val: Split
+    test: Split
+    label_names: dict[str, str]
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def to_split(arrays: ArraySplit, device: torch.device) -> Split:
+    """Move one split to the device once, channels first."""
+    images = torch.from_numpy(arrays.images)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return Split(images.contiguous().to(device), torch.from_numpy(arrays.labels).to(device))
+
+
+def load_splits(name: str, size: int, data_root: str, device: torch.device) -> DatasetSplits:
+    """Load a dataset's three splits onto `device`."""
+    arrays = load_arrays(name, size, resolve_root(data_root))
+    return DatasetSplits(
+        name=name,
+        size=size,
+        train=to_split(arrays["train"], device),
+        val=to_split(arrays["val"], device),
+        test=to_split(arrays["test"], device),
+        label_names=dict(INFO[name]["label"]),
+    )
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 batch → float in [0, 1] (normalisation lives in the model)."""
+    return images.float().div_(255.0)
+
+
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
+) -> Iterator[torch.Tensor]:
+    """Index batches over n samples: a seeded permutation when shuffling; the last batch may be short."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a seeded, class-stratified `fraction` of the samples, at least one per class.
+
+    Each class keeps round(fraction × its count) samples (minimum 1), so 1% of BreastMNIST's 546
+    training images is 1 malignant + 4 benign/normal = 5 images. Indices come back sorted.
+    """
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        keep = max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=keep, replace=False))
+    return np.sort(np.concatenate(chosen))

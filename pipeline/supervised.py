@@ -1,0 +1,122 @@
+"""Fit one classifier inside an open run and log everything DESIGN lists for a classifier run.
+
+Shared by `baseline`, the ablation children and the fine-tuning steps: train with per-epoch
+validation, select by validation AUROC, evaluate val and test once with the selected weights, then
+log metrics, predictions, checkpoint, plots and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pipeline import metrics, plots, tracking
+from pipeline.augment import build_augment
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import DatasetSplits, Split
+from pipeline.models import Classifier, ModelSpec
+from pipeline.train import TrainResult, predict_logits, train_classifier
+
+
+@dataclass
+class ClassifierOutcome:
+    """Final metrics (prefixed `val_`/`test_`) and the trained model with its selected weights."""
+
+    metrics: dict[str, float]
+    model: Classifier
+    result: TrainResult
+
+
+def predictions_csv(logits: np.ndarray, labels: np.ndarray) -> str:
+    """DESIGN's predictions file: index, label, logit, prob (p of class 1)."""
+    probs = metrics.sigmoid(logits)
+    rows = ["index,label,logit,prob"]
+    rows += [f"{i},{int(y)},{z:.8g},{p:.8g}" for i, (y, z, p) in enumerate(zip(labels, logits, probs))]
+    return "\n".join(rows) + "\n"
+
+
+def final_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], cfg: Mapping[str, Any]) -> dict[str, float]:
+    """`val_*` and `test_*` metric sets from each split's logits."""
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        values = metrics.classification_metrics(
+            metrics.sigmoid(logits[split]), labels[split], n_bins=cfg["ece_bins"], n_bootstrap=cfg["bootstrap"], seed=cfg["seed"]
+        )
+        out.update({f"{split}_{k}": v for k, v in values.items()})
+    return out
+
+
+def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, workdir: Path):
+    """The per-epoch callback: metrics to MLflow, a line to val_log.jsonl, last.pt every few epochs."""
+    log_path = workdir / "val_log.jsonl"
+
+    def on_epoch(epoch: int, row: dict[str, float], state) -> None:
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        with log_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
+            path = save_checkpoint(workdir / "last.pt", model, spec, cfg, train_state=state())
+            tracking.log_file(path, "checkpoints")
+
+    return on_epoch
+
+
+def fit_and_log(
+    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any]
+) -> ClassifierOutcome:
+    """Train `model` on `train` (possibly a label subset) and log the classifier artifacts."""
+    with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        workdir = Path(tmp)
+        tracking.log_config(cfg)
+        result = train_classifier(
+            model, train, data.val, cfg, augment=build_augment(cfg["augment"]),
+            on_epoch=_epoch_logger(cfg, spec, model, workdir),
+        )
+        model.load_state_dict(result.best_state)
+        labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
+        logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
+        values = final_metrics(logits, labels, cfg)
+        values["best_epoch"] = result.best_epoch
+        # val_acc/val_auroc/val_ece are also per-epoch keys: logging the selected model's values
+        # last, at the final step, makes them the run's summary value (MLflow keeps the latest).
+        tracking.log_metrics(values, step=result.history[-1]["epoch"])
+        test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
+        tracking.log_json({**test_values, "best_epoch": result.best_epoch}, "test_metrics.json")
+        tracking.log_file(workdir / "val_log.jsonl")
+        for split in ("val", "test"):
+            tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
+        best = save_checkpoint(workdir / "best.pt", model, spec, cfg, best_epoch=result.best_epoch)
+        tracking.log_file(best, "checkpoints")
+        log_classifier_plots(logits["test"], labels["test"], data.label_names, result, cfg)
+    return ClassifierOutcome(values, model, result)
+
+
+def log_classifier_plots(
+    test_logits: np.ndarray, test_labels: np.ndarray, label_names: Mapping[str, str], result: TrainResult, cfg: Mapping[str, Any]
+) -> None:
+    """Reliability diagram and confusion matrix on test, learning curves over epochs."""
+    probs = metrics.sigmoid(test_logits)
+    tracking.log_figure(plots.reliability_diagram(probs, test_labels, cfg["ece_bins"], "Reliability (test)"), "plots/reliability.png")
+    names = [label_names[str(i)] for i in (0, 1)]
+    tracking.log_figure(plots.confusion_matrix_plot(test_labels, probs >= 0.5, names, "Test confusion matrix"), "plots/confusion_matrix.png")
+    title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
+    tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
+
+
+def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:
+    """The architecture a config asks for."""
+    return ModelSpec(
+        model=cfg["model"], in_channels=in_channels, stem=cfg["stem"], weights=cfg["weights"], dropout=cfg["dropout"]
+    )
+
+
+def prepare_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to the device; channels_last on CUDA where convolutions gain from it."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model

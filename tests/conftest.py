@@ -1,0 +1,113 @@
+"""Shared fixtures: synthetic MedMNIST files, a real SQLite MLflow store per test, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA = Path(os.environ.get("MEDMNIST_REAL_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root with small synthetic breastmnist and pneumoniamnist files (28 px)."""
+    root = tmp_path_factory.mktemp("medmnist")
+    write_synthetic(root, "breastmnist", seed=1)
+    write_synthetic(root, "pneumoniamnist", seed=2, positive_rate=0.6)
+    return root
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store with absolute artifact paths, active for this test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def cli_env(data_root: Path | str, tracking: str, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess: the venv's bin first on PATH, data root, tracking store."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+        MEDMNIST_ROOT=str(data_root),
+        MLFLOW_TRACKING_URI=tracking,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        TQDM_DISABLE="1",
+        **extra,
+    )
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def run_step(step: str, args: list[str], env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m entrypoints.<step> ARGS` run in `cwd` (the test's tmp dir), capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", f"entrypoints.{step}", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def mlflow_run(
+    step: str, params: dict[str, str], env: dict[str, str], cwd: Path, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """`mlflow run REPO -e STEP -P k=v ... --env-manager local`, as a user types it."""
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", step, "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def all_runs(tracking: str):
+    """Every run in the store, newest first, as MLflow entities."""
+    client = mlflow.MlflowClient(tracking)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["attributes.start_time DESC"])
+
+
+def artifact_paths(tracking: str, run_id: str) -> set[str]:
+    """All artifact file paths of a run."""
+    client = mlflow.MlflowClient(tracking)
+    found: set[str] = set()
+
+    def walk(path: str | None) -> None:
+        for item in client.list_artifacts(run_id, path):
+            if item.is_dir:
+                walk(item.path)
+            else:
+                found.add(item.path)
+
+    walk(None)
+    return found
+
+
+def assert_contract(tracking: str, run, classifier: bool = True) -> None:
+    """A run carries DESIGN's required tags and, for classifiers, every metric key and artifact."""
+    from pipeline.tracking import contract
+
+    spec = contract()
+    missing_tags = [t for t in spec["required_tags"] if t not in run.data.tags]
+    assert not missing_tags, f"run {run.info.run_id} lacks tags {missing_tags}"
+    assert run.data.tags["week"] == spec["weeks"][run.data.tags["stage"]]
+    if not classifier:
+        return
+    expected = {f"{s}_{m}" for s in spec["final_splits"] for m in spec["final_metrics"]}
+    expected |= set(spec["epoch_metrics"]) | {"best_epoch"}
+    assert expected <= set(run.data.metrics), f"missing metrics {expected - set(run.data.metrics)}"
+    missing = set(spec["classifier_artifacts"]) - artifact_paths(tracking, run.info.run_id)
+    assert not missing, f"missing artifacts {missing}"

@@ -1,0 +1,115 @@
+"""Every user mistake: one clear line on stderr, a non-zero exit, no traceback, no run left RUNNING."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from medmnist.info import INFO
+
+from entrypoints import baseline
+from entrypoints.common import main
+from tests.conftest import all_runs, cli_env, mlflow_run, run_step
+
+ROWS = [
+    (["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
+    (["--dataset", "pathmnist"], "multi-class task"),
+    (["--dataset", "nodulemnist3d"], "3D binary-class task"),
+    (["--size", "32"], "size=32 must be one of 28, 64, 128, 224"),
+    (["--epochs", "0"], "epochs=0 must be >= 1"),
+    (["--batch-size", "0"], "batch_size=0 must be >= 1"),
+    (["--lr", "0"], "lr=0.0 must be > 0"),
+    (["--lr", "abc"], "lr='abc' is not a valid float"),
+    (["--model", "vgg16"], "model='vgg16' must be one of smallcnn, resnet18"),
+    (["--stem", "deep"], "stem='deep' must be one of cifar, imagenet"),
+    (["--finetune", "half"], "finetune='half' must be one of head, all"),
+    (["--device", "tpu"], "device='tpu' must be one of auto, cpu, cuda, mps"),
+    (["--no-such-option", "1"], "No such option"),
+]
+
+
+def assert_one_clear_line(returncode, stderr, fragment):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == 2, stderr
+    assert len(lines) == 1 and fragment in lines[0], stderr
+    assert lines[0].startswith("medmnist-ssl baseline: error:")
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("args, fragment", ROWS, ids=[r[1][:30] for r in ROWS])
+def test_bad_parameter(args, fragment, synthetic_root, tracking_uri, monkeypatch, capsys):
+    """In-process through the same `main` wrapper the console script and `python -m` use."""
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    with pytest.raises(SystemExit) as exit_info:
+        main(baseline.command, args)
+    assert_one_clear_line(exit_info.value.code, capsys.readouterr().err, fragment)
+    assert all(r.info.status != "RUNNING" for r in all_runs(tracking_uri))
+
+
+def test_bad_parameter_in_a_real_process(synthetic_root, tracking_uri, tmp_path):
+    result = run_step("baseline", ["--size", "32"], cli_env(synthetic_root, tracking_uri), tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, "size=32 must be one of 28, 64, 128, 224")
+
+
+def test_missing_data_offline(tmp_path, tracking_uri):
+    empty = tmp_path / "empty-root"
+    # An unroutable proxy makes the download fail fast, as on an offline machine.
+    env = cli_env(empty, tracking_uri, https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    result = run_step("baseline", ["--dataset", "breastmnist"], env, tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, f"breastmnist.npz is not in {empty}")
+    assert INFO["breastmnist"]["MD5"] in result.stderr and "zenodo.org" in result.stderr
+
+
+def test_corrupted_data(tmp_path, tracking_uri, monkeypatch, capsys):
+    root = tmp_path / "bad-root"
+    root.mkdir()
+    (root / "breastmnist.npz").write_bytes(b"PK\x03\x04 truncated")
+    monkeypatch.setenv("MEDMNIST_ROOT", str(root))
+    with pytest.raises(SystemExit) as exit_info:
+        main(baseline.command, ["--dataset", "breastmnist"])
+    assert_one_clear_line(exit_info.value.code, capsys.readouterr().err, "is corrupted or truncated")
+
+
+@pytest.mark.slow
+def test_mistake_under_mlflow_run_marks_its_run_failed(synthetic_root, tracking_uri, tmp_path):
+    result = mlflow_run("baseline", {"epochs": "0"}, cli_env(synthetic_root, tracking_uri), tmp_path)
+    assert result.returncode != 0
+    assert "medmnist-ssl baseline: error: epochs=0 must be >= 1" in result.stderr
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FAILED" and "epochs=0" in run.data.tags["failure_reason"]
+
+
+def wait_for_running_run(tracking_uri, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = all_runs(tracking_uri)
+        if runs and runs[0].data.metrics.get("train_loss") is not None:
+            return runs[0]
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.5)
+    raise AssertionError("no run started in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_interrupted_run_ends_killed(sig, synthetic_root, tracking_uri, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.baseline", "--epochs", "500", "--batch-size", "16"],
+        cwd=tmp_path, env=cli_env(synthetic_root, tracking_uri), stderr=subprocess.PIPE, text=True,
+    )
+    wait_for_running_run(tracking_uri, proc)
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=60) == 130
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "KILLED"
+    assert "interrupted" in run.data.tags["failure_reason"]
+
+
+def test_failure_inside_a_run_marks_it_failed_with_reason(synthetic_root, tracking_uri, tmp_path):
+    config = tmp_path / "diverge.yaml"
+    config.write_text("lr: 1.0e+30\noptimizer: sgd\nepochs: 2\nbootstrap: 0\n")
+    result = run_step("baseline", ["--config", str(config)], cli_env(synthetic_root, tracking_uri), tmp_path)
+    assert result.returncode == 1 and "training loss became" in result.stderr and "Traceback" not in result.stderr
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FAILED" and "DivergenceError" in run.data.tags["failure_reason"]

@@ -1,0 +1,66 @@
+"""Config resolution: layering order, type coercion, validation messages, hashing."""
+
+import pytest
+
+from pipeline import config
+from pipeline.errors import UserError
+
+
+def test_defaults_then_dataset_override_then_cli():
+    base = config.resolve("baseline", "breastmnist", {})
+    assert base["epochs"] == 30  # configs/datasets/breastmnist.yaml beats configs/baseline.yaml (20)
+    assert config.resolve("baseline", "pneumoniamnist", {})["epochs"] == 15
+    cli = config.resolve("baseline", "breastmnist", {"epochs": "3", "lr": "1e-4", "seed": ""})
+    assert cli["epochs"] == 3 and cli["lr"] == pytest.approx(1e-4) and cli["seed"] == base["seed"]
+
+
+def test_user_file_sits_between_dataset_and_cli(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("epochs: 7\nmodel: resnet18\n")
+    cfg = config.resolve("baseline", "breastmnist", {"model": "smallcnn"}, config_file=str(path))
+    assert cfg["epochs"] == 7 and cfg["model"] == "smallcnn"
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"size": "32"}, "size=32 must be one of 28, 64, 128, 224"),
+        ({"epochs": "0"}, "epochs=0 must be >= 1"),
+        ({"batch_size": "0"}, "batch_size=0 must be >= 1"),
+        ({"lr": "0"}, "lr=0.0 must be > 0"),
+        ({"lr": "-1e-3"}, "must be > 0"),
+        ({"lr": "fast"}, "lr='fast' is not a valid float"),
+        ({"epochs": "2.5"}, "epochs='2.5' is not a valid int"),
+        ({"model": "vgg"}, "model='vgg' must be one of smallcnn, resnet18"),
+        ({"stem": "wide"}, "stem='wide' must be one of cifar, imagenet"),
+        ({"finetune": "some"}, "finetune='some' must be one of head, all"),
+        ({"weights": "random"}, "weights='random' must be one of none, imagenet"),
+        ({"label_fraction": "1.5"}, "must be in (0, 1]"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(overrides, fragment):
+    with pytest.raises(UserError, match=None) as info:
+        config.resolve("baseline", "breastmnist", overrides)
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_user_file_is_refused(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("epoch: 3\n")
+    with pytest.raises(UserError, match="unknown baseline setting 'epoch'"):
+        config.resolve("baseline", "breastmnist", {}, config_file=str(path))
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        config.resolve("baseline", "breastmnist", {}, config_file=str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.resolve("baseline", "breastmnist", {}, config_file=str(bad))
+
+
+def test_hash_is_stable_and_sensitive():
+    a = config.resolve("baseline", "breastmnist", {})
+    assert config.config_hash(a) == config.config_hash(dict(reversed(list(a.items()))))
+    assert config.config_hash(a) != config.config_hash({**a, "seed": 1})

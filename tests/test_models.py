@@ -1,0 +1,103 @@
+"""Model shapes, stems, head-only freezing, and ImageNet weights through torchvision's API."""
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import ResNet18_Weights
+
+from pipeline.checkpoint import load_classifier, save_checkpoint
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec, build_classifier
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [ModelSpec("smallcnn"), ModelSpec("resnet18", stem="cifar"), ModelSpec("resnet18", stem="imagenet")],
+)
+def test_one_logit_per_image_and_encoder_features(spec):
+    model = build_classifier(spec).eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert model(x).shape == (3,)
+    assert model.features(x).shape == (3, model.feat_dim)
+
+
+def test_stems_differ_as_specified():
+    cifar = build_classifier(ModelSpec("resnet18", stem="cifar")).encoder
+    imagenet = build_classifier(ModelSpec("resnet18", stem="imagenet")).encoder
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, torch.nn.Identity)
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, torch.nn.MaxPool2d)
+
+
+def test_head_only_freezes_weights_and_batchnorm_statistics():
+    model = build_classifier(ModelSpec("resnet18", stem="imagenet"), finetune="head")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.rand(8, 1, 28, 28)).sum()
+    loss.backward()
+    optimizer.step()
+    after = model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running means/vars untouched too
+
+
+@pytest.fixture()
+def local_imagenet_weights(tmp_path, monkeypatch):
+    """A locally saved ResNet-18 state dict where torchvision's weights API caches downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    target = tmp_path / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, target)
+    return state
+
+
+def test_imagenet_weights_load_through_weights_api(local_imagenet_weights):
+    model = build_classifier(ModelSpec("resnet18", stem="imagenet", weights="imagenet"))
+    expected = local_imagenet_weights["conv1.weight"].sum(dim=1, keepdim=True)
+    assert torch.allclose(model.encoder.conv1.weight, expected)
+    assert torch.equal(model.encoder.layer4[1].conv2.weight, local_imagenet_weights["layer4.1.conv2.weight"])
+    assert model.mean.item() == pytest.approx(0.449)
+
+
+def test_imagenet_weights_with_cifar_stem_keep_the_body(local_imagenet_weights):
+    model = build_classifier(ModelSpec("resnet18", stem="cifar", weights="imagenet"))
+    assert model.encoder.conv1.kernel_size == (3, 3)
+    assert torch.equal(model.encoder.layer1[0].conv1.weight, local_imagenet_weights["layer1.0.conv1.weight"])
+
+
+def test_missing_imagenet_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # closed port: offline, deterministically
+    with pytest.raises(UserError) as info:
+        build_classifier(ModelSpec("resnet18", weights="imagenet"))
+    assert "resnet18-f37072fd.pth" in str(info.value) and str(tmp_path / "hub" / "checkpoints") in str(info.value)
+
+
+def test_imagenet_weights_need_resnet18():
+    with pytest.raises(UserError, match="weights=imagenet needs model=resnet18"):
+        build_classifier(ModelSpec("smallcnn", weights="imagenet"))
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    spec = ModelSpec("smallcnn", dropout=0.2)
+    model = build_classifier(spec).eval()
+    path = save_checkpoint(tmp_path / "best.pt", model, spec, {"lr": 0.001}, best_epoch=3)
+    torch.load(path, weights_only=True)  # plain data: no pickled objects
+    loaded, data = load_classifier(path, torch.device("cpu"))
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(loaded(x), model(x)) and data["best_epoch"] == 3 and data["config"] == {"lr": 0.001}
+
+
+def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="cannot be read as data"):
+        load_classifier(tmp_path / "junk.pt", torch.device("cpu"))
+    spec = ModelSpec("smallcnn")
+    path = save_checkpoint(tmp_path / "wrong.pt", build_classifier(ModelSpec("resnet18")), spec, {})
+    with pytest.raises(UserError, match="does not match its declared architecture smallcnn"):
+        load_classifier(path, torch.device("cpu"))
