@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -14,6 +15,9 @@ from pipeline.errors import PipelineError
 from pipeline.tracking import fail_adopted_run
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# A new SQLite store announces its table creation at INFO; keep a user's error to one line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 DATA_OPTIONS = (
     click.option("--dataset", default="breastmnist", show_default=True, help="breastmnist or pneumoniamnist."),

@@ -143,6 +143,11 @@ SSL_VIEW = compose(
     partial(gaussian_noise, p=0.3),
 )
 
+SSL_VIEW_DESCRIPTION = (
+    "random_resized_crop(scale 0.4-1, ratio 3/4-4/3) → hflip(p=0.5) → color_jitter(brightness 0.4, "
+    "contrast 0.4, p=0.8) → gaussian_blur(sigma 0.1-1.5, p=0.5) → gaussian_noise(std 0-0.05, p=0.3)"
+)
+
 PRESETS: dict[str, Augment] = {
     "none": identity,
     "flip": hflip,

@@ -49,6 +49,18 @@ def _fractions(values: Any) -> str | None:
     return None if values and not bad else "must be a non-empty list of fractions in (0, 1]"
 
 
+def _subset_of(*allowed: str) -> Callable[[Any], str | None]:
+    def check(values: Any) -> str | None:
+        bad = [v for v in values if v not in allowed]
+        return None if values and not bad else f"must be a non-empty list drawn from {', '.join(allowed)}"
+
+    return check
+
+
+def _positives(values: Any) -> str | None:
+    return None if values and all(v > 0 for v in values) else "must be a non-empty list of numbers > 0"
+
+
 def _seeds(values: Any) -> str | None:
     return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
 
@@ -78,6 +90,17 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "ece_bins": _at_least(2),
     "gamma": _positive,
     "warmup_epochs": _at_least(0),
+    "method": _one_of("simclr", "moco"),
+    "temperature": _positive,
+    "moco_momentum": _unit_interval,
+    "queue_size": _at_least(1),
+    "proj_dim": _at_least(1),
+    "proj_hidden_dim": _at_least(1),
+    "knn_k": _at_least(1),
+    "methods": _subset_of("ssl_probe", "supervised", "imagenet_probe"),
+    "probe_cs": _positives,
+    "supervised_epochs": _at_least(1),
+    "encoder_lr_scale": _positive,
 }
 
 

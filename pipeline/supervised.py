@@ -79,34 +79,46 @@ def fit_and_log(
             on_epoch=_epoch_logger(cfg, spec, model, workdir),
         )
         model.load_state_dict(result.best_state)
-        labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
-        logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
-        values = final_metrics(logits, labels, cfg)
-        values["best_epoch"] = result.best_epoch
         # val_acc/val_auroc/val_ece are also per-epoch keys: logging the selected model's values
         # last, at the final step, makes them the run's summary value (MLflow keeps the latest).
-        tracking.log_metrics(values, step=result.history[-1]["epoch"])
-        test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
-        tracking.log_json({**test_values, "best_epoch": result.best_epoch}, "test_metrics.json")
+        values = log_evaluation(model, spec, data, cfg, step=result.history[-1]["epoch"], best_epoch=result.best_epoch)
         tracking.log_file(workdir / "val_log.jsonl")
-        for split in ("val", "test"):
-            tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
-        best = save_checkpoint(workdir / "best.pt", model, spec, cfg, best_epoch=result.best_epoch)
-        tracking.log_file(best, "checkpoints")
-        log_classifier_plots(logits["test"], labels["test"], data.label_names, result, cfg)
+        title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
+        tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
     return ClassifierOutcome(values, model, result)
 
 
-def log_classifier_plots(
-    test_logits: np.ndarray, test_labels: np.ndarray, label_names: Mapping[str, str], result: TrainResult, cfg: Mapping[str, Any]
-) -> None:
-    """Reliability diagram and confusion matrix on test, learning curves over epochs."""
-    probs = metrics.sigmoid(test_logits)
-    tracking.log_figure(plots.reliability_diagram(probs, test_labels, cfg["ece_bins"], "Reliability (test)"), "plots/reliability.png")
-    names = [label_names[str(i)] for i in (0, 1)]
-    tracking.log_figure(plots.confusion_matrix_plot(test_labels, probs >= 0.5, names, "Test confusion matrix"), "plots/confusion_matrix.png")
-    title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
-    tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
+def log_evaluation(
+    model: Classifier,
+    spec: ModelSpec,
+    data: DatasetSplits,
+    cfg: Mapping[str, Any],
+    step: int = 0,
+    best_epoch: int = 0,
+    logits: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Evaluate val and test once (or take precomputed `logits`) and log metrics, predictions,
+    `best.pt`, reliability and confusion plots; tags the run `kind=classifier`."""
+    labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
+    if logits is None:
+        logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
+    tracking.set_tags({"kind": "classifier"})
+    values = final_metrics(logits, labels, cfg)
+    values["best_epoch"] = best_epoch
+    tracking.log_metrics(values, step=step)
+    test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
+    tracking.log_json({**test_values, "best_epoch": best_epoch}, "test_metrics.json")
+    for split in ("val", "test"):
+        tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
+    with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        tracking.log_file(save_checkpoint(Path(tmp) / "best.pt", model, spec, cfg, best_epoch=best_epoch), "checkpoints")
+    probs = metrics.sigmoid(logits["test"])
+    reliability = plots.reliability_diagram(probs, labels["test"], cfg["ece_bins"], "Reliability (test)")
+    tracking.log_figure(reliability, "plots/reliability.png")
+    names = [data.label_names[str(i)] for i in (0, 1)]
+    confusion = plots.confusion_matrix_plot(labels["test"], probs >= 0.5, names, "Test confusion matrix")
+    tracking.log_figure(confusion, "plots/confusion_matrix.png")
+    return values
 
 
 def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:

@@ -65,19 +65,28 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def tracked_run(
-    stage: str, dataset: str, tags: Mapping[str, Any], run_name: str | None = None, nested: bool = False
+    stage: str,
+    dataset: str,
+    tags: Mapping[str, Any],
+    run_name: str | None = None,
+    nested: bool = False,
+    reopen_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open (or adopt, under `mlflow run`) a run carrying the DESIGN tags; always close it.
+    """Open (or adopt, under `mlflow run`; or reopen, to resume) a run carrying the DESIGN tags;
+    always close it.
 
     `tags` must include `model` and `seed` (use "-" where they do not apply); `stage`, `dataset`
     and `week` are added here.
     """
     if not nested:
         ensure_store()
-        if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        if not under_mlflow_run() and not reopen_run_id and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    run = mlflow.start_run(run_name=run_name, nested=nested)
+    if reopen_run_id:
+        run = mlflow.start_run(run_id=reopen_run_id)
+    else:
+        run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
         set_tags({"stage": stage, "dataset": dataset, "week": contract()["weeks"].get(stage, ""), **tags})
         yield run
@@ -94,6 +103,11 @@ def tracked_run(
     finally:
         if not nested:
             signal.signal(signal.SIGTERM, previous)
+
+
+def under_mlflow_run() -> bool:
+    """True when `mlflow run` created the run this process must log into."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
 def fail_adopted_run(message: str) -> None:
@@ -185,6 +199,22 @@ def find_run(stage: str, dataset: str, run_id: str = "latest") -> Run:
         f"no FINISHED {' or '.join(stages)} run for {dataset} in {mlflow.get_tracking_uri()}; "
         f"run `mlflow run . -e {stages[0]} -P dataset={dataset} --env-manager local` first"
     )
+
+
+def finished_runs(dataset: str, where: str = "") -> list[Run]:
+    """FINISHED runs of a dataset in any experiment, newest first; `where` adds filter clauses."""
+    client = MlflowClient()
+    clauses = [f"tags.dataset = '{dataset}'", "attributes.status = 'FINISHED'"] + ([where] if where else [])
+    return client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def child_runs(parent_run_id: str, dataset: str) -> list[Run]:
+    """The FINISHED nested runs of a parent run."""
+    return finished_runs(dataset, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:

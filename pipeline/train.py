@@ -36,15 +36,29 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def make_optimizer(params, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+def parameter_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Trainable parameters; with `encoder_lr_scale` in the config, the encoder gets lr × scale
+    (fine-tuning a pretrained encoder more gently than its new head)."""
+    scale = cfg.get("encoder_lr_scale", 1.0)
+    encoder = getattr(model, "encoder", None)
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None and scale != 1.0 else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rest = [p for p in trainable if id(p) not in encoder_ids]
+    groups = [{"params": rest, "lr": cfg["lr"]}]
+    if encoder_ids:
+        groups.append({"params": [p for p in trainable if id(p) in encoder_ids], "lr": cfg["lr"] * scale})
+    return groups
+
+
+def make_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (Nesterov momentum) from the config."""
-    params = [p for p in params if p.requires_grad]
-    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    groups = parameter_groups(model, cfg)
+    name, wd = cfg["optimizer"], cfg["weight_decay"]
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(groups, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], nesterov=True, weight_decay=wd)
+        return torch.optim.AdamW(groups, weight_decay=wd)
+    return torch.optim.SGD(groups, momentum=cfg["momentum"], nesterov=True, weight_decay=wd)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
@@ -133,7 +147,7 @@ def train_classifier(
     training state (weights, optimizer, scheduler, best so far, history) only when asked for.
     `resume` is such a state: training continues after its epoch with identical results.
     """
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     best_state, best_epoch, best_auroc, history, start = None, 0, -math.inf, [], 1
     if resume is not None:

@@ -1,0 +1,119 @@
+"""Contrastive self-supervised methods: SimCLR-lite (NT-Xent) and MoCo-lite (momentum encoder,
+queue of negatives, InfoNCE), each one small module holding the whole method.
+
+Both wrap a `Classifier` as the backbone and use its `features` (normalisation + encoder), so the
+pretrained backbone is saved in the classifier checkpoint format that probes and fine-tuning load.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models import Classifier
+
+
+def projection_head(in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> nn.Sequential:
+    """The 2-layer MLP projector (Linear-BN-ReLU-Linear) used by SimCLR and MoCo v2."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent: each of the 2N views must pick its partner among the other 2N−1."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = z1.shape[0]
+    similarity = z @ z.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(similarity, targets)
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: the positive is the key of the same image, negatives are the queue (K×D).
+
+    `query`, `key` and `queue` rows are L2-normalised; the positive logit sits at index 0.
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)
+    negative = query @ queue.T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+class SimCLR(nn.Module):
+    """Backbone + projector; the loss contrasts two views of each image within the batch."""
+
+    def __init__(self, backbone: Classifier, temperature: float = 0.2, hidden_dim: int = 512, out_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projection_head(backbone.feat_dim, hidden_dim, out_dim)
+        self.temperature = temperature
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        z1 = self.projector(self.backbone.features(view1))
+        z2 = self.projector(self.backbone.features(view2))
+        return nt_xent(z1, z2, self.temperature)
+
+
+class MoCo(nn.Module):
+    """Query encoder trained by gradient, key encoder as its exponential moving average, and a
+    FIFO queue of past keys as negatives (He et al., 2020; MoCo v2's MLP projector)."""
+
+    def __init__(
+        self,
+        backbone: Classifier,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        queue_size: int = 4096,
+        hidden_dim: int = 512,
+        out_dim: int = 128,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projection_head(backbone.feat_dim, hidden_dim, out_dim)
+        self.key_backbone = copy.deepcopy(backbone)
+        self.key_projector = copy.deepcopy(self.projector)
+        for param in [*self.key_backbone.parameters(), *self.key_projector.parameters()]:
+            param.requires_grad_(False)
+        self.temperature = temperature
+        self.momentum = momentum
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """key ← m·key + (1−m)·query for every parameter (BN statistics stay the key's own)."""
+        pairs = [(self.backbone, self.key_backbone), (self.projector, self.key_projector)]
+        for query, key in pairs:
+            for q, k in zip(query.parameters(), key.parameters()):
+                k.mul_(self.momentum).add_(q.detach(), alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest queue entries with `keys` (wrapping around)."""
+        size = self.queue.shape[0]
+        keys = keys[-size:]
+        index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        query = F.normalize(self.projector(self.backbone.features(view1)).float(), dim=1)
+        with torch.no_grad():
+            self.momentum_update()
+            key = F.normalize(self.key_projector(self.key_backbone.features(view2)).float(), dim=1)
+        loss = info_nce(query, key, self.queue.clone().detach(), self.temperature)
+        self.enqueue(key)
+        return loss
+
+
+def build_ssl(method: str, backbone: Classifier, cfg) -> nn.Module:
+    """The SSL module a config names (`simclr` or `moco`)."""
+    if method == "simclr":
+        return SimCLR(backbone, cfg["temperature"], cfg["proj_hidden_dim"], cfg["proj_dim"])
+    return MoCo(backbone, cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"], cfg["proj_hidden_dim"], cfg["proj_dim"])

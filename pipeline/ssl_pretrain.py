@@ -1,0 +1,110 @@
+"""Week 4: the `ssl_pretrain` step — pretrain an encoder with SimCLR-lite or MoCo-lite and log it.
+
+Artifacts: `ssl_config.json` (τ, batch, queue, momentum, augmentations), `plots/ssl_loss.png`,
+`checkpoints/encoder.pt` (classifier-format checkpoint: normalisation + encoder, untrained head)
+and `checkpoints/last.pt` every few epochs, from which `resume` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib.pyplot as plt
+
+from pipeline import tracking
+from pipeline.augment import SSL_VIEW_DESCRIPTION
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import config_hash
+from pipeline.data import load_splits
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec, build_classifier
+from pipeline.pretrain import pretrain
+from pipeline.runtime import configure_speed, resolve_device, seed_everything
+from pipeline.ssl import build_ssl
+
+
+def ssl_loss_figure(history: list[dict[str, float]], title: str) -> plt.Figure:
+    """SSL loss and the kNN validation AUROC per epoch, side by side."""
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, knn_ax) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    loss_ax.plot(epochs, [row["ssl_loss"] for row in history], "o-", label="contrastive loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("ssl_loss")
+    loss_ax.set_title(f"final loss {history[-1]['ssl_loss']:.3f}")
+    loss_ax.legend()
+    knn_ax.plot(epochs, [row["knn_val_auroc"] for row in history], "o-", color="tab:green", label="kNN val AUROC")
+    knn_ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    knn_ax.set_xlabel("epoch")
+    knn_ax.set_ylabel("AUROC")
+    knn_ax.set_title(f"kNN monitor, last {history[-1]['knn_val_auroc']:.3f}")
+    knn_ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def ssl_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a reader of the paper needs, as logged in `ssl_config.json`."""
+    keys = ["method", "model", "stem", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+            "temperature", "proj_hidden_dim", "proj_dim", "seed", "size"]
+    settings = {k: cfg[k] for k in keys}
+    if cfg["method"] == "moco":
+        settings.update(queue_size=cfg["queue_size"], moco_momentum=cfg["moco_momentum"])
+    settings["augmentations"] = SSL_VIEW_DESCRIPTION
+    return settings
+
+
+def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config and training state saved in an interrupted run's `checkpoints/last.pt`."""
+    run = tracking.find_run("ssl_pretrain", cfg["dataset"], resume_run_id)
+    if run.info.status == "FINISHED":
+        raise UserError(f"run {resume_run_id} already FINISHED; nothing to resume")
+    data = load_checkpoint(tracking.download_artifact(run.info.run_id, "checkpoints/last.pt"))
+    return data["config"], data["train_state"]
+
+
+def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "") -> dict[str, float]:
+    """Pretrain, log every epoch and the artifacts; returns the final epoch's metrics."""
+    state = None
+    if resume_run_id:
+        cfg, state = _resume_state(cfg, resume_run_id)
+    device = resolve_device(cfg["device"])
+    configure_speed(device)
+    seed_everything(cfg["seed"])
+    data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
+    spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
+    module = build_ssl(cfg["method"], build_classifier(spec), cfg).to(device)
+    tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg)}
+    reopen = resume_run_id if resume_run_id and not tracking.under_mlflow_run() else None
+    name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
+    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, reopen_run_id=reopen), \
+            tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        if state is None or reopen is None:
+            tracking.log_config(cfg)
+            tracking.log_json(ssl_settings(cfg), "ssl_config.json")
+        if state is not None:
+            tracking.set_tags({"resumed_from": resume_run_id, "resumed_at_epoch": state["epoch"]})
+            if reopen is None:  # a new run under `mlflow run`: carry the history over
+                for row in state["history"]:
+                    tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+        def on_epoch(epoch: int, row: dict[str, float], train_state) -> None:
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
+                last = save_checkpoint(Path(tmp) / "last.pt", module.backbone, spec, cfg, train_state=train_state())
+                tracking.log_file(last, "checkpoints")
+
+        history = pretrain(module, data, cfg, on_epoch, resume=state)
+        encoder = save_checkpoint(Path(tmp) / "encoder.pt", module.backbone, spec, cfg, ssl_method=cfg["method"])
+        tracking.log_file(encoder, "checkpoints")
+        title = f"{cfg['dataset']} {cfg['method']} {cfg['model']} (τ={cfg['temperature']}, batch {cfg['batch_size']})"
+        tracking.log_figure(ssl_loss_figure(history, title), "plots/ssl_loss.png")
+    return {k: v for k, v in history[-1].items() if k != "epoch"}
+
+
+def load_encoder_checkpoint(ssl_run_id: str, dataset: str) -> tuple[Path, Any]:
+    """Download the encoder of an ssl_pretrain run (`latest` = newest FINISHED); returns (path, run)."""
+    run = tracking.find_run("ssl_pretrain", dataset, ssl_run_id)
+    return tracking.download_artifact(run.info.run_id, "checkpoints/encoder.pt"), run
+

@@ -1,0 +1,67 @@
+"""Small result tables: group rows, aggregate mean ± std, render CSV, Markdown and LaTeX."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]], by: Sequence[str], values: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per group of `by`: `<value>_mean`, `<value>_std` (sample std, 0 for n=1) and `n`."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in by), []).append(row)
+    out = []
+    for key, members in groups.items():
+        summary: dict[str, Any] = dict(zip(by, key))
+        for name in values:
+            numbers = np.array([float(m[name]) for m in members if m.get(name) is not None], dtype=float)
+            numbers = numbers[np.isfinite(numbers)]
+            summary[f"{name}_mean"] = float(numbers.mean()) if len(numbers) else math.nan
+            summary[f"{name}_std"] = float(numbers.std(ddof=1)) if len(numbers) > 1 else 0.0 if len(numbers) else math.nan
+        summary["n"] = len(members)
+        out.append(summary)
+    return out
+
+
+def mean_std(row: Mapping[str, Any], name: str, digits: int = 3) -> str:
+    """`0.912 ± 0.013`, or `—` when the value is missing."""
+    mean = row.get(f"{name}_mean", math.nan)
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    return f"{mean:.{digits}f} ± {row.get(f'{name}_std', 0.0):.{digits}f}"
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text with the given columns (missing cells empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str = "") -> str:
+    """A booktabs LaTeX table (± rendered as $\\pm$)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("±", "$\\pm$").replace("_", "\\_").replace("%", "\\%").replace("—", "--")
+
+    lines = ["\\begin{table}[t]", "\\centering", f"\\begin{{tabular}}{{{'l' * len(header)}}}", "\\toprule",
+             " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
+    lines += [" & ".join(cell(c) for c in row) + " \\\\" for row in rows]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{cell(caption)}}}")
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"

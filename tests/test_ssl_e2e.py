@@ -1,0 +1,133 @@
+"""ssl_pretrain → linear_probe → ssl_finetune end to end on synthetic data, chained by `latest`
+and by run id, in-process through the CLI wrapper and through real `mlflow run` calls."""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from torchvision.models import ResNet18_Weights
+
+from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
+from entrypoints.common import main
+from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
+
+PRETRAIN = ["--epochs", "2", "--batch-size", "32"]
+PROBE = ["--label-fractions", "0.1,1", "--seeds", "0,1", "--epochs", "1", "--batch-size", "32"]
+
+
+@pytest.fixture()
+def offline_torch_home(tmp_path, monkeypatch):
+    """No ImageNet weights on disk and no network: the ImageNet probe cannot run."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for proxy in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+
+
+@pytest.fixture()
+def data_env(synthetic_root, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+
+
+def stage_runs(tracking_uri, stage, parents_only=False):
+    runs = [r for r in all_runs(tracking_uri) if r.data.tags.get("stage") == stage]
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags] if parents_only else runs
+
+
+def read_artifact(tracking_uri, run_id, path, tmp_path):
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path), tracking_uri=tracking_uri)
+    return open(local).read()
+
+
+def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_home, tmp_path, capsys):
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--method", "simclr", *PRETRAIN])
+    (ssl,) = stage_runs(tracking_uri, "ssl_pretrain")
+    assert ssl.info.status == "FINISHED" and ssl.data.tags["method"] == "simclr"
+    assert_contract(tracking_uri, ssl, classifier=False)
+    assert {"ssl_loss", "lr", "knn_val_auroc", "knn_val_acc"} <= set(ssl.data.metrics)
+    assert {"ssl_config.json", "plots/ssl_loss.png", "checkpoints/encoder.pt", "config.yaml"} <= artifact_paths(tracking_uri, ssl.info.run_id)
+    settings = json.loads(read_artifact(tracking_uri, ssl.info.run_id, "ssl_config.json", tmp_path))
+    assert settings["temperature"] == 0.2 and "random_resized_crop" in settings["augmentations"]
+
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised,imagenet_probe", *PROBE])
+    out = capsys.readouterr().out
+    assert "ImageNet probe: not run: ImageNet weights for resnet18 are not available offline" in out
+    (parent,) = stage_runs(tracking_uri, "linear_probe", parents_only=True)
+    children = [r for r in stage_runs(tracking_uri, "linear_probe") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.tags["source_run_id"] == ssl.info.run_id
+    assert len(children) == 2 * 2 * 2  # fractions × seeds × runnable methods
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["kind"] == "classifier"
+        assert {"method", "label_fraction", "seed"} <= set(child.data.tags)
+        assert_contract(tracking_uri, child, classifier=child.data.tags["method"] == "supervised")
+    probe_child = next(c for c in children if c.data.tags["method"] == "ssl_probe")
+    assert probe_child.data.tags["source_run_id"] == ssl.info.run_id
+    assert {"predictions/test.csv", "checkpoints/best.pt", "plots/reliability.png"} <= artifact_paths(tracking_uri, probe_child.info.run_id)
+
+    # The parent's table agrees with its children.
+    table = pd.read_csv(pd.io.common.StringIO(read_artifact(tracking_uri, parent.info.run_id, "label_efficiency.csv", tmp_path)))
+    for _, row in table[table.status == "ok"].iterrows():
+        members = [c for c in children if c.data.tags["method"] == row.method and float(c.data.tags["label_fraction"]) == row.label_fraction]
+        values = [c.data.metrics["test_auroc"] for c in members]
+        assert row.n == len(members) == 2
+        assert row.test_auroc_mean == pytest.approx(sum(values) / 2)
+        assert set(row.run_ids.split()) == {c.info.run_id for c in members}
+    assert set(table[table.status != "ok"].method) == {"imagenet_probe"}
+    markdown = read_artifact(tracking_uri, parent.info.run_id, "label_efficiency.md", tmp_path)
+    assert "ImageNet probe: not run" in markdown
+    assert {"plots/label_efficiency_acc.png", "plots/label_efficiency_auroc.png"} <= artifact_paths(tracking_uri, parent.info.run_id)
+
+    main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "1",
+                                "--seeds", "0", "--epochs", "1", "--batch-size", "32"])
+    (ft_parent,) = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)
+    (ft_child,) = [r for r in stage_runs(tracking_uri, "ssl_finetune") if "mlflow.parentRunId" in r.data.tags]
+    assert ft_parent.info.status == ft_child.info.status == "FINISHED"
+    assert_contract(tracking_uri, ft_child)
+    week6 = read_artifact(tracking_uri, ft_parent.info.run_id, "week6_comparison.md", tmp_path)
+    assert "SSL fine-tune" in week6 and "SSL linear probe" in week6 and "supervised only" in week6
+
+
+def test_imagenet_probe_runs_with_local_weights(data_env, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    target = tmp_path / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), target)
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--epochs", "1", "--batch-size", "32"])
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "imagenet_probe", "--label-fractions", "1", "--seeds", "0"])
+    (child,) = [r for r in stage_runs(tracking_uri, "linear_probe") if "mlflow.parentRunId" in r.data.tags]
+    assert child.data.tags["method"] == "imagenet_probe" and child.data.tags["model"] == "resnet18"
+    assert child.info.status == "FINISHED" and "test_auroc" in child.data.metrics
+
+
+def test_probe_without_pretraining_says_what_to_run_first(data_env, tracking_uri, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(linear_probe.command, ["--dataset", "breastmnist"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "no FINISHED ssl_pretrain run for breastmnist" in err and "mlflow run . -e ssl_pretrain" in err
+    assert all_runs(tracking_uri) == []
+
+
+def test_probe_refuses_an_ssl_run_of_another_dataset(data_env, tracking_uri, capsys):
+    main(ssl_pretrain.command, ["--dataset", "pneumoniamnist", "--epochs", "1", "--batch-size", "32"])
+    (ssl,) = all_runs(tracking_uri)
+    with pytest.raises(SystemExit):
+        main(linear_probe.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id])
+    assert f"run {ssl.info.run_id} is a pneumoniamnist run, not breastmnist" in capsys.readouterr().err
+    assert len(all_runs(tracking_uri)) == 1
+
+
+@pytest.mark.slow
+def test_mlflow_run_chain_by_latest(synthetic_root, tracking_uri, tmp_path):
+    env = cli_env(synthetic_root, tracking_uri, TORCH_HOME=str(tmp_path / "th"), https_proxy="http://127.0.0.1:9")
+    result = mlflow_run("ssl_pretrain", {"method": "moco", "epochs": "2", "batch_size": "32", "queue_size": "64"}, env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = mlflow_run("linear_probe", {"label_fractions": "1", "seeds": "0", "methods": "ssl_probe", "epochs": "1"}, env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ssl,) = stage_runs(tracking_uri, "ssl_pretrain")
+    (parent,) = stage_runs(tracking_uri, "linear_probe", parents_only=True)
+    assert ssl.data.tags["method"] == "moco" and ssl.data.params["cfg.queue_size"] == "64"
+    assert parent.info.status == "FINISHED" and parent.data.tags["source_run_id"] == ssl.info.run_id
+    assert parent.data.params["ssl_run_id"] == "latest"
