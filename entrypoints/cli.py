@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from entrypoints import baseline
+from entrypoints import baseline, runs
 
 
 @click.group(name="medmnist-ssl", context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +14,7 @@ def cli() -> None:
 
 for module in (baseline,):
     cli.add_command(module.command)
+cli.add_command(runs.group)
 
 
 def run() -> None:
