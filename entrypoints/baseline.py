@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.baseline import run_baseline
+from pipeline.baseline import resume_baseline, run_baseline
+from pipeline.data import check_dataset
 
 
 @click.command("baseline")
@@ -16,12 +17,29 @@ from pipeline.baseline import run_baseline
 @click.option("--finetune", default="", help="all | head.")
 @click.option("--augment", default="", help="Augmentation preset.")
 @click.option("--label-fraction", default="", help="Fraction of training labels (stratified).")
-def command(dataset: str, data_root: str, config_file: str, **overrides: str) -> None:
+@click.option("--resume", default="", help="Id of a KILLED, FAILED or stale baseline run to finish from its last.pt.")
+def command(dataset: str, data_root: str, config_file: str, resume: str, **overrides: str) -> None:
     """Train one supervised classifier and log it to MLflow."""
-    cfg = resolve("baseline", dataset, config_file, **overrides)
-    results = run_baseline(cfg, data_root)
+    if resume:
+        results = resume_run(resume, dataset, data_root, config_file, **overrides)
+    else:
+        results = run_baseline(resolve("baseline", dataset, config_file, **overrides), data_root)
+    report(dataset, results)
+
+
+def resume_run(run_id: str, dataset: str, data_root: str, config_file: str, device: str, **overrides: str) -> dict[str, float]:
+    """Finish a run with its own config; settings other than the device and data are refused."""
+    given = [f"--{key.replace('_', '-')}" for key, value in overrides.items() if value] + (["--config"] if config_file else [])
+    if given:
+        raise click.UsageError(f"--resume continues run {run_id} with its own config; drop {', '.join(given)}")
+    check_dataset(dataset)
+    return resume_baseline(run_id, dataset, data_root, device)
+
+
+def report(dataset: str, results: dict[str, float]) -> None:
+    """One summary line of the finished run."""
     click.echo(
-        f"baseline {dataset} {cfg['model']}: test AUROC {results['test_auroc']:.3f} "
+        f"baseline {dataset}: test AUROC {results['test_auroc']:.3f} "
         f"(95% CI {results['test_auroc_ci_low']:.3f}-{results['test_auroc_ci_high']:.3f}), "
         f"test acc {results['test_acc']:.3f}, best epoch {int(results['best_epoch'])}"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from entrypoints import baseline, linear_probe, ssl_finetune, ssl_pretrain
+from entrypoints import baseline, linear_probe, runs, ssl_finetune, ssl_pretrain
 
 
 @click.group(name="medmnist-ssl", context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +14,7 @@ def cli() -> None:
 
 for module in (baseline, ssl_pretrain, linear_probe, ssl_finetune):
     cli.add_command(module.command)
+cli.add_command(runs.group)
 
 
 def run() -> None:

@@ -1,25 +1,42 @@
-"""Week 2–3 supervised baselines: one classifier trained from a resolved `baseline` config."""
+"""Week 2–3 supervised baselines: one classifier trained from a resolved `baseline` config, or an
+interrupted baseline run resumed from its `checkpoints/last.pt`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline import tracking
+from pipeline.checkpoint import load_train_state, load_weights
 from pipeline.config import config_hash
-from pipeline.data import load_splits, stratified_subset
-from pipeline.models import build_classifier
+from pipeline.data import DatasetSplits, Split, load_splits, stratified_subset
+from pipeline.errors import UserError
+from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.runtime import configure_speed, resolve_device, seed_everything
 from pipeline.supervised import fit_and_log, model_spec, prepare_for_device
 
 
-def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float]:
-    """Load data, build the model (mistakes surface before any run opens), train, log; returns metrics."""
-    device = resolve_device(cfg["device"])
-    configure_speed(device)
+@dataclass
+class Prepared:
+    """Everything a baseline run trains on, built before any run opens."""
+
+    data: DatasetSplits
+    spec: ModelSpec
+    model: Classifier
+    train: Split
+    tags: dict[str, Any]
+    name: str
+
+
+def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepared:
+    """Load data and build the model on `device` (default: the config's); mistakes surface here,
+    before any run opens."""
+    target = resolve_device(device or cfg["device"])
+    configure_speed(target)
     seed_everything(cfg["seed"])
-    data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
+    data = load_splits(cfg["dataset"], cfg["size"], data_root, target)
     spec = model_spec(cfg, data.channels)
-    model = prepare_for_device(build_classifier(spec, cfg["finetune"]), device)
+    model = prepare_for_device(build_classifier(spec, cfg["finetune"]), target)
     train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
     tags = {
         "model": cfg["model"],
@@ -30,7 +47,33 @@ def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float
         "config_hash": config_hash(cfg),
     }
     name = f"baseline-{cfg['model']}-{cfg['finetune']}-s{cfg['seed']}"
-    with tracking.tracked_run("baseline", cfg["dataset"], tags, run_name=name):
-        outcome = fit_and_log(model, spec, data, train, cfg)
+    return Prepared(data, spec, model, train, tags, name)
+
+
+def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float]:
+    """Load data, build the model, train, log; returns the final metrics."""
+    job = prepare(cfg, data_root)
+    with tracking.tracked_run("baseline", cfg["dataset"], job.tags, run_name=job.name):
+        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg)
     return outcome.metrics
 
+
+def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str = "") -> dict[str, float]:
+    """Reopen a KILLED, FAILED or stale baseline run and finish it from its `last.pt`.
+
+    The run's own config (stored in the checkpoint, checked against its `config_hash` tag) is
+    used; only the device may change. Every check runs before the run is reopened.
+    """
+    run = tracking.resumable_run("baseline", dataset, run_id)
+    path = tracking.download_artifact(run_id, "checkpoints/last.pt")
+    checkpoint = load_train_state(path)
+    cfg = checkpoint["config"]
+    if config_hash(cfg) != run.data.tags.get("config_hash"):
+        raise UserError(f"checkpoints/last.pt of run {run_id} was not written with this run's config (config_hash differs)")
+    state = checkpoint["train_state"]
+    job = prepare(cfg, data_root, device)
+    load_weights(job.model, state["model"], f"checkpoints/last.pt of run {run_id}", cfg["model"])
+    logged = tracking.last_logged_step(run_id, "train_loss")
+    with tracking.tracked_run("baseline", dataset, {**job.tags, "resumed_from_epoch": state["epoch"]}, resume_run_id=run_id):
+        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, resume=state, logged_through=logged)
+    return outcome.metrics

@@ -38,8 +38,23 @@ def load_classifier(path: Path, device: torch.device) -> tuple[Classifier, dict[
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     spec = ModelSpec(**{k: v for k, v in data["spec"].items() if k in fields})
     model = build_classifier(dataclasses.replace(spec, weights="none"))
-    try:
-        model.load_state_dict(data["state_dict"])
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not match its declared architecture {spec.model}: {str(exc).splitlines()[0]}") from None
+    load_weights(model, data["state_dict"], f"checkpoint {path}", spec.model)
     return model.to(device).eval(), data
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, architecture: str) -> None:
+    """Load a state dict into `model`; a mismatch (another architecture) is a UserError."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(f"{source} does not match the architecture {architecture}: {str(exc).splitlines()[0]}") from None
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """Read a `last.pt` checkpoint and check it holds a resumable training state."""
+    data = load_checkpoint(path)
+    state = data.get("train_state")
+    keys = {"epoch", "model", "optimizer", "scheduler", "best_state", "best_epoch", "best_auroc", "history"}
+    if not isinstance(state, dict) or not keys <= set(state) or not isinstance(data.get("config"), dict):
+        raise UserError(f"checkpoint {path} holds no resumable training state (train_state and config)")
+    return data

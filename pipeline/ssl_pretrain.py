@@ -78,7 +78,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg)}
     reopen = resume_run_id if resume_run_id and not tracking.under_mlflow_run() else None
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
-    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, reopen_run_id=reopen), \
+    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=reopen), \
             tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         if state is None or reopen is None:
             tracking.log_config(cfg)

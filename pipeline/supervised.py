@@ -52,12 +52,14 @@ def final_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], 
     return out
 
 
-def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, workdir: Path):
-    """The per-epoch callback: metrics to MLflow, a line to val_log.jsonl, last.pt every few epochs."""
+def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, workdir: Path, logged_through: int = 0):
+    """The per-epoch callback: metrics to MLflow (except epochs up to `logged_through`, already
+    there from before a resume), a line to val_log.jsonl, last.pt every few epochs."""
     log_path = workdir / "val_log.jsonl"
 
     def on_epoch(epoch: int, row: dict[str, float], state) -> None:
-        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if epoch > logged_through:
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         with log_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
@@ -68,15 +70,28 @@ def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, wo
 
 
 def fit_and_log(
-    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any]
+    model: Classifier,
+    spec: ModelSpec,
+    data: DatasetSplits,
+    train: Split,
+    cfg: Mapping[str, Any],
+    resume: Mapping[str, Any] | None = None,
+    logged_through: int = 0,
 ) -> ClassifierOutcome:
-    """Train `model` on `train` (possibly a label subset) and log the classifier artifacts."""
+    """Train `model` on `train` (possibly a label subset) and log the classifier artifacts.
+
+    With `resume` (a `last.pt` training state of this run) training continues after its epoch;
+    the config is already logged, and epochs up to `logged_through` are not logged again.
+    """
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         workdir = Path(tmp)
-        tracking.log_config(cfg)
+        if resume is None:
+            tracking.log_config(cfg)
+        else:
+            (workdir / "val_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in resume["history"]))
         result = train_classifier(
             model, train, data.val, cfg, augment=build_augment(cfg["augment"]),
-            on_epoch=_epoch_logger(cfg, spec, model, workdir),
+            on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
         model.load_state_dict(result.best_state)
         # val_acc/val_auroc/val_ece are also per-epoch keys: logging the selected model's values

@@ -11,12 +11,16 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import tempfile
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
+import psutil
 import yaml
 from matplotlib.figure import Figure
 from mlflow.entities import Run, RunStatus
@@ -63,6 +67,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]
 
 
+def process_tags() -> dict[str, str]:
+    """The `host` and `pid` tags that let `clean-stale` tell a live run from one killed hard."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
 @contextlib.contextmanager
 def tracked_run(
     stage: str,
@@ -70,25 +79,24 @@ def tracked_run(
     tags: Mapping[str, Any],
     run_name: str | None = None,
     nested: bool = False,
-    reopen_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Open (or adopt, under `mlflow run`; or reopen, to resume) a run carrying the DESIGN tags;
-    always close it.
+    """Open (or adopt, under `mlflow run`; or reopen, with `resume_run_id`) a run carrying the
+    DESIGN tags and this process's `host`/`pid`; always close it.
 
     `tags` must include `model` and `seed` (use "-" where they do not apply); `stage`, `dataset`
     and `week` are added here.
     """
     if not nested:
         ensure_store()
-        if not under_mlflow_run() and not reopen_run_id and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        if not resume_run_id and not under_mlflow_run() and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    if reopen_run_id:
-        run = mlflow.start_run(run_id=reopen_run_id)
-    else:
-        run = mlflow.start_run(run_name=run_name, nested=nested)
+    run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested)
     try:
-        set_tags({"stage": stage, "dataset": dataset, "week": contract()["weeks"].get(stage, ""), **tags})
+        if resume_run_id and "failure_reason" in mlflow.get_run(resume_run_id).data.tags:
+            MlflowClient().delete_tag(resume_run_id, "failure_reason")
+        set_tags({"stage": stage, "dataset": dataset, "week": contract()["weeks"].get(stage, ""), **tags, **process_tags()})
         yield run
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
@@ -224,3 +232,105 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except (MlflowException, OSError):
         raise UserError(f"run {run_id} has no artifact {artifact_path!r}") from None
+
+
+def last_logged_step(run_id: str, key: str) -> int:
+    """The highest step at which `key` was logged in a run (0 when never)."""
+    return max((m.step for m in MlflowClient().get_metric_history(run_id, key)), default=0)
+
+
+@dataclass(frozen=True)
+class StaleRun:
+    """A run left RUNNING by a process that died without closing it."""
+
+    run_id: str
+    stage: str
+    dataset: str
+    start_time: float
+    reason: str
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether a process with this id runs on this host (a zombie counts as gone)."""
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def stale_reason(run: Run, older_than_s: float | None, now: float) -> str | None:
+    """Why a RUNNING run is stale, or None while its process may still be working on it.
+
+    A run whose `pid` on this `host` is gone is stale; a live process on this host never is;
+    otherwise (another host, or no pid tag) a run older than `older_than_s` is.
+    """
+    tags = run.data.tags
+    age = now - run.info.start_time / 1000
+    if tags.get("host") == socket.gethostname() and tags.get("pid"):
+        if _process_alive(tags["pid"]):
+            return None
+        return f"process {tags['pid']} on {tags['host']} is gone"
+    if older_than_s is not None and age > older_than_s:
+        where = f"on {tags['host']}" if tags.get("host") else "with no host/pid tags"
+        return f"RUNNING for {age / 3600:.1f} h {where} (older than {older_than_s / 3600:.2g} h)"
+    return None
+
+
+def _running_runs() -> Iterator[Run]:
+    """Every RUNNING run of every experiment, page by page."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    token = None
+    while experiments:
+        page = client.search_runs(
+            experiments, "attributes.status = 'RUNNING'", max_results=1000, page_token=token,
+            order_by=["attributes.start_time ASC"],
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def find_stale_runs(older_than_s: float | None = None) -> list[StaleRun]:
+    """RUNNING runs whose process is gone (this host) or that are older than `older_than_s`."""
+    now = time.time()
+    found = []
+    for run in _running_runs():
+        reason = stale_reason(run, older_than_s, now)
+        if reason:
+            tags = run.data.tags
+            found.append(StaleRun(run.info.run_id, tags.get("stage", "-"), tags.get("dataset", "-"), run.info.start_time / 1000, reason))
+    return found
+
+
+def mark_killed(stale: StaleRun) -> bool:
+    """Mark a stale run KILLED with its reason; False when it is no longer RUNNING."""
+    client = MlflowClient()
+    if client.get_run(stale.run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(stale.run_id, "failure_reason", f"stale: {stale.reason} (marked KILLED by clean-stale)")
+    client.set_terminated(stale.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return True
+
+
+def resumable_run(stage: str, dataset: str, run_id: str) -> Run:
+    """A run of this stage and dataset that may be reopened: KILLED, FAILED or RUNNING but stale."""
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted and adopted != run_id:
+        raise UserError(
+            f"`mlflow run` created a new run {adopted}; resume {run_id} with `medmnist-ssl {stage} --resume {run_id}`"
+        )
+    run = find_run(stage, dataset, run_id)
+    status = run.info.status
+    if status == "FINISHED":
+        raise UserError(f"run {run_id} is FINISHED; there is nothing to resume")
+    if status == "RUNNING" and stale_reason(run, None, time.time()) is None:
+        tags = run.data.tags
+        raise UserError(
+            f"run {run_id} is RUNNING (process {tags.get('pid', '?')} on {tags.get('host', 'an unknown host')}); "
+            "stop it first, or mark it with `medmnist-ssl runs clean-stale` if its process is gone"
+        )
+    return run

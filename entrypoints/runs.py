@@ -1,0 +1,58 @@
+"""`runs`: housekeeping of the tracking store (`runs clean-stale` marks hard-killed runs KILLED)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import click
+
+from entrypoints.common import main
+from pipeline import tracking
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Age(click.ParamType):
+    """A duration such as `90s`, `30m`, `2h` or `1d`, converted to seconds."""
+
+    name = "age"
+
+    def convert(self, value, param, ctx) -> float:
+        """Seconds in `value`; anything else is a one-line usage error."""
+        if isinstance(value, float):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
+        if not match:
+            self.fail(f"{value!r} is not an age like 90s, 30m, 2h or 1d", param, ctx)
+        return float(match.group(1)) * UNITS[match.group(2)]
+
+
+@click.group("runs")
+def group() -> None:
+    """Inspect and repair runs in the tracking store ($MLFLOW_TRACKING_URI)."""
+
+
+@group.command("clean-stale")
+@click.option("--older-than", type=Age(), default=None, help="Also mark RUNNING runs older than this (e.g. 2h, 30m).")
+@click.option("--dry-run", is_flag=True, help="List what would be marked; change nothing.")
+def clean_stale(older_than: float | None, dry_run: bool) -> None:
+    """Mark runs left RUNNING by a hard kill as KILLED.
+
+    A run is stale when its process (tags host, pid) is gone from this host, or, with
+    --older-than, when it has been RUNNING longer than that and its process is not alive here.
+    FINISHED, FAILED and KILLED runs and runs of live processes are never touched.
+    """
+    stale = tracking.find_stale_runs(older_than)
+    verb = "would mark" if dry_run else "marked"
+    changed = 0
+    for run in stale:
+        if dry_run or tracking.mark_killed(run):
+            changed += 1
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.start_time))
+            click.echo(f"{verb} KILLED  {run.run_id}  {run.stage}  {run.dataset}  started {started}  {run.reason}")
+    click.echo(f"{changed} stale run(s) {verb} KILLED" if changed else "no stale runs")
+
+
+if __name__ == "__main__":
+    main(group)

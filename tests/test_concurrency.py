@@ -1,0 +1,53 @@
+"""Six processes log to one SQLite store at once (created once before): every run lands."""
+
+import subprocess
+import sys
+
+import mlflow
+
+from pipeline import tracking
+from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env
+
+WRITER = """
+import sys
+from pipeline import tracking
+i = int(sys.argv[1])
+with tracking.tracked_run("eda", "breastmnist", {"model": "-", "seed": i}, run_name=f"writer-{i}"):
+    for step in range(1, 41):
+        tracking.log_metrics({"writer_metric": step * i, "writer_step": step}, step=step)
+    for k in range(3):
+        tracking.log_text(f"{i}-{k}", f"notes/{k}.txt")
+"""
+BASELINES, WRITERS = 3, 3
+
+
+def test_six_processes_log_to_one_sqlite_store_at_once(synthetic_root, tracking_uri, tmp_path):
+    tracking.ensure_store()
+    config = tmp_path / "tiny.yaml"
+    config.write_text("epochs: 2\nbatch_size: 32\nbootstrap: 20\ncheckpoint_every: 1\n")
+    env = cli_env(synthetic_root, tracking_uri)
+    commands = [[sys.executable, "-m", "entrypoints.baseline", "--config", str(config), "--seed", str(i)] for i in range(BASELINES)]
+    commands += [[sys.executable, "-c", WRITER, str(i)] for i in range(1, WRITERS + 1)]
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(e[-2000:] for e in errors)
+
+    runs = all_runs(tracking_uri)
+    assert len(runs) == BASELINES + WRITERS
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = mlflow.MlflowClient(tracking_uri)
+    for run in runs:
+        if run.data.tags["stage"] == "baseline":
+            assert_contract(tracking_uri, run)
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+        else:
+            history = client.get_metric_history(run.info.run_id, "writer_metric")
+            assert sorted(m.step for m in history) == list(range(1, 41))
+            assert artifact_paths(tracking_uri, run.info.run_id) == {f"notes/{k}.txt" for k in range(3)}
+    assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["stage"] == "eda") == ["1", "2", "3"]

@@ -1,0 +1,153 @@
+"""A baseline killed hard (SIGKILL): `runs clean-stale` marks it KILLED, `--resume` finishes it
+exactly as an uninterrupted run; live runs and dry runs change nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from entrypoints import baseline, runs
+from entrypoints.common import main
+from pipeline import tracking
+from tests.conftest import all_runs, artifact_paths, cli_env
+
+CONFIG = "epochs: 8\ncheckpoint_every: 2\nbatch_size: 32\nbootstrap: 50\ndevice: cpu\n"
+TAGS = {"model": "-", "seed": "-"}
+
+
+def kill_after_checkpoint(tracking_uri, env, args, cwd, timeout=300):
+    """Start a baseline, SIGKILL it once `checkpoints/last.pt` is in the store; return its run."""
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.baseline", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            found = all_runs(tracking_uri)
+            if found and "checkpoints/last.pt" in artifact_paths(tracking_uri, found[0].info.run_id):
+                assert proc.poll() is None, "the run finished before it could be killed"
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=60) == -signal.SIGKILL
+                return mlflow.MlflowClient(tracking_uri).get_run(found[0].info.run_id), proc.pid
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.3)
+        raise AssertionError("no last.pt in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def clean_stale(capsys, *args):
+    main(runs.group, ["clean-stale", *args])
+    return capsys.readouterr().out
+
+
+def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "kill.yaml"
+    config.write_text(CONFIG)
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    tracking.ensure_store()
+    args = ["--dataset", "breastmnist", "--config", str(config), "--seed", "5"]
+    killed, pid = kill_after_checkpoint(tracking_uri, cli_env(synthetic_root, tracking_uri), args, tmp_path)
+    run_id = killed.info.run_id
+    assert killed.info.status == "RUNNING"
+    assert killed.data.tags["pid"] == str(pid) and killed.data.tags["host"]
+    logged_before = tracking.last_logged_step(run_id, "train_loss")
+
+    with tracking.tracked_run("eda", "breastmnist", TAGS) as live:
+        dry = clean_stale(capsys, "--dry-run", "--older-than", "0s")
+        assert f"would mark KILLED  {run_id}  baseline  breastmnist" in dry and f"process {pid}" in dry
+        assert live.info.run_id not in dry
+        assert {r.info.status for r in all_runs(tracking_uri)} == {"RUNNING"}
+
+        out = clean_stale(capsys, "--older-than", "0s")
+        assert f"marked KILLED  {run_id}" in out and "1 stale run(s) marked KILLED" in out
+        assert mlflow.get_run(live.info.run_id).info.status == "RUNNING"
+    cleaned = mlflow.get_run(run_id)
+    assert cleaned.info.status == "KILLED" and "stale: process" in cleaned.data.tags["failure_reason"]
+    assert "no stale runs" in clean_stale(capsys, "--older-than", "0s")
+
+    main(baseline.command, ["--dataset", "breastmnist", "--resume", run_id])
+    resumed = mlflow.get_run(run_id)
+    assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
+    assert int(resumed.data.tags["resumed_from_epoch"]) <= logged_before
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, 9))
+    log = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="val_log.jsonl", dst_path=str(tmp_path))
+    assert [json.loads(line)["epoch"] for line in open(log)] == list(range(1, 9))
+
+    main(baseline.command, args)
+    straight = next(r for r in all_runs(tracking_uri) if r.info.run_id not in (run_id, live.info.run_id))
+    assert straight.info.status == "FINISHED"
+    finals = {k: v for k, v in straight.data.metrics.items() if k.startswith(("test_", "val_")) or k == "best_epoch"}
+    assert finals == {k: resumed.data.metrics[k] for k in finals}
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [
+        m.value for m in client.get_metric_history(straight.info.run_id, "val_loss")]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def fake_run(client, status="RUNNING", **tags):
+    experiment = client.get_experiment_by_name("breastmnist").experiment_id
+    run = client.create_run(experiment, tags={"stage": "baseline", "dataset": "breastmnist", **tags})
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def test_clean_stale_touches_only_stale_running_runs(tracking_uri, capsys):
+    tracking.ensure_store()
+    client = mlflow.MlflowClient()
+    here = tracking.process_tags()["host"]
+    gone = fake_run(client, host=here, pid=str(dead_pid()))
+    alive = fake_run(client, host=here, pid=str(os.getpid()))
+    elsewhere = fake_run(client, host="another-host", pid="1")
+    untagged = fake_run(client)
+    done = {s: fake_run(client, s, host=here, pid=str(dead_pid())) for s in ("FINISHED", "FAILED", "KILLED")}
+
+    out = clean_stale(capsys)
+    assert gone in out and "1 stale run(s) marked KILLED" in out
+    status = {r.info.run_id: r.info.status for r in all_runs(tracking_uri)}
+    assert status[gone] == "KILLED"
+    assert status[alive] == status[elsewhere] == status[untagged] == "RUNNING"
+    assert all(status[run_id] == s for s, run_id in done.items())
+
+    assert "2 stale run(s) would mark" in clean_stale(capsys, "--older-than", "0s", "--dry-run")
+    assert status == {r.info.run_id: r.info.status for r in all_runs(tracking_uri)}
+    out = clean_stale(capsys, "--older-than", "1h")
+    assert "no stale runs" in out
+    out = clean_stale(capsys, "--older-than", "0.0s")
+    assert elsewhere in out and untagged in out and alive not in out
+    assert mlflow.get_run(alive).info.status == "RUNNING"
+
+
+def test_resume_refuses_runs_that_are_not_resumable(synthetic_root, tracking_uri, monkeypatch, capsys):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    tracking.ensure_store()
+    client = mlflow.MlflowClient()
+    here = tracking.process_tags()["host"]
+    cases = {
+        fake_run(client, "FINISHED"): "is FINISHED; there is nothing to resume",
+        fake_run(client, host=here, pid=str(os.getpid())): "is RUNNING (process",
+        fake_run(client, "KILLED"): "has no artifact 'checkpoints/last.pt'",
+    }
+    capsys.readouterr()
+    for run_id, fragment in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(baseline.command, ["--resume", run_id])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after MLflow's download progress bar, if any
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert last.startswith("medmnist-ssl baseline: error:") and fragment in last, err
+    with pytest.raises(SystemExit):
+        main(baseline.command, ["--resume", next(iter(cases)), "--epochs", "3"])
+    assert "drop --epochs" in capsys.readouterr().err
