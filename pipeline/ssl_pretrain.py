@@ -55,20 +55,25 @@ def ssl_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The config and training state saved in an interrupted run's `checkpoints/last.pt`."""
-    run = tracking.find_run("ssl_pretrain", cfg["dataset"], resume_run_id)
-    if run.info.status == "FINISHED":
-        raise UserError(f"run {resume_run_id} already FINISHED; nothing to resume")
+def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Config and training state from an interrupted run's `checkpoints/last.pt`, and the last
+    epoch it already logged (those epochs are not logged again)."""
+    run = tracking.resumable_run("ssl_pretrain", cfg["dataset"], resume_run_id)
     data = load_checkpoint(tracking.download_artifact(run.info.run_id, "checkpoints/last.pt"))
-    return data["config"], data["train_state"]
+    if "train_state" not in data:
+        raise UserError(f"run {resume_run_id}'s last.pt holds no training state; start a new run instead")
+    return data["config"], data["train_state"], tracking.last_logged_step(run.info.run_id, "ssl_loss")
 
 
 def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "") -> dict[str, float]:
-    """Pretrain, log every epoch and the artifacts; returns the final epoch's metrics."""
-    state = None
+    """Pretrain, log every epoch and the artifacts; returns the final epoch's metrics.
+
+    With `resume_run_id` (an interrupted run: KILLED, FAILED or stale), that run is reopened and
+    training continues from its last checkpoint with the checkpoint's configuration.
+    """
+    state, logged_through = None, 0
     if resume_run_id:
-        cfg, state = _resume_state(cfg, resume_run_id)
+        cfg, state, logged_through = _resume_state(cfg, resume_run_id)
     device = resolve_device(cfg["device"])
     configure_speed(device)
     seed_everything(cfg["seed"])
@@ -76,21 +81,18 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
     module = build_ssl(cfg["method"], build_classifier(spec), cfg).to(device)
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg)}
-    reopen = resume_run_id if resume_run_id and not tracking.under_mlflow_run() else None
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
-    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=reopen), \
+    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \
             tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
-        if state is None or reopen is None:
+        if state is None:
             tracking.log_config(cfg)
             tracking.log_json(ssl_settings(cfg), "ssl_config.json")
-        if state is not None:
-            tracking.set_tags({"resumed_from": resume_run_id, "resumed_at_epoch": state["epoch"]})
-            if reopen is None:  # a new run under `mlflow run`: carry the history over
-                for row in state["history"]:
-                    tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        else:
+            tracking.set_tags({"resumed_from_epoch": state["epoch"]})
 
         def on_epoch(epoch: int, row: dict[str, float], train_state) -> None:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if epoch > logged_through:
+                tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
                 last = save_checkpoint(Path(tmp) / "last.pt", module.backbone, spec, cfg, train_state=train_state())
                 tracking.log_file(last, "checkpoints")

@@ -131,3 +131,38 @@ def test_mlflow_run_chain_by_latest(synthetic_root, tracking_uri, tmp_path):
     assert ssl.data.tags["method"] == "moco" and ssl.data.params["cfg.queue_size"] == "64"
     assert parent.info.status == "FINISHED" and parent.data.tags["source_run_id"] == ssl.info.run_id
     assert parent.data.params["ssl_run_id"] == "latest"
+
+
+def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
+    config = tmp_path / "short.yaml"
+    config.write_text("epochs: 4\ncheckpoint_every: 2\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
+    args = ["--dataset", "breastmnist", "--config", str(config)]
+    main(ssl_pretrain.command, args)
+    (reference,) = all_runs(tracking_uri)
+
+    import pipeline.pretrain as loop
+
+    real_epoch = loop.pretrain_epoch
+
+    def interrupt_in_epoch_three(module, data, optimizer, scheduler, cfg, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_epoch(module, data, optimizer, scheduler, cfg, epoch)
+
+    monkeypatch.setattr(loop, "pretrain_epoch", interrupt_in_epoch_three)
+    with pytest.raises(SystemExit) as exit_info:
+        main(ssl_pretrain.command, args)
+    assert exit_info.value.code == 130
+    interrupted = all_runs(tracking_uri)[0]
+    assert interrupted.info.status == "KILLED"
+    monkeypatch.setattr(loop, "pretrain_epoch", real_epoch)
+
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", interrupted.info.run_id])
+    client = mlflow.MlflowClient(tracking_uri)
+    resumed = client.get_run(interrupted.info.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from_epoch"] == "2"
+    history = client.get_metric_history(resumed.info.run_id, "ssl_loss")
+    expected = client.get_metric_history(reference.info.run_id, "ssl_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.value for m in history] == [m.value for m in expected]
+    assert resumed.data.metrics["knn_val_auroc"] == reference.data.metrics["knn_val_auroc"]
