@@ -52,10 +52,16 @@ def to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latex_escape(value: Any) -> str:
+    """Text safe inside LaTeX: ±, τ, _, %, & and — rendered as LaTeX."""
+    replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#",
+                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$"}
+    return "".join(replacements.get(ch, ch) for ch in str(value))
+
+
 def to_latex(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str = "") -> str:
-    """A booktabs LaTeX table (± rendered as $\\pm$)."""
-    def cell(value: Any) -> str:
-        return str(value).replace("±", "$\\pm$").replace("_", "\\_").replace("%", "\\%").replace("—", "--")
+    """A booktabs LaTeX table."""
+    cell = latex_escape
 
     lines = ["\\begin{table}[t]", "\\centering", f"\\begin{{tabular}}{{{'l' * len(header)}}}", "\\toprule",
              " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]

@@ -8,6 +8,7 @@ tagged `failure_reason`) or KILLED (Ctrl-C or SIGTERM).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -67,6 +68,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]
 
 
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A short hash of the project's code and configs: runs with the same config hash and code
+    version are interchangeable (the study reuses them)."""
+    root = TEMPLATE_DIR.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("pipeline/*.py"), *root.glob("configs/**/*.yaml"), *root.glob("mlruns_template/*.yaml")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def process_tags() -> dict[str, str]:
     """The `host` and `pid` tags that let `clean-stale` tell a live run from one killed hard."""
     return {"host": socket.gethostname(), "pid": str(os.getpid())}
@@ -87,6 +100,7 @@ def tracked_run(
     `tags` must include `model` and `seed` (use "-" where they do not apply); `stage`, `dataset`
     and `week` are added here.
     """
+    nested = nested or mlflow.active_run() is not None  # inside `study`, every step nests
     if not nested:
         ensure_store()
         if not resume_run_id and not under_mlflow_run() and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -96,7 +110,8 @@ def tracked_run(
     try:
         if resume_run_id and "failure_reason" in mlflow.get_run(resume_run_id).data.tags:
             MlflowClient().delete_tag(resume_run_id, "failure_reason")
-        set_tags({"stage": stage, "dataset": dataset, "week": contract()["weeks"].get(stage, ""), **tags, **process_tags()})
+        week = contract()["weeks"].get(stage, "")
+        set_tags({"stage": stage, "dataset": dataset, "week": week, "code_version": code_version(), **tags, **process_tags()})
         yield run
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")

@@ -1,0 +1,317 @@
+"""Weeks 9–10: cross-week tables read back from the tracking store, written as Markdown, CSV and
+LaTeX (booktabs) plus figures. Each table cites the run ids its rows came from; a stage with no
+FINISHED run is reported as missing, never as zeros.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from mlflow.entities import Run
+
+from pipeline import tables, tracking
+from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
+
+
+@dataclass
+class Table:
+    """One report table: display rows for Markdown/LaTeX, records for CSV, and an optional figure."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    missing: str = ""
+    figure: Figure | None = None
+
+    @property
+    def csv_columns(self) -> list[str]:
+        return list(dict.fromkeys(k for record in self.records for k in record)) or ["status"]
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number to `digits` decimals, or `—` when missing."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if number != number else f"{number:.{digits}f}"
+
+
+def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
+    hint = f"missing: no FINISHED {stage} run for {dataset} (run `mlflow run . -e {stage} -P dataset={dataset} --env-manager local`)"
+    return Table(name, title, header, missing=hint)
+
+
+def parents(dataset: str, stage: str) -> list[Run]:
+    """FINISHED top-level runs of a stage, newest first."""
+    return [r for r in tracking.finished_runs(dataset, f"tags.stage = '{stage}'") if "mlflow.parentRunId" not in r.data.tags]
+
+
+def baselines_table(dataset: str) -> Table:
+    """Week 2: every FINISHED baseline classifier (model, fine-tuning, labels) with val/test metrics."""
+    header = ["model", "finetune", "weights", "augment", "labels", "seed", "val acc", "test acc", "test AUROC", "test ECE", "run"]
+    runs = tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'")
+    if not runs:
+        return _missing("week2_baselines", "Supervised baselines", header, "baseline", dataset)
+    table = Table("week2_baselines", "Supervised baselines (one row per run, newest first)", header)
+    for run in runs:
+        tags, params, m = run.data.tags, run.data.params, run.data.metrics
+        record = {"model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
+                  "augment": params.get("cfg.augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
+                  "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "val_acc": m.get("val_acc"),
+                  "test_acc": m.get("test_acc"), "test_auroc": m.get("test_auroc"), "test_ece": m.get("test_ece"),
+                  "run_id": run.info.run_id}
+        table.records.append(record)
+        table.rows.append([record["model"], record["finetune"], record["weights"], record["augment"],
+                           f"{float(record['label_fraction']):.0%}", record["seed"], fmt(m.get("val_acc")),
+                           fmt(m.get("test_acc")), fmt(m.get("test_auroc")), fmt(m.get("test_ece")), run.info.run_id[:8]])
+    return table
+
+
+def ssl_table(dataset: str) -> Table:
+    """Week 4: each FINISHED pretraining run's settings, final loss and kNN monitor."""
+    header = ["method", "encoder", "τ", "batch", "queue", "epochs", "final loss", "kNN val AUROC", "run"]
+    runs = parents(dataset, "ssl_pretrain")
+    if not runs:
+        return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
+    table = Table("week4_ssl_pretraining", "SSL pretraining summary", header)
+    for run in runs:
+        p, m = run.data.params, run.data.metrics
+        method = run.data.tags.get("method", "?")
+        queue = p.get("cfg.queue_size", "") if method == "moco" else "—"
+        record = {"method": method, "model": p.get("cfg.model"), "stem": p.get("cfg.stem"), "temperature": p.get("cfg.temperature"),
+                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "epochs": p.get("cfg.epochs"),
+                  "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
+        table.records.append(record)
+        table.rows.append([method, record["model"], record["temperature"], record["batch_size"], queue, record["epochs"],
+                           fmt(m.get("ssl_loss")), fmt(m.get("knn_val_auroc")), run.info.run_id[:8]])
+    return table
+
+
+def child_rows(parent: Run, dataset: str, label: Callable[[Mapping[str, str]], str] | None = None) -> list[dict[str, Any]]:
+    """(method, fraction, seed, test metrics, run id) of a parent's FINISHED classifier children."""
+    rows = []
+    for run in tracking.child_runs(parent.info.run_id, dataset):
+        tags, m = run.data.tags, run.data.metrics
+        if "test_auroc" not in m:
+            continue
+        rows.append({"method": label(tags) if label else tags.get("method", "?"),
+                     "label_fraction": float(tags.get("label_fraction", 1.0)), "seed": tags.get("seed"),
+                     "test_acc": m.get("test_acc"), "test_auroc": m.get("test_auroc"), "test_ece": m.get("test_ece"),
+                     "run_id": run.info.run_id})
+    return rows
+
+
+def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
+    """Mean ± std over seeds per (method, label fraction), with n and the run ids."""
+    header = ["method", "labels", "n", "test acc", "test AUROC", "test ECE"]
+    summary = tables.aggregate(rows, ("method", "label_fraction"), ("test_acc", "test_auroc", "test_ece"))
+    summary.sort(key=lambda r: (r["method"], r["label_fraction"]))
+    table = Table(name, title, header)
+    for row in summary:
+        row["run_ids"] = " ".join(r["run_id"] for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"]))
+        table.records.append(row)
+        table.rows.append([METHOD_LABELS.get(row["method"], row["method"]), f"{row['label_fraction']:.0%}", row["n"],
+                           tables.mean_std(row, "test_acc"), tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
+    return table
+
+
+def label_efficiency_table(dataset: str) -> Table:
+    """Week 5: the newest linear_probe parent per SSL method, children aggregated over seeds."""
+    runs = parents(dataset, "linear_probe")
+    if not runs:
+        return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
+    newest: dict[str, Run] = {}
+    for run in runs:
+        newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
+    rows = [r for r in child_rows(runs[0], dataset) if r["method"] != "ssl_probe"]  # baselines: newest grid only
+    for ssl_method, parent in newest.items():
+        probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
+        rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]
+    table = grouped_table("week5_label_efficiency", "Label efficiency: test metrics, mean ± std over seeds", rows)
+    grid = [r for r in table.records if r["n"]]
+    table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")
+    return table
+
+
+def week6_table(dataset: str) -> Table:
+    """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE."""
+    finetunes = parents(dataset, "ssl_finetune")
+    if not finetunes:
+        return _missing("week6_probe_vs_finetune", "Probe vs. fine-tune", ["method", "labels", "n"], "ssl_finetune", dataset)
+    latest = finetunes[0]
+    rows = child_rows(latest, dataset)
+    source = latest.data.tags.get("source_run_id", "")
+    probes = [r for r in parents(dataset, "linear_probe") if r.data.tags.get("source_run_id") == source]
+    if probes:
+        rows += child_rows(probes[0], dataset)
+    table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]})", rows)
+    if not probes:
+        table.missing = f"missing: no FINISHED linear_probe run for SSL run {source}"
+    return table
+
+
+def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] = ()) -> list[Table]:
+    """Every cross-week table for a dataset, in study order."""
+    builders = [baselines_table, ssl_table, label_efficiency_table, week6_table, *extra]
+    return [build(dataset) for build in builders]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it, so a failure never leaves half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown(table: Table) -> str:
+    """The table as a Markdown section (title, table or the missing note)."""
+    body = tables.to_markdown(table.rows, table.header) if table.rows else ""
+    note = f"\n_{table.missing}_\n" if table.missing else ""
+    return f"## {table.title}\n\n{body}{note}"
+
+
+def write_table(table: Table, out_dir: Path) -> list[Path]:
+    """`<name>.md`, `.csv`, `.tex` (and `.png` when the table has a figure) under out_dir."""
+    paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
+    write_atomic(paths[0], markdown(table))
+    write_atomic(paths[1], tables.to_csv(table.records, table.csv_columns) if table.records else f"status\n{table.missing}\n")
+    write_atomic(paths[2], tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}\n")
+    if table.figure is not None:
+        figure_path = out_dir / f"{table.name}.png"
+        tmp = figure_path.with_name(f".{figure_path.name}.tmp.png")
+        table.figure.savefig(tmp, dpi=120, bbox_inches="tight")
+        plt.close(table.figure)
+        os.replace(tmp, figure_path)
+        paths.append(figure_path)
+    return paths
+
+
+WEEK_OF_TABLE = {"week2_baselines": 2, "week3_augment_ablation": 3, "week4_ssl_pretraining": 4,
+                 "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_calibration": 6,
+                 "week7_thresholds": 7, "week8_robustness": 8}
+
+
+def environment_lines() -> list[str]:
+    """Versions and platform for the reproducibility checklist."""
+    import platform
+
+    import mlflow
+    import torch
+
+    return [f"Python {platform.python_version()} on {platform.platform()}", f"torch {torch.__version__}, mlflow {mlflow.__version__}",
+            f"code version {tracking.code_version()}"]
+
+
+def commands_of(dataset: str) -> list[str]:
+    """The `mlflow run` command of each FINISHED top-level run, rebuilt from its `-P` params."""
+    lines = []
+    for run in tracking.finished_runs(dataset):
+        tags = run.data.tags
+        entry = tags.get("mlflow.project.entryPoint")
+        if not entry or "mlflow.parentRunId" in tags:
+            continue
+        params = " ".join(f"-P {k}={v}" for k, v in sorted(run.data.params.items()) if not k.startswith("cfg.") and v not in ("", "''"))
+        lines.append(f"mlflow run . -e {entry} {params} --env-manager local   # run {run.info.run_id[:8]}")
+    return list(dict.fromkeys(lines))
+
+
+def methods_text(dataset: str, built: list[Table]) -> str:
+    """A methods paragraph filled in from the logged configurations."""
+    by_name = {t.name: t for t in built}
+    parts = [f"We study the binary MedMNIST2D dataset `{dataset}` with its official train/validation/test split."]
+    base = by_name.get("week2_baselines")
+    if base and base.records:
+        models = sorted({f"{r['model']} ({r['finetune']}, {r['epochs']} epochs)" for r in base.records})
+        parts.append(f"Supervised baselines: {', '.join(models)}; the checkpoint with the best validation AUROC is evaluated once on test.")
+    ssl = by_name.get("week4_ssl_pretraining")
+    if ssl and ssl.records:
+        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}, {r['epochs']} epochs)" for r in ssl.records})
+        parts.append(f"Self-supervised pretraining: {', '.join(runs)}.")
+    eff = by_name.get("week5_label_efficiency")
+    if eff and eff.records:
+        fractions = sorted({r["label_fraction"] for r in eff.records})
+        parts.append("Label efficiency: linear probes and supervised-only models at "
+                     f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels (stratified, several seeds).")
+    return " ".join(parts)
+
+
+def draft_markdown(dataset: str, built: list[Table]) -> str:
+    """The write-up skeleton: methods from logged configs, every table, figures, a checklist."""
+    sections = [f"# {dataset}: supervised vs. self-supervised pretraining — draft\n",
+                "_Generated by `medmnist-ssl compare`; write the prose around these numbers._\n",
+                "## Methods\n", methods_text(dataset, built) + "\n", "## Results\n"]
+    for table in built:
+        sections.append(markdown(table))
+        if table.figure is not None or (table.records and table.name == "week5_label_efficiency"):
+            sections.append(f"![{table.title}]({table.name}.png)\n")
+    sections += ["## Reproducibility checklist\n", *[f"- {line}" for line in environment_lines()],
+                 "- Seeds: every run's `seed` tag; label subsets are stratified and seeded.",
+                 "- Test split: used once per run, with the checkpoint selected on validation.", "", "Commands:", "```",
+                 *commands_of(dataset), "```", ""]
+    return "\n".join(sections)
+
+
+def draft_latex(dataset: str, built: list[Table]) -> str:
+    """The same skeleton as a LaTeX article with booktabs tables."""
+    body = [f"\\section{{Methods}}\n{tables.latex_escape(methods_text(dataset, built).replace('`', ''))}", "\\section{Results}"]
+    for table in built:
+        body.append(tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}")
+    return ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n"
+            f"\\title{{{tables.latex_escape(dataset)}: supervised vs.\\ self-supervised pretraining}}\n\\maketitle\n"
+            + "\n\n".join(body) + "\n\\end{document}\n")
+
+
+def export_results(built: list[Table], out_dir: Path, results_root: Path, name: str, dataset: str) -> list[Path]:
+    """Copy each week's tables into `results/weekX/<dataset>/<name>/` with its metrics JSON, the
+    cited baseline's reliability and confusion plots (week 2), and a short README with the numbers."""
+    import json
+    import shutil
+
+    written = []
+    for table in built:
+        week = WEEK_OF_TABLE.get(table.name)
+        if week is None:
+            continue
+        target = results_root / f"week{week}" / dataset / name
+        target.mkdir(parents=True, exist_ok=True)
+        for source in out_dir.glob(f"{table.name}.*"):
+            shutil.copy2(source, target / source.name)
+        write_atomic(target / f"{table.name}_metrics.json", json.dumps(table.records, indent=2, default=str))
+        if table.name == "week2_baselines" and table.records:
+            for artifact in ("plots/reliability.png", "plots/confusion_matrix.png", "test_metrics.json"):
+                local = tracking.download_artifact(table.records[0]["run_id"], artifact)
+                shutil.copy2(local, target / f"best_baseline_{Path(artifact).name}")
+        readme = target / "README.md"
+        existing = readme.read_text() if readme.exists() else f"# Week {week} — {dataset} ({name})\n\n"
+        write_atomic(readme, existing + markdown(table) + "\n")
+        written.append(target)
+    return sorted(set(written))
+
+
+def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
+                extra: Iterable[Callable[[str], Table]] = ()) -> tuple[list[Table], Path]:
+    """Build every table, write them under `<out_root>/<dataset>/`, log them to a `compare` run."""
+    built = build_tables(dataset, extra)
+    out_dir = Path(out_root) / dataset
+    with tracking.tracked_run("compare", dataset, {"model": "-", "seed": "-"}, run_name=f"compare-{dataset}"):
+        paths = [p for table in built for p in write_table(table, out_dir)]
+        for name, text in (("draft.md", draft_markdown(dataset, built)), ("draft.tex", draft_latex(dataset, built))):
+            write_atomic(out_dir / name, text)
+            paths.append(out_dir / name)
+        for path in paths:
+            tracking.log_file(path, "reports")
+        missing = [t.name for t in built if t.missing]
+        tracking.set_tags({"missing_tables": ",".join(missing) or "none"})
+        tracking.log_metrics({"tables_complete": len(built) - len(missing), "tables_missing": len(missing)})
+        if export_name:
+            export_results(built, out_dir, Path(results_root), export_name, dataset)
+    return built, out_dir

@@ -1,0 +1,72 @@
+"""`compare`: tables read back from real runs, missing stages reported, atomic files, exports."""
+
+import pandas as pd
+import pytest
+
+from entrypoints import baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
+from entrypoints.common import main
+from pipeline import tables
+from tests.conftest import all_runs, artifact_paths
+
+TINY = ["--epochs", "1", "--batch-size", "32"]
+
+
+def test_empty_store_reports_every_table_missing(tracking_uri, tmp_path, capsys):
+    main(compare.command, ["--dataset", "pneumoniamnist", "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert out.count("MISSING") == 4
+    text = (tmp_path / "reports" / "pneumoniamnist" / "week2_baselines.md").read_text()
+    assert "missing: no FINISHED baseline run for pneumoniamnist" in text
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "compare"
+    assert run.data.metrics["tables_missing"] == 4
+
+
+def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    main(baseline.command, ["--dataset", "breastmnist", *TINY])
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", *TINY])
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", "--label-fractions", "0.5,1",
+                                "--seeds", "0,1", *TINY])
+    main(ssl_finetune.command, ["--dataset", "breastmnist", "--label-fractions", "1", "--seeds", "0", *TINY])
+    out_root, results_root = tmp_path / "reports", tmp_path / "results"
+    main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1",
+                           "--results-root", str(results_root)])
+    out = out_root / "breastmnist"
+    runs = {r.info.run_id: r for r in all_runs(tracking_uri)}
+
+    base = pd.read_csv(out / "week2_baselines.csv")
+    assert len(base) == 1 and base.test_auroc[0] == pytest.approx(runs[base.run_id[0]].data.metrics["test_auroc"])
+    eff = pd.read_csv(out / "week5_label_efficiency.csv")
+    assert len(eff) == 4 and set(eff.n) == {2}
+    for _, row in eff.iterrows():
+        cited = [runs[i].data.metrics["test_auroc"] for i in row.run_ids.split()]
+        assert row.test_auroc_mean == pytest.approx(sum(cited) / len(cited))
+        assert {runs[i].data.tags["label_fraction"] for i in row.run_ids.split()} == {str(row.label_fraction)}
+    week6 = pd.read_csv(out / "week6_probe_vs_finetune.csv")
+    assert "ssl_finetune" in set(week6.method) and "ssl_probe" in set(week6.method)
+    ssl = pd.read_csv(out / "week4_ssl_pretraining.csv")
+    assert ssl.final_ssl_loss[0] == pytest.approx(runs[ssl.run_id[0]].data.metrics["ssl_loss"])
+
+    for name in ("week2_baselines", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune"):
+        assert "\\toprule" in (out / f"{name}.tex").read_text() and "|---|" in (out / f"{name}.md").read_text()
+    assert (out / "week5_label_efficiency.png").stat().st_size > 0
+    assert not list(out.glob(".*tmp*"))
+    draft = (out / "draft.md").read_text()
+    assert "## Reproducibility checklist" in draft and "smallcnn" in draft and "50%" in draft
+    assert "\\begin{document}" in (out / "draft.tex").read_text()
+
+    compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")
+    assert {"reports/week2_baselines.md", "reports/draft.md"} <= artifact_paths(tracking_uri, compare_run.info.run_id)
+    week2 = results_root / "week2" / "breastmnist" / "v1"
+    assert {"README.md", "week2_baselines.csv", "best_baseline_reliability.png", "best_baseline_test_metrics.json"} <= {
+        p.name for p in week2.iterdir()}
+    assert f"{base.test_auroc[0]:.3f}" in (week2 / "README.md").read_text()
+
+
+def test_latex_escapes_and_mean_std_formatting():
+    row = tables.aggregate([{"m": "a", "x": 1.0}, {"m": "a", "x": 3.0}], ("m",), ("x",))[0]
+    assert tables.mean_std(row, "x") == "2.000 ± 1.414" and row["n"] == 2
+    assert tables.latex_escape("a_b 50% ± τ") == "a\\_b 50\\% $\\pm$ $\\tau$"
