@@ -150,6 +150,20 @@ def _section(path: Path, stage: str) -> dict[str, Any]:
     return load_yaml(path).get(stage, {}) if path.exists() else {}
 
 
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """The defaults (and so the schema) of a stage."""
+    return load_yaml(CONFIG_DIR / f"{stage}.yaml")
+
+
+def load_profile(profile: str) -> dict[str, Any]:
+    """A study profile (`configs/profiles/<name>.yaml`): per-stage overrides plus a `study` plan."""
+    path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+        raise UserError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+    return load_yaml(path)
+
+
 def resolve(
     stage: str,
     dataset: str,
@@ -161,16 +175,14 @@ def resolve(
 
     `overrides` are CLI values; None or "" means "not given" (MLproject passes "" for unset).
     """
-    defaults = load_yaml(CONFIG_DIR / f"{stage}.yaml")
+    defaults = stage_defaults(stage)
     layers: list[tuple[str, dict[str, Any]]] = [
         (f"configs/datasets/{dataset}.yaml", _section(CONFIG_DIR / "datasets" / f"{dataset}.yaml", stage)),
     ]
     if profile:
-        profile_path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
-        if not profile_path.exists():
-            known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
-            raise UserError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
-        layers.append((str(profile_path), load_yaml(profile_path).get(stage, {})))
+        profile_data = load_profile(profile)
+        layers.append((f"configs/profiles/{profile}.yaml", profile_data.get(stage, {})))
+        layers.append((f"configs/profiles/{profile}.yaml ({dataset})", profile_data.get(dataset, {}).get(stage, {})))
     if config_file:
         layers.append((config_file, load_yaml(Path(config_file))))
     layers.append(("command line", {k: v for k, v in overrides.items() if v is not None and v != ""}))

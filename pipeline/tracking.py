@@ -240,6 +240,13 @@ def child_runs(parent_run_id: str, dataset: str) -> list[Run]:
     return finished_runs(dataset, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on a run that is not the active one."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
     """Fetch one artifact of a run to a local path; a missing artifact is a UserError."""
     dst = dst or Path(tempfile.mkdtemp(prefix="medmnist-ssl-"))

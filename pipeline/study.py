@@ -1,0 +1,173 @@
+"""Week 10: the whole study for one dataset in one command, each step a nested run of a `study` run.
+
+Order: eda → baselines → augment ablation → SSL pretraining (each method) → linear probe → SSL
+fine-tune → calibrate → thresholds → robustness → compare. A step's configuration (its resolved
+config, including the run ids it consumes) is hashed; a FINISHED step run with the same hash and
+code version is reused instead of recomputed, so an interrupted study continues where it stopped
+and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
+interpreter start-up is paid per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pipeline import config, tables, tracking
+from pipeline.errors import UserError
+
+Runner = Callable[[dict[str, Any], str, dict[str, str]], None]
+
+
+def _stage_runners() -> dict[str, Runner]:
+    """Each stage's pipeline call as (config, data_root, input run ids) → None."""
+    from pipeline.ablation import run_augment_ablation
+    from pipeline.baseline import run_baseline
+    from pipeline.calibration import run_calibrate
+    from pipeline.eda import run_eda
+    from pipeline.linear_probe import run_linear_probe
+    from pipeline.report import run_compare
+    from pipeline.robustness import run_robustness
+    from pipeline.ssl_finetune import run_ssl_finetune
+    from pipeline.ssl_pretrain import run_ssl_pretrain
+    from pipeline.thresholds import run_thresholds
+
+    return {
+        "eda": lambda cfg, root, ids: run_eda(cfg, root),
+        "baseline": lambda cfg, root, ids: run_baseline(cfg, root),
+        "augment_ablation": lambda cfg, root, ids: run_augment_ablation(cfg, root),
+        "ssl_pretrain": lambda cfg, root, ids: run_ssl_pretrain(cfg, root),
+        "linear_probe": lambda cfg, root, ids: run_linear_probe(cfg, root),
+        "ssl_finetune": lambda cfg, root, ids: run_ssl_finetune(cfg, root),
+        "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
+        "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
+        "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], extra=report_extras()),
+    }
+
+
+def report_extras() -> list:
+    """The week 3 and 6–8 tables that `compare` adds to the core ones."""
+    from pipeline.report import extra_tables
+
+    return extra_tables()
+
+
+@dataclass
+class Step:
+    """One step of the study: its stage, config overrides, and the steps whose run ids it takes."""
+
+    name: str
+    stage: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    needs: dict[str, str] = field(default_factory=dict)  # input name -> name of the step whose run id it takes
+    optional: bool = False
+
+
+@dataclass
+class Outcome:
+    """What happened to a step: ran, reused or skipped, with its run id and wall time."""
+
+    step: str
+    stage: str
+    status: str
+    run_id: str
+    seconds: float
+    note: str = ""
+
+
+def plan(profile: Mapping[str, Any]) -> list[Step]:
+    """The study's steps from a profile's `study` section (baselines and SSL methods to run)."""
+    spec = profile.get("study", {})
+    baselines = [
+        Step(f"baseline_{i}_{b.get('model', 'default')}_{b.get('finetune', 'all')}", "baseline", dict(b),
+             optional=b.get("weights") == "imagenet")
+        for i, b in enumerate(spec.get("baselines", [{}]))
+    ]
+    methods = spec.get("ssl_methods", ["simclr"])
+    analysed = baselines[0].name
+    return [
+        Step("eda", "eda"),
+        *baselines,
+        Step("augment_ablation", "augment_ablation"),
+        *[Step(f"ssl_pretrain_{m}", "ssl_pretrain", {"method": m}) for m in methods],
+        *[Step(f"linear_probe_{m}", "linear_probe", needs={"ssl_run_id": f"ssl_pretrain_{m}"}) for m in methods],
+        Step("ssl_finetune", "ssl_finetune", needs={"ssl_run_id": f"ssl_pretrain_{methods[0]}"}),
+        *[Step(stage, stage, needs={"run_id": analysed}) for stage in ("calibrate", "thresholds", "robustness")],
+        Step("compare", "compare"),
+    ]
+
+
+def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The resolved config of a step and the run ids it consumes (config keys go into the config)."""
+    inputs = {}
+    for key, source in step.needs.items():
+        if source not in run_ids:
+            raise UserError(f"study step {step.name} needs step {source}, which produced no run")
+        inputs[key] = run_ids[source]
+    if step.stage == "compare":
+        return {"dataset": dataset, "out_root": out_root}, inputs
+    defaults = config.stage_defaults(step.stage)
+    in_config = {k: v for k, v in inputs.items() if k in defaults}
+    cfg = config.resolve(step.stage, dataset, {**step.overrides, **in_config}, profile=profile_name)
+    return cfg, {k: v for k, v in inputs.items() if k not in defaults}
+
+
+def newest_step_run(study_run_id: str, dataset: str, stage: str, since_ms: int) -> str:
+    """The id of the top-level run a step just created under the study run."""
+    runs = [r for r in tracking.child_runs(study_run_id, dataset)
+            if r.data.tags.get("stage") == stage and r.info.start_time >= since_ms]
+    if not runs:
+        raise UserError(f"study step {stage} finished without a FINISHED run")
+    return runs[0].info.run_id
+
+
+def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
+             dataset: str, study_run_id: str) -> Outcome:
+    """Reuse a FINISHED run with the same config hash and code version, else run the step."""
+    key = config.config_hash({**cfg, **inputs, "study_step": step.name})
+    if step.stage != "compare":
+        reusable = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
+        if reusable:
+            return Outcome(step.name, step.stage, "reused", reusable[0].info.run_id, 0.0)
+    start = time.time()
+    try:
+        runner(cfg, data_root, inputs)
+    except UserError as exc:
+        if not step.optional:
+            raise
+        return Outcome(step.name, step.stage, "skipped", "", time.time() - start, str(exc))
+    run_id = newest_step_run(study_run_id, dataset, step.stage, int(start * 1000) - 1)
+    tracking.tag_run(run_id, {"study_config": key, "study_step": step.name})
+    return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)
+
+
+def steps_table(outcomes: list[Outcome]) -> str:
+    """The study's step log as Markdown."""
+    rows = [[o.step, o.stage, o.status, o.run_id[:8] or "—", f"{o.seconds:.1f}", o.note[:120]] for o in outcomes]
+    return tables.to_markdown(rows, ["step", "stage", "status", "run", "seconds", "note"])
+
+
+def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: str = "reports",
+              echo: Callable[[str], None] = print) -> list[Outcome]:
+    """Run every step of the study under one parent `study` run."""
+    steps = plan(config.load_profile(profile_name))
+    runners = _stage_runners()
+    outcomes: list[Outcome] = []
+    run_ids: dict[str, str] = {}
+    tags = {"model": "-", "seed": "-", "profile": profile_name}
+    with tracking.tracked_run("study", dataset, tags, run_name=f"study-{dataset}-{profile_name}") as study_run:
+        tracking.log_json({"profile": profile_name, "steps": [s.name for s in steps]}, "study_plan.json")
+        for step in steps:
+            echo(f"[study] {step.name} ...")
+            cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root)
+            outcome = run_step(step, cfg, inputs, data_root, runners[step.stage], dataset, study_run.info.run_id)
+            outcomes.append(outcome)
+            if outcome.run_id:
+                run_ids[step.name] = outcome.run_id
+            echo(f"[study] {step.name}: {outcome.status} {outcome.run_id[:8]} ({outcome.seconds:.0f} s) {outcome.note[:100]}")
+            tracking.log_text(steps_table(outcomes), "study_steps.md")
+        tracking.log_metrics({"steps_ran": sum(o.status == "ran" for o in outcomes),
+                              "steps_reused": sum(o.status == "reused" for o in outcomes)})
+    return outcomes
