@@ -53,6 +53,29 @@ def _seeds(values: Any) -> str | None:
     return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
 
 
+def _subset(*allowed: Any, required: Any = "") -> Callable[[Any], str | None]:
+    def check(values: Any) -> str | None:
+        bad = [v for v in values if v not in allowed]
+        if not values or bad or (required and required not in values):
+            need = f", including {required}" if required else ""
+            return f"must be a non-empty list of {', '.join(allowed)}{need}"
+        return None
+
+    return check
+
+
+def _open_fractions(values: Any) -> str | None:
+    return None if all(0 < v < 1 for v in values) else "must be a list of rates in (0, 1)"
+
+
+def _open_unit(value: Any) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _confidence(value: Any) -> str | None:
+    return None if 0.5 <= value <= 1 else "must be in [0.5, 1] (top-label confidence)"
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "size": _one_of(*SIZES),
     "epochs": _at_least(1),
@@ -78,6 +101,16 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "ece_bins": _at_least(2),
     "gamma": _positive,
     "warmup_epochs": _at_least(0),
+    "source_stages": _subset("baseline", "ssl_finetune", "linear_probe", "augment_ablation"),
+    "methods": _subset("temperature", "platt", "isotonic", required="temperature"),
+    "target_tprs": _open_fractions,
+    "target_fprs": _open_fractions,
+    "confidence": _confidence,
+    "gallery_max": _at_least(1),
+    "corruptions": _subset("gaussian_noise", "gaussian_blur", "contrast", "brightness"),
+    "severities": _subset(1, 2, 3, 4, 5),
+    "mc_passes": _at_least(2),
+    "mc_dropout_p": _open_unit,
 }
 
 
