@@ -168,3 +168,57 @@ def error_gallery(
     fig.suptitle(f"{len(errors)} test errors with top-label confidence >= {confidence:g} at threshold 0.5 "
                  f"(showing {len(shown)})", fontsize=9)
     return fig
+
+
+def robustness_curves(rows: Sequence[Mapping]) -> Figure:
+    """AUROC, accuracy and ECE vs. severity, one line per corruption, the clean value as reference."""
+    clean = rows[0]
+    names = list(dict.fromkeys(r["corruption"] for r in rows[1:]))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
+    for ax, (key, label) in zip(axes, (("auroc", "AUROC"), ("acc", "accuracy (threshold 0.5)"), ("ece", "ECE (top label)"))):
+        ax.axhline(clean[key], color="black", linestyle="--", label=f"clean = {clean[key]:.3f}")
+        for name in names:
+            points = [r for r in rows if r["corruption"] == name]
+            ax.plot([r["severity"] for r in points], [r[key] for r in points], "o-",
+                    label=f"{name} (sev {points[-1]['severity']}: {points[-1][key]:.3f})")
+        ax.set_xlabel("severity")
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted({r["severity"] for r in rows[1:]}))
+        ax.set_title(f"{label} vs. severity (clean {clean[key]:.3f})")
+        ax.legend(fontsize=7)
+    fig.suptitle("Test split under corruptions")
+    return fig
+
+
+def entropy_histogram(entropy: np.ndarray, errors: np.ndarray, mc: Mapping[str, float]) -> Figure:
+    """MC-dropout predictive entropy of correct vs. wrong test predictions, with the error-detection AUROC."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    bins = np.linspace(0, np.log(2), 21)
+    ax.hist(entropy[~errors], bins=bins, alpha=0.6, color="tab:blue", label=f"correct (n = {int((~errors).sum())})")
+    ax.hist(entropy[errors], bins=bins, alpha=0.6, color="tab:red", label=f"errors (n = {int(errors.sum())})")
+    ax.set_xlabel("predictive entropy (nats; max ln 2)")
+    ax.set_ylabel("test images")
+    ax.set_title(f"MC dropout ({int(mc['mc_passes'])} passes, p = {mc['mc_dropout_p']:g}): "
+                 f"error-detection AUROC = {mc['mc_error_auroc_entropy']:.3f}")
+    ax.legend()
+    return fig
+
+
+def corruption_examples(clean: np.ndarray, examples: Mapping[tuple[str, int], np.ndarray], levels: Mapping[str, Sequence[float]]) -> Figure:
+    """One test image clean and under every corruption (rows) and severity (columns)."""
+    names = list(dict.fromkeys(n for n, _ in examples))
+    severities = sorted({s for _, s in examples})
+    fig, axes = plt.subplots(len(names), len(severities) + 1, figsize=(1.8 * (len(severities) + 1), 1.9 * len(names)),
+                             squeeze=False, constrained_layout=True)
+    for row, name in enumerate(names):
+        axes[row, 0].imshow(clean, cmap="gray", vmin=0, vmax=1)
+        axes[row, 0].set_title("clean", fontsize=8)
+        axes[row, 0].set_ylabel(name, fontsize=8)
+        for col, severity in enumerate(severities, start=1):
+            axes[row, col].imshow(examples[(name, severity)], cmap="gray", vmin=0, vmax=1)
+            axes[row, col].set_title(f"sev {severity} ({levels[name][severity - 1]:g})", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Corruptions of the first test image (row: corruption; column: severity and level)", fontsize=9)
+    return fig
