@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from entrypoints import baseline
+from entrypoints import baseline, calibrate, robustness, thresholds
 
 
 @click.group(name="medmnist-ssl", context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,7 +12,7 @@ def cli() -> None:
     """medmnist-ssl: supervised and self-supervised study steps on MedMNIST, tracked in MLflow."""
 
 
-for module in (baseline,):
+for module in (baseline, calibrate, thresholds, robustness):
     cli.add_command(module.command)
 
 
