@@ -58,7 +58,7 @@ def _subset(*allowed: Any, required: Any = "") -> Callable[[Any], str | None]:
         bad = [v for v in values if v not in allowed]
         if not values or bad or (required and required not in values):
             need = f", including {required}" if required else ""
-            return f"must be a non-empty list of {', '.join(allowed)}{need}"
+            return f"must be a non-empty list of {', '.join(map(str, allowed))}{need}"
         return None
 
     return check

@@ -299,7 +299,7 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         columns = ["corruption", "severity", "level", "auroc", "acc", "ece", "auroc_drop"]
         tracking.log_text(tables.to_csv(rows, columns), "robustness/table.csv")
         tracking.log_text(tables.to_markdown(rows, columns), "robustness/table.md")
-        sample_rows = [{"index": int(i), "label": int(y), **{k: float(v[n]) for k, v in per_sample.items()}}
+        sample_rows = [{"index": int(i), "label": int(y), **{k: v[n].item() for k, v in per_sample.items()}}
                        for n, (i, y) in enumerate(zip(source.test.index, labels))]
         tracking.log_text(tables.to_csv(sample_rows, ["index", "label", "prob_deterministic", "prob", "entropy", "mutual_info", "error"]),
                           "robustness/mc_dropout.csv")
