@@ -26,8 +26,7 @@ from torch import nn
 
 from pipeline import metrics, plots, tables, tracking
 from pipeline.checkpoint import load_classifier
-from pipeline.data import Split, batch_indices, load_arrays, resolve_root, to_float, to_split
-from pipeline.errors import UserError
+from pipeline.data import Split, batch_indices, to_float, to_split
 from pipeline.models import Classifier
 from pipeline.runtime import autocast, resolve_device
 from pipeline.source import SourceRun, load_source
@@ -256,15 +255,6 @@ Source classifier run `{source.run_id}` (stage `{source.run.data.tags.get('stage
 """
 
 
-def load_test_split(source: SourceRun, data_root: str, size: int, device: torch.device) -> Split:
-    """The dataset's test split at the model's size, on the device, checked against the run's labels."""
-    arrays = load_arrays(source.run.data.tags["dataset"], size, resolve_root(data_root))["test"]
-    if len(arrays.labels) != len(source.test.labels) or not np.array_equal(arrays.labels[source.test.index], source.test.labels):
-        raise UserError(f"the test split under {resolve_root(data_root)} does not match run {source.run_id}'s test "
-                        f"predictions; point data_root at the data the run was trained on")
-    return to_split(arrays, device)
-
-
 def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: str = "") -> dict[str, Any]:
     """Evaluate a classifier run's checkpoint under corruptions and MC dropout; log tables, plots, note."""
     source = load_source(cfg["source_stages"], cfg["dataset"], run_id, extra=("checkpoints/best.pt",))
@@ -273,7 +263,7 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         model, checkpoint = load_classifier(tracking.download_artifact(source.run_id, "checkpoints/best.pt", Path(tmp)), device)
     size = int(checkpoint["config"].get("size", source.image_size()))
     amp = bool(checkpoint["config"].get("amp", False))
-    test = load_test_split(source, data_root, size, device)
+    test = to_split(source.test_arrays(data_root, size), device)
     batch, bins, seed = cfg["eval_batch_size"], cfg["ece_bins"], cfg["seed"]
     rows = robustness_rows(model, test, cfg["corruptions"], cfg["severities"], seed, batch, amp, bins)
     clean_logits = corrupted_logits(model, test, "clean", 0, seed, batch, amp)

@@ -17,6 +17,7 @@ import numpy as np
 from mlflow.entities import Run
 
 from pipeline import metrics, tracking
+from pipeline.data import ArraySplit, load_arrays, resolve_root
 from pipeline.errors import UserError
 
 PREDICTIONS = ("predictions/val.csv", "predictions/test.csv")
@@ -61,6 +62,17 @@ class SourceRun:
     def image_size(self) -> int:
         """The image size the source model was trained at (its logged `cfg.size`, else 28)."""
         return int(self.run.data.params.get("cfg.size", 28))
+
+    def test_arrays(self, data_root: str, size: int) -> ArraySplit:
+        """The dataset's test images in prediction order, checked against the run's test labels."""
+        arrays = load_arrays(self.run.data.tags["dataset"], size, resolve_root(data_root))["test"]
+        index = self.test.index
+        if len(arrays.labels) != len(index) or not np.array_equal(arrays.labels[index], self.test.labels):
+            raise UserError(
+                f"the test split under {resolve_root(data_root)} does not match run {self.run_id}'s test "
+                f"predictions; point data_root at the data the run was trained on"
+            )
+        return ArraySplit(arrays.images[index], arrays.labels[index])
 
 
 def read_predictions(path: Path, name: str) -> Predictions:

@@ -20,9 +20,7 @@ from medmnist.info import INFO
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from pipeline import metrics, plots, tables, tracking
-from pipeline.data import load_arrays, resolve_root
-from pipeline.errors import UserError
-from pipeline.source import Predictions, SourceRun, load_source
+from pipeline.source import Predictions, load_source
 
 RATES = ("tpr", "specificity", "fpr", "precision", "npv", "f1")
 TOL = 1e-9
@@ -203,22 +201,10 @@ def high_confidence_errors(test: Predictions, confidence: float) -> list[dict[st
              "prob": float(probs[k]), "confidence": float(top[k]), "note": ""} for k in wrong]
 
 
-def test_images(source: SourceRun, data_root: str) -> np.ndarray:
-    """The source dataset's test images at the run's size, checked to match its predictions."""
-    arrays = load_arrays(source.run.data.tags["dataset"], source.image_size(), resolve_root(data_root))["test"]
-    index = source.test.index
-    if len(arrays.labels) != len(index) or not np.array_equal(arrays.labels[index], source.test.labels):
-        raise UserError(
-            f"the test split under {resolve_root(data_root)} does not match run {source.run_id}'s test predictions; "
-            f"point data_root at the data the run was trained on"
-        )
-    return arrays.images[index]
-
-
 def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: str = "") -> dict[str, float]:
     """Choose operating points on validation, report them on test, plot curves and an error gallery."""
     source = load_source(cfg["source_stages"], cfg["dataset"], run_id)
-    images = test_images(source, data_root)
+    images = source.test_arrays(data_root, source.image_size()).images
     points = choose_points(source.val, cfg["target_tprs"], cfg["target_fprs"])
     rows = threshold_rows(points, source.val, source.test, cfg["bootstrap"], cfg["seed"])
     values = metric_values(rows)
