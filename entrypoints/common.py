@@ -33,6 +33,14 @@ TRAINER_OPTIONS = (
     click.option("--size", default="", help="Image size: 28, 64, 128 or 224."),
 )
 
+SOURCE_OPTIONS = (
+    click.option("--run-id", default="latest", show_default=True,
+                 help="Classifier run to read (latest: newest FINISHED one with predictions)."),
+    click.option("--config", "config_file", default="", help="YAML file of overrides."),
+    click.option("--seed", default="", help="Random seed."),
+    click.option("--device", default="", help="auto | cpu | cuda | mps."),
+)
+
 
 def apply(options: tuple[Callable, ...]) -> Callable:
     """Decorate a command with a group of options (in the listed order)."""

@@ -49,20 +49,35 @@ def _fractions(values: Any) -> str | None:
     return None if values and not bad else "must be a non-empty list of fractions in (0, 1]"
 
 
-def _subset_of(*allowed: str) -> Callable[[Any], str | None]:
-    def check(values: Any) -> str | None:
-        bad = [v for v in values if v not in allowed]
-        return None if values and not bad else f"must be a non-empty list drawn from {', '.join(allowed)}"
-
-    return check
-
-
 def _positives(values: Any) -> str | None:
     return None if values and all(v > 0 for v in values) else "must be a non-empty list of numbers > 0"
 
 
 def _seeds(values: Any) -> str | None:
     return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
+
+
+def _subset(*allowed: Any, required: Any = "") -> Callable[[Any], str | None]:
+    def check(values: Any) -> str | None:
+        bad = [v for v in values if v not in allowed]
+        if not values or bad or (required and required not in values):
+            need = f", including {required}" if required else ""
+            return f"must be a non-empty list of {', '.join(map(str, allowed))}{need}"
+        return None
+
+    return check
+
+
+def _open_fractions(values: Any) -> str | None:
+    return None if all(0 < v < 1 for v in values) else "must be a list of rates in (0, 1)"
+
+
+def _open_unit(value: Any) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _confidence(value: Any) -> str | None:
+    return None if 0.5 <= value <= 1 else "must be in [0.5, 1] (top-label confidence)"
 
 
 RULES: dict[str, Callable[[Any], str | None]] = {
@@ -97,10 +112,20 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "proj_dim": _at_least(1),
     "proj_hidden_dim": _at_least(1),
     "knn_k": _at_least(1),
-    "methods": _subset_of("ssl_probe", "supervised", "imagenet_probe"),
+    "linear_probe.methods": _subset("ssl_probe", "supervised", "imagenet_probe"),
     "probe_cs": _positives,
     "supervised_epochs": _at_least(1),
     "encoder_lr_scale": _positive,
+    "source_stages": _subset("baseline", "ssl_finetune", "linear_probe", "augment_ablation"),
+    "calibrate.methods": _subset("temperature", "platt", "isotonic", required="temperature"),
+    "target_tprs": _open_fractions,
+    "target_fprs": _open_fractions,
+    "confidence": _confidence,
+    "gallery_max": _at_least(1),
+    "corruptions": _subset("gaussian_noise", "gaussian_blur", "contrast", "brightness"),
+    "severities": _subset(1, 2, 3, 4, 5),
+    "mc_passes": _at_least(2),
+    "mc_dropout_p": _open_unit,
 }
 
 
@@ -196,7 +221,7 @@ def resolve(
                 )
             config[key] = _coerce(key, value, defaults[key])
     for key, value in config.items():
-        check = RULES.get(key)
+        check = RULES.get(f"{stage}.{key}") or RULES.get(key)
         problem = check(value) if check else None
         if problem:
             raise UserError(f"{key}={value!r} {problem}")

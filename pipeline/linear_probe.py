@@ -124,7 +124,7 @@ def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str],
              tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_auroc"), tables.mean_std(r, "test_ece")]
             for r in summary]
     note = "".join(f"\n{METHOD_LABELS.get(m, m)}: not run ({reason}).\n" for m, reason in not_run.items())
-    tracking.log_text(f"# {title}\n\nmean ± std over seeds; test split.\n\n" + tables.to_markdown(body, header) + note,
+    tracking.log_text(f"# {title}\n\nmean ± std over seeds; test split.\n\n" + tables.rows_to_markdown(body, header) + note,
                       "label_efficiency.md")
     ran = [r for r in summary if r["n"]]
     tracking.log_figure(label_efficiency_figure(ran, "test_acc", f"{title}: accuracy"), "plots/label_efficiency_acc.png")

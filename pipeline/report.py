@@ -174,7 +174,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def markdown(table: Table) -> str:
     """The table as a Markdown section (title, table or the missing note)."""
-    body = tables.to_markdown(table.rows, table.header) if table.rows else ""
+    body = tables.rows_to_markdown(table.rows, table.header) if table.rows else ""
     note = f"\n_{table.missing}_\n" if table.missing else ""
     return f"## {table.title}\n\n{body}{note}"
 

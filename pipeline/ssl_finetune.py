@@ -70,7 +70,7 @@ def log_week6_table(finetune_rows: list[dict[str, Any]], ssl_run_id: str, datase
             for r in summary]
     text = (f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
             "mean ± std over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
-            + tables.to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
+            + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
     tracking.log_text(text, "week6_comparison.md")
     grid = [r for r in summary if r["method"] in METHOD_LABELS]
     title = f"{dataset}: fine-tune vs. probe"

@@ -146,7 +146,7 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
 def steps_table(outcomes: list[Outcome]) -> str:
     """The study's step log as Markdown."""
     rows = [[o.step, o.stage, o.status, o.run_id[:8] or "—", f"{o.seconds:.1f}", o.note[:120]] for o in outcomes]
-    return tables.to_markdown(rows, ["step", "stage", "status", "run", "seconds", "note"])
+    return tables.rows_to_markdown(rows, ["step", "stage", "status", "run", "seconds", "note"])
 
 
 def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: str = "reports",

@@ -36,17 +36,31 @@ def mean_std(row: Mapping[str, Any], name: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {row.get(f'{name}_std', 0.0):.{digits}f}"
 
 
+def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """CSV text with the given columns (missing cells empty)."""
+    """CSV with a header; floats at full precision, NaN as an empty cell."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in (row.get(c, "") for c in columns)])
     return buffer.getvalue()
 
 
-def to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A GitHub-flavoured Markdown table."""
+def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
+    """A GitHub Markdown table of row dicts; floats rounded to `digits`, NaN shown as an empty cell."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, ""), digits) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def rows_to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table of already formatted cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

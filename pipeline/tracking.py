@@ -191,10 +191,28 @@ def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 
 
-def find_run(stage: str, dataset: str, run_id: str = "latest") -> Run:
+def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
+    """Whether a run holds every one of the artifact files `paths`."""
+    client = MlflowClient()
+    listed: dict[str | None, set[str]] = {}
+    for path in paths:
+        folder = path.rpartition("/")[0] or None
+        if folder not in listed:
+            try:
+                listed[folder] = {item.path for item in client.list_artifacts(run_id, folder)}
+            except (MlflowException, OSError):
+                return False
+        if path not in listed[folder]:
+            return False
+    return True
+
+
+def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[str, ...] = ()) -> Run:
     """A run by id (checked to be of this stage's kind and dataset) or the newest FINISHED one.
 
-    `stage` may be a comma-separated list of acceptable stages.
+    `stage` may be a comma-separated list of acceptable stages, in order of preference for
+    `latest`. With `require` (artifact paths), `latest` skips runs lacking them (e.g. the parent
+    of nested children) and an explicit id without them is a UserError.
     """
     stages = [s.strip() for s in stage.split(",")]
     client = MlflowClient()
@@ -208,18 +226,26 @@ def find_run(stage: str, dataset: str, run_id: str = "latest") -> Run:
             raise UserError(f"run {run_id} is a {tags.get('dataset', 'unknown')} run, not {dataset}")
         if tags.get("stage") not in stages and not (tags.get("method") and "classifier" in stages):
             raise UserError(f"run {run_id} is a {tags.get('stage', 'unknown')} run; expected {' or '.join(stages)}")
+        if require and not has_artifacts(run_id, require):
+            raise UserError(
+                f"run {run_id} has no {' and '.join(require)} (status {run.info.status}); "
+                f"pass a FINISHED classifier run, or run_id=latest"
+            )
         return run
+    experiments = [e.experiment_id for e in client.search_experiments()]
     for candidate in stages:
         runs = client.search_runs(
-            experiment_ids=[e.experiment_id for e in client.search_experiments()],
+            experiment_ids=experiments,
             filter_string=f"tags.stage = '{candidate}' and tags.dataset = '{dataset}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=1 if not require else 200,
         )
-        if runs:
-            return runs[0]
+        for run in runs:
+            if not require or has_artifacts(run.info.run_id, require):
+                return run
+    needs = f" with {' and '.join(require)}" if require else ""
     raise UserError(
-        f"no FINISHED {' or '.join(stages)} run for {dataset} in {mlflow.get_tracking_uri()}; "
+        f"no FINISHED {' or '.join(stages)} run{needs} for {dataset} in {mlflow.get_tracking_uri()}; "
         f"run `mlflow run . -e {stages[0]} -P dataset={dataset} --env-manager local` first"
     )
 

@@ -1,0 +1,75 @@
+"""Temperature scaling and the comparison calibrators, on synthetic logits with a known answer."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from pipeline import calibration
+from pipeline.errors import UserError
+
+
+def overconfident(true_temperature: float, n: int = 4000, seed: int = 0):
+    """Labels drawn from sigmoid(z); the model reports z * T, i.e. is off by a temperature T."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    return z * true_temperature, labels
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_a_known_temperature(true_t):
+    logits, labels = overconfident(true_t)
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
+
+
+def test_temperature_lowers_val_nll_keeps_auroc_and_accuracy():
+    logits, labels = overconfident(3.0, n=600, seed=1)
+    t = calibration.fit_temperature(logits, labels)
+    assert t > 0
+    before, after = 1 / (1 + np.exp(-logits)), 1 / (1 + np.exp(-logits / t))
+    assert log_loss(labels, after) < log_loss(labels, before) - 0.05
+    assert roc_auc_score(labels, after) == roc_auc_score(labels, before)
+    assert np.array_equal(after >= 0.5, before >= 0.5)
+    # The fitted T is the minimum: nudging it either way does not lower the NLL.
+    for other in (t * 0.9, t * 1.1):
+        assert calibration.nll_at_temperature(logits, labels, t) <= calibration.nll_at_temperature(logits, labels, other)
+
+
+def test_temperature_stays_positive_and_flags_a_bound_for_useless_logits():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 200)
+    logits = -5.0 * (2 * labels - 1)  # perfectly wrong: no positive temperature helps
+    t = calibration.fit_temperature(logits, labels)
+    assert t > 0 and calibration.at_bound(t)
+    assert not calibration.at_bound(calibration.fit_temperature(*overconfident(2.0)))
+
+
+def test_nll_at_temperature_matches_sklearn():
+    logits, labels = overconfident(2.0, n=300)
+    assert calibration.nll_at_temperature(logits, labels, 1.7) == pytest.approx(
+        log_loss(labels, 1 / (1 + np.exp(-logits / 1.7))), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", calibration.METHODS)
+def test_each_calibrator_maps_logits_to_probabilities_fitted_on_validation(method):
+    val_logits, val_labels = overconfident(3.0, n=800, seed=3)
+    test_logits, test_labels = overconfident(3.0, n=800, seed=4)
+    calibrator = calibration.fit_calibrator(method, val_logits, val_labels)
+    probs = calibrator.apply(test_logits)
+    assert probs.shape == test_logits.shape and np.all((probs >= 0) & (probs <= 1))
+    raw = 1 / (1 + np.exp(-test_logits))
+    assert calibration.evaluate(probs, test_labels, 10)["ece"] < calibration.evaluate(raw, test_labels, 10)["ece"]
+    if method == "platt":
+        assert calibrator.params["platt_slope"] == pytest.approx(1 / 3.0, rel=0.15)
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(UserError, match="calibration method 'beta' is unknown"):
+        calibration.fit_calibrator("beta", np.zeros(4), np.array([0, 1, 0, 1]))
+
+
+def test_metric_keys_name_before_and_after():
+    rows = [{"method": m, "split": s, **{k: 0.0 for k in calibration.METRICS}}
+            for m in ("uncalibrated", "temperature") for s in ("val", "test")]
+    keys = set(calibration.metric_values(rows))
+    assert {"val_nll_before", "val_nll_after", "test_ece_before", "test_ece_after", "test_auroc_after"} <= keys
