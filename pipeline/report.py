@@ -5,6 +5,8 @@ FINISHED run is reported as missing, never as zeros.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +160,58 @@ def week6_table(dataset: str) -> Table:
     return table
 
 
-def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] = ()) -> list[Table]:
+def artifact_table(dataset: str, stage: str, artifact: str, name: str, title: str, columns: list[str]) -> Table:
+    """A table a step already logged as CSV (newest FINISHED run of `stage`), citing that run
+    and the classifier run it analysed."""
+    runs = parents(dataset, stage)
+    if not runs:
+        return _missing(name, title, columns, stage, dataset)
+    run = runs[0]
+    text = tracking.download_artifact(run.info.run_id, artifact).read_text()
+    records = list(csv.DictReader(io.StringIO(text)))
+    source = run.data.tags.get("source_run_id", "")
+    table = Table(name, f"{title} (run {run.info.run_id[:8]}, source {source[:8]})", columns)
+    for record in records:
+        table.records.append({**record, "run_id": run.info.run_id, "source_run_id": source})
+        table.rows.append([fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns])
+    return table
+
+
+def _needs_rounding(value: Any) -> bool:
+    """A non-integer number (integers such as severities are shown as they are)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not str(value).isdigit()
+
+
+def calibration_table(dataset: str) -> Table:
+    """Week 6: calibration before/after temperature scaling (and Platt/isotonic when fitted)."""
+    return artifact_table(dataset, "calibrate", "calibration/table.csv", "week6_calibration", "Calibration before/after",
+                          ["method", "split", "ece", "ece_eqfreq", "mce", "brier", "nll", "acc", "auroc"])
+
+
+def thresholds_table(dataset: str) -> Table:
+    """Week 7: operating points chosen on validation, their test rates."""
+    return artifact_table(dataset, "thresholds", "thresholds/table.csv", "week7_thresholds", "Decision thresholds (test)",
+                          ["rule", "target", "status", "threshold", "tpr", "specificity", "fpr", "precision", "npv", "f1"])
+
+
+def robustness_table(dataset: str) -> Table:
+    """Week 8: AUROC, accuracy and ECE per corruption and severity."""
+    return artifact_table(dataset, "robustness", "robustness/table.csv", "week8_robustness", "Robustness to corruptions (test)",
+                          ["corruption", "severity", "level", "auroc", "acc", "ece", "auroc_drop"])
+
+
+def extra_tables() -> list[Callable[[str], Table]]:
+    """The tables of weeks 6–8 that read the post-hoc steps' logged CSVs."""
+    return [calibration_table, thresholds_table, robustness_table]
+
+
+def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] | None = None) -> list[Table]:
     """Every cross-week table for a dataset, in study order."""
-    builders = [baselines_table, ssl_table, label_efficiency_table, week6_table, *extra]
+    builders = [baselines_table, ssl_table, label_efficiency_table, week6_table, *(extra_tables() if extra is None else extra)]
     return [build(dataset) for build in builders]
 
 
@@ -298,7 +349,7 @@ def export_results(built: list[Table], out_dir: Path, results_root: Path, name: 
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
-                extra: Iterable[Callable[[str], Table]] = ()) -> tuple[list[Table], Path]:
+                extra: Iterable[Callable[[str], Table]] | None = None) -> tuple[list[Table], Path]:
     """Build every table, write them under `<out_root>/<dataset>/`, log them to a `compare` run."""
     built = build_tables(dataset, extra)
     out_dir = Path(out_root) / dataset

@@ -43,15 +43,8 @@ def _stage_runners() -> dict[str, Runner]:
         "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
         "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
         "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], extra=report_extras()),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"]),
     }
-
-
-def report_extras() -> list:
-    """The week 3 and 6–8 tables that `compare` adds to the core ones."""
-    from pipeline.report import extra_tables
-
-    return extra_tables()
 
 
 @dataclass
