@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from entrypoints import baseline, calibrate, compare, linear_probe, robustness, runs, ssl_finetune, ssl_pretrain, thresholds
+from entrypoints import baseline, calibrate, compare, linear_probe, robustness, runs, ssl_finetune, ssl_pretrain, study, thresholds
 
 
 @click.group(name="medmnist-ssl", context_settings={"help_option_names": ["-h", "--help"]})
@@ -12,7 +12,7 @@ def cli() -> None:
     """medmnist-ssl: supervised and self-supervised study steps on MedMNIST, tracked in MLflow."""
 
 
-for module in (baseline, ssl_pretrain, linear_probe, ssl_finetune, calibrate, thresholds, robustness, compare):
+for module in (baseline, ssl_pretrain, linear_probe, ssl_finetune, calibrate, thresholds, robustness, compare, study):
     cli.add_command(module.command)
 cli.add_command(runs.group)
 
