@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	mlflow run . -e baseline -P dataset=$(DATASET) --env-manager local --experiment-name $(DATASET)
+	mlflow run . -e study -P dataset=$(DATASET) -P profile=$(PROFILE) --env-manager local --experiment-name $(DATASET)
 
 test: setup
 	$(PY) -m pytest

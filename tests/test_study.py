@@ -1,0 +1,82 @@
+"""`study`: every step a nested FINISHED run, tables written, finished steps reused, and an
+interrupted study completed without duplicating what had finished."""
+
+import pytest
+
+from entrypoints import study
+from entrypoints.common import main
+from pipeline import config
+from pipeline.study import plan
+from tests.conftest import all_runs
+
+STEPS = ["eda", "baseline_0_smallcnn_all", "augment_ablation", "ssl_pretrain_simclr", "linear_probe_simclr",
+         "ssl_finetune", "calibrate", "thresholds", "robustness", "compare"]
+
+
+@pytest.fixture()
+def study_env(synthetic_root, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    return ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(tmp_path / "reports")]
+
+
+def top_level(runs, stage):
+    return [r for r in runs if r.data.tags.get("stage") == stage and "study_step" in r.data.tags]
+
+
+def test_plans_follow_the_profiles():
+    assert [s.name for s in plan(config.load_profile("smoke"))] == STEPS
+    quick = [s.name for s in plan(config.load_profile("quick"))]
+    assert quick.index("eda") < quick.index("augment_ablation") < quick.index("ssl_pretrain_moco") < quick.index("compare")
+    assert "baseline_2_resnet18_head" in quick and "linear_probe_moco" in quick
+
+
+def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, tmp_path, capsys):
+    main(study.command, study_env)
+    runs = all_runs(tracking_uri)
+    (parent,) = [r for r in runs if r.data.tags["stage"] == "study"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["steps_ran"] == len(STEPS)
+    steps = {r.data.tags["study_step"]: r for r in runs if "study_step" in r.data.tags}
+    assert set(steps) == set(STEPS)
+    for run in steps.values():
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert steps["calibrate"].data.tags["source_run_id"] == steps["baseline_0_smallcnn_all"].info.run_id
+    assert steps["linear_probe_simclr"].data.tags["source_run_id"] == steps["ssl_pretrain_simclr"].info.run_id
+    reports = tmp_path / "reports" / "breastmnist"
+    for name in ("week2_baselines", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune",
+                 "week6_calibration", "week7_thresholds", "week8_robustness"):
+        assert "missing" not in (reports / f"{name}.md").read_text(), name
+    capsys.readouterr()
+
+    main(study.command, study_env)
+    assert "9 reused" in capsys.readouterr().out
+    runs = all_runs(tracking_uri)
+    second = [r for r in runs if r.data.tags["stage"] == "study"][0]
+    assert second.data.metrics["steps_reused"] == len(STEPS) - 1 and second.data.metrics["steps_ran"] == 1
+    assert len(top_level(runs, "ssl_pretrain")) == 1
+
+
+def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri, monkeypatch):
+    import pipeline.linear_probe as probe
+
+    real = probe.run_linear_probe
+
+    def interrupted(cfg, data_root=""):
+        raise KeyboardInterrupt("simulated Ctrl-C")
+
+    monkeypatch.setattr(probe, "run_linear_probe", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(study.command, study_env)
+    assert exit_info.value.code == 130
+    (killed,) = [r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "study"]
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(probe, "run_linear_probe", real)
+
+    main(study.command, study_env)
+    runs = all_runs(tracking_uri)
+    finished = [r for r in runs if r.data.tags["stage"] == "study" and r.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.metrics["steps_reused"] == 4  # eda, baseline, ablation, ssl
+    for stage in ("eda", "baseline", "augment_ablation", "ssl_pretrain", "linear_probe"):
+        assert len(top_level(runs, stage)) == 1, stage
+    assert all(r.info.status != "RUNNING" for r in runs)
