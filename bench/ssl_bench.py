@@ -58,6 +58,7 @@ def ours(module, optimizer, data, batch, steps, device, amp) -> float:
     """Pairs/s of the batched on-device path (after one warm-up step)."""
     generator = torch.Generator(device=device).manual_seed(0)
     images = data.train.images
+
     def one() -> None:
         index = torch.randint(0, len(data.train), (batch,), device=device)
         step(module, optimizer, *two_views(to_float(images[index]), generator), device, amp)
@@ -74,10 +75,12 @@ def per_sample(module, optimizer, dataset_name, root, batch, steps, device, amp,
     """Pairs/s of the medmnist Dataset + torchvision transforms + DataLoader path."""
     data_class = getattr(medmnist, medmnist.INFO[dataset_name]["python_class"])
     dataset = data_class(split="train", root=str(root), transform=TwoViews(), download=False)
-    loader = iter(DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                             persistent_workers=workers > 0))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
+    batches = (item for _ in iter(int, 1) for item in loader)  # endless: epochs one after another
+
     def one() -> None:
-        (view1, view2), _ = next(loader)
+        (view1, view2), _ = next(batches)
         step(module, optimizer, view1.to(device, non_blocking=True), view2.to(device, non_blocking=True), device, amp)
     one()
     sync(device)
