@@ -1,6 +1,9 @@
 """The Colab notebook is valid nbformat 4 and its code path (all but the Colab setup cell) runs."""
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,7 @@ def test_notebook_code_path_runs_the_smoke_study(synthetic_root, tracking_uri, t
     monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     notebook = json.loads(NOTEBOOK.read_text())
     namespace = {}
     for cell in code_cells(notebook):
