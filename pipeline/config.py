@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from pipeline.augment import preset_names
 from pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -53,6 +54,13 @@ def _seeds(values: Any) -> str | None:
     return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
 
 
+def _variants(values: Any) -> str | None:
+    unknown = [v for v in values if v not in preset_names()]
+    if not values or unknown or len(set(values)) != len(values):
+        return f"must be a non-empty list of distinct augmentation presets from: {', '.join(preset_names())}"
+    return None
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "size": _one_of(*SIZES),
     "epochs": _at_least(1),
@@ -78,6 +86,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "ece_bins": _at_least(2),
     "gamma": _positive,
     "warmup_epochs": _at_least(0),
+    "samples_per_class": _at_least(1),
+    "hist_bins": _at_least(2),
+    "max_examples": _at_least(0),
+    "gallery_n": _at_least(1),
+    "variants": _variants,
 }
 
 

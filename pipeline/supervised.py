@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline import metrics, plots, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import DatasetSplits, Split
+from pipeline.gallery import log_gallery, most_confident_mistakes
 from pipeline.models import Classifier, ModelSpec
 from pipeline.train import TrainResult, predict_logits, train_classifier
 
@@ -94,6 +96,7 @@ def fit_and_log(
         best = save_checkpoint(workdir / "best.pt", model, spec, cfg, best_epoch=result.best_epoch)
         tracking.log_file(best, "checkpoints")
         log_classifier_plots(logits["test"], labels["test"], data.label_names, result, cfg)
+        log_test_gallery(logits["test"], labels["test"], data)
     return ClassifierOutcome(values, model, result)
 
 
@@ -107,6 +110,14 @@ def log_classifier_plots(
     tracking.log_figure(plots.confusion_matrix_plot(test_labels, probs >= 0.5, names, "Test confusion matrix"), "plots/confusion_matrix.png")
     title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
     tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
+
+
+def log_test_gallery(test_logits: np.ndarray, test_labels: np.ndarray, data: DatasetSplits, n: int = 5) -> None:
+    """The n most confident test mistakes of this run (gallery/misclassified_gallery.png and .csv)."""
+    predictions = pd.DataFrame({"index": np.arange(len(test_labels)), "label": test_labels, "prob": metrics.sigmoid(test_logits)})
+    mistakes = most_confident_mistakes(predictions, n)
+    images = data.test.images.permute(0, 2, 3, 1).cpu().numpy()
+    log_gallery(mistakes, images, data.label_names, f"{data.name}: {len(mistakes)} most confident test mistakes")
 
 
 def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:

@@ -139,6 +139,13 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, default=float), artifact_file)
 
 
+def log_table(rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+    """Log rows as an MLflow table (shown in the UI's artifact view; `artifact_file` ends in .json)."""
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file)
+
+
 def log_text(text: str, artifact_file: str) -> None:
     """Log a text artifact (CSV, Markdown, JSONL...)."""
     mlflow.log_text(text, artifact_file)
