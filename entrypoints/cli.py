@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import click
 
-from entrypoints import baseline
+from entrypoints import augment_ablation, baseline, eda, finetune_table
 
 
-@click.group(name="medmnist-ssl", context_settings={"help_option_names": ["-h", "--help"]})
+# token_normalize_func: `finetune-table` and `finetune_table` (the MLproject name) are the same command.
+@click.group(
+    name="medmnist-ssl",
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": lambda t: t.replace("-", "_")},
+)
 def cli() -> None:
     """medmnist-ssl: supervised and self-supervised study steps on MedMNIST, tracked in MLflow."""
 
 
-for module in (baseline,):
+for module in (eda, baseline, augment_ablation, finetune_table):
     cli.add_command(module.command)
 
 

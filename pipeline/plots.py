@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.metrics import calibration_bins, ece  # noqa: E402
 
@@ -195,4 +196,24 @@ def duplicate_pairs(pairs: Sequence[tuple[str, int, np.ndarray, str, int, np.nda
     axes[0][0].set_ylabel("image", fontsize=8)
     axes[1][0].set_ylabel("its duplicate", fontsize=8)
     fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def loss_curves_by_label(histories: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> Figure:
+    """Train (solid) and val (dashed) loss, and val AUROC, per epoch for several labelled runs."""
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8), constrained_layout=True)
+    for (label, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], "-", color=colour, label=f"{label}: train")
+        loss_ax.plot(epochs, [h["val_loss"] for h in history], "--", color=colour, label=f"{label}: val")
+        auc_ax.plot(epochs, [h["val_auroc"] for h in history], "o-", color=colour, label=label)
+    for ax in (loss_ax, auc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("BCE loss")
+    loss_ax.legend(fontsize=8)
+    auc_ax.set_xlabel("epoch")
+    auc_ax.set_ylabel("val AUROC")
+    auc_ax.legend(title="finetune", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return fig

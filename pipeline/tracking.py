@@ -194,6 +194,26 @@ def find_run(stage: str, dataset: str, run_id: str = "latest") -> Run:
     )
 
 
+def find_latest(stage: str, dataset: str, tags: Mapping[str, str]) -> Run:
+    """The newest FINISHED run of a stage and dataset whose tags equal `tags`; none is a UserError."""
+    client = MlflowClient()
+    conditions = [f"tags.stage = '{stage}'", f"tags.dataset = '{dataset}'", "attributes.status = 'FINISHED'"]
+    conditions += [f"tags.{k} = '{v}'" for k, v in tags.items()]
+    runs = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=" and ".join(conditions),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        wanted = " ".join(f"-P {k}={v}" for k, v in tags.items())
+        raise UserError(
+            f"no FINISHED {stage} run for {dataset} with {', '.join(f'{k}={v}' for k, v in tags.items())} in "
+            f"{mlflow.get_tracking_uri()}; run `mlflow run . -e {stage} -P dataset={dataset} {wanted} --env-manager local` first"
+        )
+    return runs[0]
+
+
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
     """Fetch one artifact of a run to a local path; a missing artifact is a UserError."""
     dst = dst or Path(tempfile.mkdtemp(prefix="medmnist-ssl-"))
