@@ -128,9 +128,10 @@ def sample_indices(labels: np.ndarray, per_class: int, seed: int) -> dict[int, n
 
 
 def example_pairs(splits: Mapping[str, ArraySplit], report: Mapping[str, Any], limit: int = 8) -> list[tuple]:
-    """Up to `limit` duplicate pairs with their images, within-split examples first, for a figure."""
-    pairs = [(s, s, p) for s, r in report["within"].items() for p in r["examples"]]
-    pairs += [(*key.split("/"), p) for key, r in report["across"].items() for p in r["examples"]]
+    """Up to `limit` duplicate pairs with their images for a figure, taken in turn from each check."""
+    checks = [[(s, s, p) for p in r["examples"]] for s, r in report["within"].items()]
+    checks += [[(*key.split("/"), p) for p in r["examples"]] for key, r in report["across"].items()]
+    pairs = [check[k] for k in range(max(map(len, checks), default=0)) for check in checks if k < len(check)]
     return [(a, i, splits[a].images[i], b, j, splits[b].images[j]) for a, b, (i, j) in pairs[:limit]]
 
 
