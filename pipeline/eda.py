@@ -127,12 +127,15 @@ def sample_indices(labels: np.ndarray, per_class: int, seed: int) -> dict[int, n
     return chosen
 
 
-def example_pairs(splits: Mapping[str, ArraySplit], report: Mapping[str, Any], limit: int = 8) -> list[tuple]:
+def example_pairs(splits: Mapping[str, ArraySplit], report: Mapping[str, Any], limit: int = 8) -> list[tuple[str, np.ndarray, str, np.ndarray]]:
     """Up to `limit` duplicate pairs with their images for a figure, taken in turn from each check."""
     checks = [[(s, s, p) for p in r["examples"]] for s, r in report["within"].items()]
     checks += [[(*key.split("/"), p) for p in r["examples"]] for key, r in report["across"].items()]
     pairs = [check[k] for k in range(max(map(len, checks), default=0)) for check in checks if k < len(check)]
-    return [(a, i, splits[a].images[i], b, j, splits[b].images[j]) for a, b, (i, j) in pairs[:limit]]
+    def caption(split: str, index: int) -> str:
+        return f"{split} #{index} (label {splits[split].labels[index]})"
+
+    return [(caption(a, i), splits[a].images[i], caption(b, j), splits[b].images[j]) for a, b, (i, j) in pairs[:limit]]
 
 
 def duplicate_metrics(report: Mapping[str, Any]) -> dict[str, float]:

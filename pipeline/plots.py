@@ -180,7 +180,7 @@ def ablation_errorbars(summary: Sequence[Mapping[str, float]], metric: str, titl
     return fig
 
 
-def duplicate_pairs(pairs: Sequence[tuple[str, int, np.ndarray, str, int, np.ndarray]], title: str) -> Figure:
+def duplicate_pairs(pairs: Sequence[tuple[str, np.ndarray, str, np.ndarray]], title: str) -> Figure:
     """Example exact-duplicate pairs as columns: first image above, its duplicate below."""
     count = max(len(pairs), 1)
     fig, axes = plt.subplots(2, count, figsize=(1.7 * count + 0.8, 3.9), squeeze=False, constrained_layout=True)
@@ -188,11 +188,11 @@ def duplicate_pairs(pairs: Sequence[tuple[str, int, np.ndarray, str, int, np.nda
         for ax in axes[:, 0]:
             ax.axis("off")
         axes[0][0].text(0.5, 0.0, "no exact duplicates", ha="center", va="center")
-    for col, (split_a, i, image_a, split_b, j, image_b) in enumerate(pairs):
+    for col, (caption_a, image_a, caption_b, image_b) in enumerate(pairs):
         _show(axes[0][col], image_a)
-        axes[0][col].set_title(f"{split_a} #{i}", fontsize=8)
+        axes[0][col].set_title(caption_a, fontsize=7)
         _show(axes[1][col], image_b)
-        axes[1][col].set_title(f"{split_b} #{j}", fontsize=8)
+        axes[1][col].set_title(caption_b, fontsize=7)
     axes[0][0].set_ylabel("image", fontsize=8)
     axes[1][0].set_ylabel("its duplicate", fontsize=8)
     fig.suptitle(title, fontsize=9)
