@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from entrypoints import augment_ablation, baseline, finetune_table
+from entrypoints import augment_ablation, baseline
 from entrypoints.cli import cli
 from entrypoints.common import main
 from pipeline import augment
