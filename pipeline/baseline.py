@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
+
 from pipeline import tracking
 from pipeline.checkpoint import load_train_state, load_weights
 from pipeline.config import config_hash
@@ -28,26 +30,44 @@ class Prepared:
     name: str
 
 
+def supervised_tags(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags of a supervised classifier run."""
+    return {
+        "model": cfg["model"],
+        "seed": cfg["seed"],
+        "method": "supervised",
+        "finetune": cfg["finetune"],
+        "augment": cfg["augment"],
+        "label_fraction": cfg["label_fraction"],
+        "config_hash": config_hash(cfg),
+    }
+
+
+def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, name: str) -> Prepared:
+    """Seed, build the model on `device` and draw the stratified label subset of the config."""
+    seed_everything(cfg["seed"])
+    spec = model_spec(cfg, data.channels)
+    model = prepare_for_device(build_classifier(spec, cfg["finetune"]), device)
+    train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
+    return Prepared(data, spec, model, train, supervised_tags(cfg), name)
+
+
 def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepared:
     """Load data and build the model on `device` (default: the config's); mistakes surface here,
     before any run opens."""
     target = resolve_device(device or cfg["device"])
     configure_speed(target)
-    seed_everything(cfg["seed"])
     data = load_splits(cfg["dataset"], cfg["size"], data_root, target)
-    spec = model_spec(cfg, data.channels)
-    model = prepare_for_device(build_classifier(spec, cfg["finetune"]), target)
-    train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
-    tags = {
-        "model": cfg["model"],
-        "seed": cfg["seed"],
-        "method": "supervised",
-        "finetune": cfg["finetune"],
-        "label_fraction": cfg["label_fraction"],
-        "config_hash": config_hash(cfg),
-    }
-    name = f"baseline-{cfg['model']}-{cfg['finetune']}-s{cfg['seed']}"
-    return Prepared(data, spec, model, train, tags, name)
+    return build_job(cfg, data, target, f"baseline-{cfg['model']}-{cfg['finetune']}-s{cfg['seed']}")
+
+
+def train_supervised(
+    cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False
+) -> dict[str, float]:
+    """Train one classifier on already loaded data and log it as a run of `stage`; returns metrics."""
+    job = build_job(cfg, data, device, name)
+    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested):
+        return fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics
 
 
 def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from pipeline.augment import preset_names
 from pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -80,6 +81,13 @@ def _confidence(value: Any) -> str | None:
     return None if 0.5 <= value <= 1 else "must be in [0.5, 1] (top-label confidence)"
 
 
+def _variants(values: Any) -> str | None:
+    unknown = [v for v in values if v not in preset_names()]
+    if not values or unknown or len(set(values)) != len(values):
+        return f"must be a non-empty list of distinct augmentation presets from: {', '.join(preset_names())}"
+    return None
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "size": _one_of(*SIZES),
     "epochs": _at_least(1),
@@ -126,6 +134,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "severities": _subset(1, 2, 3, 4, 5),
     "mc_passes": _at_least(2),
     "mc_dropout_p": _open_unit,
+    "samples_per_class": _at_least(1),
+    "hist_bins": _at_least(2),
+    "max_examples": _at_least(0),
+    "gallery_n": _at_least(1),
+    "variants": _variants,
 }
 
 

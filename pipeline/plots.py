@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.metrics import calibration_bins, ece  # noqa: E402
 
@@ -221,4 +222,121 @@ def corruption_examples(clean: np.ndarray, examples: Mapping[tuple[str, int], np
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Corruptions of the first test image (row: corruption; column: severity and level)", fontsize=9)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """Draw one uint8 image (grey or RGB) without ticks."""
+    ax.imshow(image.squeeze(), cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None, vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def sample_grid(images: np.ndarray, picks: Mapping[int, np.ndarray], label_names: Mapping[str, str], title: str) -> Figure:
+    """One row of sample images per class; each row is labelled with the class and each tile with its index."""
+    columns = max(len(v) for v in picks.values())
+    fig, axes = plt.subplots(len(picks), columns, figsize=(1.3 * columns + 1.2, 1.5 * len(picks) + 0.6),
+                             squeeze=False, constrained_layout=True)
+    for row, (label, indices) in enumerate(picks.items()):
+        for col, ax in enumerate(axes[row]):
+            if col < len(indices):
+                _show(ax, images[indices[col]])
+                ax.set_title(f"#{indices[col]}", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[row][0].set_ylabel(f"class {label}\n{label_names[str(label)]}", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def intensity_histograms(splits: Mapping[str, object], label_names: Mapping[str, str], bins: int, title: str) -> Figure:
+    """Pixel-intensity density per class, one panel per split (`splits` values have images and labels)."""
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True, constrained_layout=True)
+    edges = np.linspace(0, 255, bins + 1)
+    for ax, (name, split) in zip(np.atleast_1d(axes), splits.items()):
+        for label, colour in ((0, "tab:blue"), (1, "tab:orange")):
+            pixels = split.images[split.labels == label].reshape(-1)
+            ax.hist(pixels, bins=edges, density=True, histtype="step", linewidth=1.6, color=colour,
+                    label=f"{label}: {label_names[str(label)]} (n={int(np.sum(split.labels == label))})")
+        ax.set_title(name)
+        ax.set_xlabel("pixel intensity (0-255)")
+        ax.legend(fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("density")
+    fig.suptitle(title)
+    return fig
+
+
+def mistake_gallery(tiles: np.ndarray, rows, label_names: Mapping[str, str], title: str) -> Figure:
+    """Misclassified images, each titled with true label, predicted label and p(predicted class)."""
+    count = len(rows)
+    fig, axes = plt.subplots(1, max(count, 1), figsize=(2.1 * max(count, 1), 2.9), squeeze=False, constrained_layout=True)
+    if count == 0:
+        axes[0][0].axis("off")
+        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    for ax, tile, row in zip(axes[0], tiles, rows.itertuples()):
+        _show(ax, tile)
+        ax.set_title(
+            f"test #{row.index}\ntrue: {row.label} {label_names[str(row.label)]}\n"
+            f"pred: {row.predicted} {label_names[str(row.predicted)]}\np(pred) = {row.confidence:.3f}",
+            fontsize=7,
+        )
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def ablation_errorbars(summary: Sequence[Mapping[str, float]], metric: str, title: str) -> Figure:
+    """Mean ± std of a metric per ablation variant (one bar each), with each seed's value as a dot."""
+    fig, ax = plt.subplots(figsize=(1.6 * len(summary) + 2.5, 3.8), constrained_layout=True)
+    positions = np.arange(len(summary))
+    means = [row[f"{metric}_mean"] for row in summary]
+    stds = [np.nan_to_num(row[f"{metric}_std"]) for row in summary]
+    ax.bar(positions, means, yerr=stds, capsize=6, color="tab:blue", alpha=0.7, label="mean ± std over seeds")
+    for x, row in zip(positions, summary):
+        values = row[f"{metric}_values"]
+        ax.plot([x] * len(values), values, "o", color="black", markersize=4, label="one seed" if x == 0 else None)
+    ax.set_xticks(positions, [f"{row['variant']}\n(n={row['n']})" for row in summary], fontsize=8)
+    ax.set_xlabel("augmentation variant")
+    ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC").replace("acc", "accuracy"))
+    low = min(min(row[f"{metric}_values"]) for row in summary)
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    return fig
+
+
+def duplicate_pairs(pairs: Sequence[tuple[str, np.ndarray, str, np.ndarray]], title: str) -> Figure:
+    """Example exact-duplicate pairs as columns: first image above, its duplicate below."""
+    count = max(len(pairs), 1)
+    fig, axes = plt.subplots(2, count, figsize=(1.7 * count + 0.8, 3.9), squeeze=False, constrained_layout=True)
+    if not pairs:
+        for ax in axes[:, 0]:
+            ax.axis("off")
+        axes[0][0].text(0.5, 0.0, "no exact duplicates", ha="center", va="center")
+    for col, (caption_a, image_a, caption_b, image_b) in enumerate(pairs):
+        _show(axes[0][col], image_a)
+        axes[0][col].set_title(caption_a, fontsize=7)
+        _show(axes[1][col], image_b)
+        axes[1][col].set_title(caption_b, fontsize=7)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    axes[1][0].set_ylabel("its duplicate", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def loss_curves_by_label(histories: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> Figure:
+    """Train (solid) and val (dashed) loss, and val AUROC, per epoch for several labelled runs."""
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8), constrained_layout=True)
+    for (label, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], "-", color=colour, label=f"{label}: train")
+        loss_ax.plot(epochs, [h["val_loss"] for h in history], "--", color=colour, label=f"{label}: val")
+        auc_ax.plot(epochs, [h["val_auroc"] for h in history], "o-", color=colour, label=label)
+    for ax in (loss_ax, auc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("BCE loss")
+    loss_ax.legend(fontsize=8)
+    auc_ax.set_xlabel("epoch")
+    auc_ax.set_ylabel("val AUROC")
+    auc_ax.legend(title="finetune", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return fig

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline import metrics, plots, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import DatasetSplits, Split
+from pipeline.gallery import log_gallery, most_confident_mistakes
 from pipeline.models import Classifier, ModelSpec
 from pipeline.train import TrainResult, predict_logits, train_classifier
 
@@ -133,7 +135,16 @@ def log_evaluation(
     names = [data.label_names[str(i)] for i in (0, 1)]
     confusion = plots.confusion_matrix_plot(labels["test"], probs >= 0.5, names, "Test confusion matrix")
     tracking.log_figure(confusion, "plots/confusion_matrix.png")
+    log_test_gallery(logits["test"], labels["test"], data)
     return values
+
+
+def log_test_gallery(test_logits: np.ndarray, test_labels: np.ndarray, data: DatasetSplits, n: int = 5) -> None:
+    """The n most confident test mistakes of this run (gallery/misclassified_gallery.png and .csv)."""
+    predictions = pd.DataFrame({"index": np.arange(len(test_labels)), "label": test_labels, "prob": metrics.sigmoid(test_logits)})
+    mistakes = most_confident_mistakes(predictions, n)
+    images = data.test.images.permute(0, 2, 3, 1).cpu().numpy()
+    log_gallery(mistakes, images, data.label_names, f"{data.name}: {len(mistakes)} most confident test mistakes")
 
 
 def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:

@@ -176,6 +176,13 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, default=float), artifact_file)
 
 
+def log_table(rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+    """Log rows as an MLflow table (shown in the UI's artifact view; `artifact_file` ends in .json)."""
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file)
+
+
 def log_text(text: str, artifact_file: str) -> None:
     """Log a text artifact (CSV, Markdown, JSONL...)."""
     mlflow.log_text(text, artifact_file)
@@ -271,6 +278,18 @@ def tag_run(run_id: str, tags: Mapping[str, Any]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+def find_latest(stage: str, dataset: str, tags: Mapping[str, str]) -> Run:
+    """The newest FINISHED run of a stage and dataset whose tags equal `tags`; none is a UserError."""
+    runs = finished_runs(dataset, " and ".join([f"tags.stage = '{stage}'", *(f"tags.{k} = '{v}'" for k, v in tags.items())]))
+    if not runs:
+        wanted = " ".join(f"-P {k}={v}" for k, v in tags.items())
+        raise UserError(
+            f"no FINISHED {stage} run for {dataset} with {', '.join(f'{k}={v}' for k, v in tags.items())} in "
+            f"{mlflow.get_tracking_uri()}; run `mlflow run . -e {stage} -P dataset={dataset} {wanted} --env-manager local` first"
+        )
+    return runs[0]
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:

@@ -1,0 +1,126 @@
+"""Week 3 augmentation ablation: one parent run, one nested supervised classifier per (variant × seed).
+
+Each child is a full classifier run (`pipeline.baseline.train_supervised`, stage `augment_ablation`,
+tags `augment` and `seed`). The parent aggregates the children's val/test AUROC and accuracy per
+variant (mean ± sample std over seeds) into `ablation.csv`, `ablation.md`, a plot and metrics. A
+child that fails does not stop the others; the parent then ends FAILED naming the failed children.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline import plots, tracking
+from pipeline.baseline import train_supervised
+from pipeline.config import config_hash
+from pipeline.data import load_splits
+from pipeline.errors import PipelineError
+from pipeline.runtime import configure_speed, resolve_device
+
+METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc")
+
+
+def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, Any]:
+    """The classifier config of one child: the ablation config with one preset and one seed."""
+    child = {k: v for k, v in cfg.items() if k not in ("variants", "seeds")}
+    return {**child, "augment": variant, "seed": seed}
+
+
+def aggregate(rows: list[Mapping[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """Per variant (in `variants` order, skipping those without rows): n, and mean, std, values of METRICS.
+
+    std is the sample standard deviation (ddof=1); NaN when n = 1.
+    """
+    summary = []
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"variant": variant, "n": len(mine)}
+        for metric in METRICS:
+            values = [float(r[metric]) for r in mine]
+            entry[f"{metric}_values"] = values
+            entry[f"{metric}_mean"] = float(np.mean(values))
+            entry[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+        summary.append(entry)
+    return summary
+
+
+def mean_std(entry: Mapping[str, Any], metric: str) -> str:
+    """`0.812 ± 0.014`, or just the mean when there is one seed."""
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def summary_csv(summary: list[Mapping[str, Any]]) -> str:
+    """ablation.csv: variant, n, then mean and std of each metric."""
+    header = ["variant", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    lines = [",".join(header)]
+    for entry in summary:
+        lines.append(",".join([entry["variant"], str(entry["n"])] + [f"{entry[h]:.6g}" for h in header[2:]]))
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: list[Mapping[str, Any]], title: str) -> str:
+    """ablation.md: one row per variant, metrics as mean ± std over seeds."""
+    lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for entry in summary:
+        lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(mean_std(entry, m) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n\nmean ± sample std (ddof=1) over seeds; n = finished child runs.\n"
+
+
+def metric_key(variant: str) -> str:
+    """A variant name usable in MLflow metric keys (`geometric+intensity` → `geometric_intensity`)."""
+    return re.sub(r"[^\w\-. ]", "_", variant)
+
+
+def summary_metrics(summary: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Parent metrics `<variant>/<metric>_mean` and `_std` (NaN std for a single seed)."""
+    return {
+        f"{metric_key(e['variant'])}/{m}_{s}": e[f"{m}_{s}"] for e in summary for m in METRICS for s in ("mean", "std")
+    }
+
+
+def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
+    """Train every (variant × seed) child inside one parent run and log the aggregate; returns the summary."""
+    device = resolve_device(cfg["device"])
+    configure_speed(device)
+    data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
+    tags = {
+        "model": cfg["model"], "seed": ",".join(map(str, cfg["seeds"])),
+        "variants": ",".join(cfg["variants"]), "finetune": cfg["finetune"], "config_hash": config_hash(cfg),
+    }
+    rows, failures = [], []
+    with tracking.tracked_run("augment_ablation", cfg["dataset"], tags, run_name=f"augment_ablation-{cfg['model']}"):
+        tracking.log_config(cfg)
+        for variant in cfg["variants"]:
+            for seed in cfg["seeds"]:
+                name = f"ablation-{variant}-s{seed}"
+                try:
+                    values = train_supervised(child_config(cfg, variant, seed), data, device, "augment_ablation", name, nested=True)
+                except Exception as exc:  # the child is already FAILED with its reason; go on with the others
+                    failures.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                    continue
+                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in METRICS}})
+        summary = aggregate(rows, cfg["variants"])
+        if summary:
+            log_summary(summary, rows, cfg)
+        if failures:
+            total = len(cfg["variants"]) * len(cfg["seeds"])
+            raise PipelineError(f"{len(failures)} of {total} ablation child runs failed: {'; '.join(failures)}")
+    return summary
+
+
+def log_summary(summary: list[Mapping[str, Any]], rows: list[Mapping[str, Any]], cfg: Mapping[str, Any]) -> None:
+    """Log the parent's tables, per-variant metrics and the error-bar plot."""
+    title = f"Augmentation ablation: {cfg['dataset']} {cfg['model']}, {cfg['epochs']} epochs"
+    tracking.log_text(summary_csv(summary), "ablation.csv")
+    tracking.log_text(summary_markdown(summary, title), "ablation.md")
+    tracking.log_json(rows, "ablation_runs.json")
+    tracking.log_metrics(summary_metrics(summary))
+    tracking.log_figure(plots.ablation_errorbars(summary, "test_auroc", f"{title}\ntest AUROC per variant"), "plots/ablation_test_auroc.png")
