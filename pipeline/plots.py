@@ -222,6 +222,7 @@ def corruption_examples(clean: np.ndarray, examples: Mapping[tuple[str, int], np
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Corruptions of the first test image (row: corruption; column: severity and level)", fontsize=9)
+    return fig
 
 
 def _show(ax, image: np.ndarray) -> None:

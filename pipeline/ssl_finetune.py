@@ -15,7 +15,7 @@ import numpy as np
 from pipeline import config, tables, tracking
 from pipeline.checkpoint import load_classifier
 from pipeline.data import load_splits
-from pipeline.linear_probe import METHOD_LABELS, RESULT_KEYS, label_efficiency_figure, run_grid
+from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure, run_grid
 from pipeline.runtime import configure_speed, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
 from pipeline.supervised import fit_and_log, prepare_for_device
