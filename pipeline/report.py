@@ -51,11 +51,6 @@ def _missing(name: str, title: str, header: list[str], stage: str, dataset: str)
     return Table(name, title, header, missing=hint)
 
 
-def parents(dataset: str, stage: str) -> list[Run]:
-    """FINISHED top-level runs of a stage, newest first."""
-    return [r for r in tracking.finished_runs(dataset, f"tags.stage = '{stage}'") if "mlflow.parentRunId" not in r.data.tags]
-
-
 def baselines_table(dataset: str) -> Table:
     """Week 2: every FINISHED baseline classifier (model, fine-tuning, labels) with val/test metrics."""
     header = ["model", "finetune", "weights", "augment", "labels", "seed", "val acc", "test acc", "test AUROC", "test ECE", "run"]
@@ -80,7 +75,7 @@ def baselines_table(dataset: str) -> Table:
 def ssl_table(dataset: str) -> Table:
     """Week 4: each FINISHED pretraining run's settings, final loss and kNN monitor."""
     header = ["method", "encoder", "τ", "batch", "queue", "epochs", "final loss", "kNN val AUROC", "run"]
-    runs = parents(dataset, "ssl_pretrain")
+    runs = tracking.stage_parents(dataset, "ssl_pretrain")
     if not runs:
         return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
     table = Table("week4_ssl_pretraining", "SSL pretraining summary", header)
@@ -127,7 +122,7 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
 
 def label_efficiency_table(dataset: str) -> Table:
     """Week 5: the newest linear_probe parent per SSL method, children aggregated over seeds."""
-    runs = parents(dataset, "linear_probe")
+    runs = tracking.stage_parents(dataset, "linear_probe")
     if not runs:
         return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
     newest: dict[str, Run] = {}
@@ -145,13 +140,13 @@ def label_efficiency_table(dataset: str) -> Table:
 
 def week6_table(dataset: str) -> Table:
     """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE."""
-    finetunes = parents(dataset, "ssl_finetune")
+    finetunes = tracking.stage_parents(dataset, "ssl_finetune")
     if not finetunes:
         return _missing("week6_probe_vs_finetune", "Probe vs. fine-tune", ["method", "labels", "n"], "ssl_finetune", dataset)
     latest = finetunes[0]
     rows = child_rows(latest, dataset)
     source = latest.data.tags.get("source_run_id", "")
-    probes = [r for r in parents(dataset, "linear_probe") if r.data.tags.get("source_run_id") == source]
+    probes = [r for r in tracking.stage_parents(dataset, "linear_probe") if r.data.tags.get("source_run_id") == source]
     if probes:
         rows += child_rows(probes[0], dataset)
     table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]})", rows)
@@ -163,7 +158,7 @@ def week6_table(dataset: str) -> Table:
 def artifact_table(dataset: str, stage: str, artifact: str, name: str, title: str, columns: list[str]) -> Table:
     """A table a step already logged as CSV (newest FINISHED run of `stage`), citing that run
     and the classifier run it analysed."""
-    runs = parents(dataset, stage)
+    runs = tracking.stage_parents(dataset, stage)
     if not runs:
         return _missing(name, title, columns, stage, dataset)
     run = runs[0]
@@ -268,7 +263,7 @@ def commands_of(dataset: str) -> list[str]:
     for run in tracking.finished_runs(dataset):
         tags = run.data.tags
         entry = tags.get("mlflow.project.entryPoint")
-        if not entry or "mlflow.parentRunId" in tags:
+        if not entry:
             continue
         params = " ".join(f"-P {k}={v}" for k, v in sorted(run.data.params.items()) if not k.startswith("cfg.") and v not in ("", "''"))
         lines.append(f"mlflow run . -e {entry} {params} --env-manager local   # run {run.info.run_id[:8]}")

@@ -43,8 +43,7 @@ def run_rows(runs: list, label: Callable[[Mapping[str, str]], str] = lambda tags
 def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Probe, supervised-only and baseline rows for the week-6 table, and notes on what is missing."""
     notes = []
-    probes = tracking.finished_runs(dataset, f"tags.stage = 'linear_probe' and tags.source_run_id = '{ssl_run_id}'")
-    parents = [r for r in probes if "mlflow.parentRunId" not in r.data.tags]
+    parents = tracking.stage_parents(dataset, "linear_probe", f"tags.source_run_id = '{ssl_run_id}'")
     rows: list[dict[str, Any]] = []
     if parents:
         rows += run_rows(tracking.child_runs(parents[0].info.run_id, dataset))

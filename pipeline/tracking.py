@@ -103,7 +103,9 @@ def tracked_run(
     nested = nested or mlflow.active_run() is not None  # inside `study`, every step nests
     if not nested:
         ensure_store()
-        if not resume_run_id and not under_mlflow_run() and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, so that variable cannot mean "the
+        # user chose": standalone runs go to MLFLOW_EXPERIMENT_NAME or the dataset's experiment.
+        if not resume_run_id and not under_mlflow_run():
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested)
@@ -266,6 +268,19 @@ def finished_runs(dataset: str, where: str = "") -> list[Run]:
         filter_string=" and ".join(clauses),
         order_by=["attributes.start_time DESC"],
     )
+
+
+def stage_parents(dataset: str, stage: str, where: str = "") -> list[Run]:
+    """FINISHED runs of a stage that are not nested in another run of the same stage, newest first:
+    a grid's parent counts, its children do not; a step nested in a `study` run counts."""
+    client = MlflowClient()
+    same_stage = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.dataset = '{dataset}' and tags.stage = '{stage}'",
+    )
+    ids = {r.info.run_id for r in same_stage}
+    clauses = " and ".join([f"tags.stage = '{stage}'", *([where] if where else [])])
+    return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId") not in ids]
 
 
 def child_runs(parent_run_id: str, dataset: str) -> list[Run]:
