@@ -280,7 +280,7 @@ def mistake_gallery(tiles: np.ndarray, rows, label_names: Mapping[str, str], tit
             f"pred: {row.predicted} {label_names[str(row.predicted)]}\np(pred) = {row.confidence:.3f}",
             fontsize=7,
         )
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.06)  # above the four-line tile titles (saved with bbox_inches="tight")
     return fig
 
 

@@ -32,6 +32,9 @@ def synthetic_root(tmp_path_factory) -> Path:
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store with absolute artifact paths, active for this test."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # mlflow.set_experiment (called by in-process runs) exports MLFLOW_EXPERIMENT_ID: an id from an
+    # earlier test's store would send this test's runs (and subprocesses) to a wrong or missing experiment.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
@@ -52,6 +55,7 @@ def cli_env(data_root: Path | str, tracking: str, **extra: str) -> dict[str, str
         **extra,
     )
     env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
     return env
 
 
