@@ -12,7 +12,7 @@ export MEDMNIST_ROOT := $(abspath $(CURDIR)/../shared/data/medmnist)
 endif
 endif
 
-.PHONY: setup demo study test test-fast ui bench clean
+.PHONY: setup demo test test-fast ui bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/augment_bench.py
+	$(PY) bench/ssl_bench.py --dataset $(DATASET)
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
