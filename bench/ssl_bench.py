@@ -62,13 +62,7 @@ def ours(module, optimizer, data, batch, steps, device, amp) -> float:
     def one() -> None:
         index = torch.randint(0, len(data.train), (batch,), device=device)
         step(module, optimizer, *two_views(to_float(images[index]), generator), device, amp)
-    one()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        one()
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
+    return pairs_per_second(one, batch, steps, device)
 
 
 def per_sample(module, optimizer, dataset_name, root, batch, steps, device, amp, workers) -> float:
@@ -82,11 +76,16 @@ def per_sample(module, optimizer, dataset_name, root, batch, steps, device, amp,
     def one() -> None:
         (view1, view2), _ = next(batches)
         step(module, optimizer, view1.to(device, non_blocking=True), view2.to(device, non_blocking=True), device, amp)
-    one()
+    return pairs_per_second(one, batch, steps, device)
+
+
+def pairs_per_second(one_step, batch: int, steps: int, device: torch.device) -> float:
+    """Time `steps` calls of `one_step` after one warm-up call, synchronising the device."""
+    one_step()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        one()
+        one_step()
     sync(device)
     return batch * steps / (time.perf_counter() - start)
 
