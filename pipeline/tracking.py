@@ -107,7 +107,9 @@ def tracked_run(
         # user chose": standalone runs go to MLFLOW_EXPERIMENT_NAME or the dataset's experiment.
         if not resume_run_id and not under_mlflow_run():
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # SIGTERM, and SIGINT even where the shell started us with it ignored (a background job),
+        # raise KeyboardInterrupt so the run ends KILLED.
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested)
     try:
         if resume_run_id and "failure_reason" in mlflow.get_run(resume_run_id).data.tags:
@@ -127,7 +129,8 @@ def tracked_run(
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     finally:
         if not nested:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def under_mlflow_run() -> bool:
