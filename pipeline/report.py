@@ -128,7 +128,11 @@ def label_efficiency_table(dataset: str) -> Table:
     newest: dict[str, Run] = {}
     for run in runs:
         newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
-    rows = [r for r in child_rows(runs[0], dataset) if r["method"] != "ssl_probe"]  # baselines: newest grid only
+    rows: list[dict[str, Any]] = []
+    for run in runs:  # supervised-only and ImageNet rows: from the newest grid that trained them
+        rows = [r for r in child_rows(run, dataset) if r["method"] != "ssl_probe"]
+        if rows:
+            break
     for ssl_method, parent in newest.items():
         probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
         rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]

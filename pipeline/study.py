@@ -85,7 +85,9 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
         *baselines,
         Step("augment_ablation", "augment_ablation"),
         *[Step(f"ssl_pretrain_{m}", "ssl_pretrain", {"method": m}) for m in methods],
-        *[Step(f"linear_probe_{m}", "linear_probe", needs={"ssl_run_id": f"ssl_pretrain_{m}"}) for m in methods],
+        # The supervised-only and ImageNet rows do not depend on the SSL method: only the first probe trains them.
+        *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]},
+               needs={"ssl_run_id": f"ssl_pretrain_{m}"}) for i, m in enumerate(methods)],
         Step("ssl_finetune", "ssl_finetune", needs={"ssl_run_id": f"ssl_pretrain_{methods[0]}"}),
         *[Step(stage, stage, needs={"run_id": analysed}) for stage in ("calibrate", "thresholds", "robustness")],
         Step("compare", "compare"),

@@ -30,6 +30,8 @@ def test_plans_follow_the_profiles():
     quick = [s.name for s in plan(config.load_profile("quick"))]
     assert quick.index("eda") < quick.index("augment_ablation") < quick.index("ssl_pretrain_moco") < quick.index("compare")
     assert "baseline_2_resnet18_head" in quick and "linear_probe_moco" in quick
+    probes = {s.name: s.overrides for s in plan(config.load_profile("quick")) if s.stage == "linear_probe"}
+    assert probes == {"linear_probe_simclr": {}, "linear_probe_moco": {"methods": ["ssl_probe"]}}
 
 
 def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, tmp_path, capsys):
