@@ -101,7 +101,7 @@ def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: s
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.set_xlabel("fraction of training labels (log scale)")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC").replace("acc", "accuracy"))
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
