@@ -96,11 +96,16 @@ def wait_for_running_run(tracking_uri, proc, timeout=120):
 def test_interrupted_run_ends_killed(sig, synthetic_root, tracking_uri, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.baseline", "--epochs", "500", "--batch-size", "16"],
-        cwd=tmp_path, env=cli_env(synthetic_root, tracking_uri), stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=cli_env(synthetic_root, tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    wait_for_running_run(tracking_uri, proc)
-    os.kill(proc.pid, sig)
-    assert proc.wait(timeout=60) == 130
+    try:
+        wait_for_running_run(tracking_uri, proc)
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:  # never leave a 500-epoch training behind a failed test
+            proc.kill()
+            proc.wait()
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "KILLED"
     assert "interrupted" in run.data.tags["failure_reason"]

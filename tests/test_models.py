@@ -99,5 +99,5 @@ def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path):
         load_classifier(tmp_path / "junk.pt", torch.device("cpu"))
     spec = ModelSpec("smallcnn")
     path = save_checkpoint(tmp_path / "wrong.pt", build_classifier(ModelSpec("resnet18")), spec, {})
-    with pytest.raises(UserError, match="does not match its declared architecture smallcnn"):
+    with pytest.raises(UserError, match="does not match the architecture smallcnn"):
         load_classifier(path, torch.device("cpu"))
