@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from pipeline import metrics, plots, tables, tracking
 from pipeline.errors import UserError
 from pipeline.source import SourceRun, load_source
+from pipeline.supervised import predictions_csv
 
 METHODS = ("temperature", "platt", "isotonic")
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
@@ -129,14 +130,6 @@ def probability_table(index: np.ndarray, labels: np.ndarray, probs: Mapping[str,
     return tables.to_csv(rows, columns)
 
 
-def calibrated_predictions_csv(index: np.ndarray, labels: np.ndarray, logits: np.ndarray, temperature: float) -> str:
-    """DESIGN's predictions format for temperature-scaled logits (logit / T, sigmoid)."""
-    scaled = np.asarray(logits) / temperature
-    rows = [{"index": int(i), "label": int(y), "logit": f"{z:.8g}", "prob": f"{p:.8g}"}
-            for i, y, z, p in zip(index, labels, scaled, metrics.sigmoid(scaled))]
-    return tables.to_csv(rows, ["index", "label", "logit", "prob"])
-
-
 def side_by_side(probs: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarray, n_bins: int, titles: Mapping[str, str]):
     """Test reliability diagrams of every method in one row of panels."""
     import matplotlib.pyplot as plt
@@ -174,7 +167,7 @@ def run_calibrate(cfg: Mapping[str, Any], run_id: str = "latest") -> dict[str, f
                           "calibration/fitted.json")
         for split in ("val", "test"):
             predictions = getattr(source, split)
-            tracking.log_text(calibrated_predictions_csv(predictions.index, predictions.labels, predictions.logits, temperature),
+            tracking.log_text(predictions_csv(np.asarray(predictions.logits) / temperature, predictions.labels, predictions.index),
                               f"predictions/{split}_calibrated.csv")
             tracking.log_text(probability_table(predictions.index, predictions.labels, probs, split), f"calibration/{split}_probs.csv")
         for method, file in (("uncalibrated", "before"), ("temperature", "after")):

@@ -35,11 +35,12 @@ class ClassifierOutcome:
     result: TrainResult
 
 
-def predictions_csv(logits: np.ndarray, labels: np.ndarray) -> str:
-    """DESIGN's predictions file: index, label, logit, prob (p of class 1)."""
+def predictions_csv(logits: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None) -> str:
+    """DESIGN's predictions file: index (default 0..n-1), label, logit, prob (p of class 1)."""
     probs = metrics.sigmoid(logits)
+    index = np.arange(len(labels)) if index is None else index
     rows = ["index,label,logit,prob"]
-    rows += [f"{i},{int(y)},{z:.8g},{p:.8g}" for i, (y, z, p) in enumerate(zip(labels, logits, probs))]
+    rows += [f"{int(i)},{int(y)},{z:.8g},{p:.8g}" for i, y, z, p in zip(index, labels, logits, probs)]
     return "\n".join(rows) + "\n"
 
 

@@ -198,11 +198,6 @@ def log_file(local_path: Path, artifact_dir: str | None = None) -> None:
     mlflow.log_artifact(str(local_path), artifact_dir)
 
 
-def active_run_id() -> str:
-    """The id of the active run."""
-    return mlflow.active_run().info.run_id
-
-
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
     """Whether a run holds every one of the artifact files `paths`."""
     client = MlflowClient()
