@@ -14,8 +14,8 @@ from pipeline.config import config_hash
 from pipeline.data import DatasetSplits, Split, load_splits, stratified_subset
 from pipeline.errors import UserError
 from pipeline.models import Classifier, ModelSpec, build_classifier
-from pipeline.runtime import configure_speed, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log, model_spec, prepare_for_device
+from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
+from pipeline.supervised import fit_and_log, model_spec
 
 
 @dataclass
@@ -47,7 +47,7 @@ def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device,
     """Seed, build the model on `device` and draw the stratified label subset of the config."""
     seed_everything(cfg["seed"])
     spec = model_spec(cfg, data.channels)
-    model = prepare_for_device(build_classifier(spec, cfg["finetune"]), device)
+    model = prepare_model(build_classifier(spec, cfg["finetune"]), device, cfg)
     train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
     return Prepared(data, spec, model, train, supervised_tags(cfg), name)
 

@@ -173,11 +173,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def batch_indices(
-    n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
+    n: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> Iterator[torch.Tensor]:
-    """Index batches over n samples: a seeded permutation when shuffling; the last batch may be short."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    yield from order.split(batch_size)
+    """Index batches of a seeded permutation of n samples; the last batch may be short.
+
+    The permutation is drawn on the CPU (the same order on every device) and copied to `device`
+    once per epoch, so a step never waits on a host-to-device copy.
+    """
+    yield from torch.randperm(n, generator=generator).to(device).split(batch_size)
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

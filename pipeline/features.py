@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import metrics
-from pipeline.data import Split, batch_indices, to_float
+from pipeline.data import Split, to_float
 from pipeline.models import Classifier
 from pipeline.runtime import autocast
 
@@ -19,9 +19,9 @@ def extract_features(model: Classifier, split: Split, batch_size: int = 1024, am
     model.eval()
     device = split.images.device
     chunks = []
-    for index in batch_indices(len(split), batch_size, shuffle=False):
+    for chunk in split.images.split(batch_size):
         with autocast(device, amp):
-            chunks.append(model.features(to_float(split.images[index.to(device)])).float())
+            chunks.append(model.features(to_float(chunk)).float())
     model.train(was_training)
     return torch.cat(chunks)
 

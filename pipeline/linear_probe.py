@@ -22,9 +22,9 @@ from pipeline.errors import UserError
 from pipeline.features import extract_features
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
-from pipeline.runtime import configure_speed, resolve_device, seed_everything
+from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
-from pipeline.supervised import fit_and_log, log_evaluation, prepare_for_device
+from pipeline.supervised import fit_and_log, log_evaluation
 
 METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
                  "ssl_finetune": "SSL fine-tune"}
@@ -48,7 +48,7 @@ def imagenet_encoder(data: DatasetSplits, cfg: Mapping[str, Any], device: torch.
         model = build_classifier(ModelSpec("resnet18", data.channels, "imagenet", "imagenet"), finetune="head")
     except UserError as exc:
         return None, str(exc)
-    return FrozenEncoder(prepare_for_device(model, device).eval(), data, cfg), ""
+    return FrozenEncoder(prepare_model(model, device, cfg).eval(), data, cfg), ""
 
 
 def probe_child(
@@ -78,11 +78,12 @@ def supervised_child(
     overrides = {
         "model": spec.model, "stem": spec.stem, "epochs": cfg["supervised_epochs"], "batch_size": cfg["batch_size"],
         "lr": cfg["lr"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size,
-        "device": cfg["device"], "amp": cfg["amp"], "ece_bins": cfg["ece_bins"], "bootstrap": cfg["bootstrap"],
+        "device": cfg["device"], "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
+        "ece_bins": cfg["ece_bins"], "bootstrap": cfg["bootstrap"],
     }
     child_cfg = config.resolve("baseline", cfg["dataset"], overrides)
     seed_everything(tags["seed"])
-    model = prepare_for_device(build_classifier(spec), device)
+    model = prepare_model(build_classifier(spec), device, child_cfg)
     name = f"supervised-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         values = fit_and_log(model, spec, data, data.train.subset(subset), child_cfg).metrics
@@ -159,6 +160,7 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     configure_speed(device)
     encoder_path, ssl_run = load_encoder_checkpoint(cfg["ssl_run_id"], cfg["dataset"])
     ssl_model, checkpoint = load_classifier(encoder_path, device)
+    ssl_model = prepare_model(ssl_model, device, cfg)
     ssl_model.freeze_encoder()
     size = checkpoint["config"]["size"]
     data = load_splits(cfg["dataset"], size, data_root, device)

@@ -34,9 +34,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """A seeded permutation cut into batches; a short last batch is dropped (BN needs full batches)."""
-    batches = list(batch_indices(n, batch_size, torch.Generator().manual_seed(seed)))
+def epoch_batches(n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """A seeded permutation cut into batches on `device`; a short last batch is dropped (BN needs full batches)."""
+    batches = list(batch_indices(n, batch_size, torch.Generator().manual_seed(seed), device))
     if len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
@@ -57,10 +57,10 @@ def pretrain_epoch(
     device = images.device
     generator = torch.Generator(device=device).manual_seed(seed)
     total = torch.zeros((), device=device)
-    batches = epoch_batches(len(data.train), cfg["batch_size"], seed)
+    batches = epoch_batches(len(data.train), cfg["batch_size"], seed, device)
     module.train()
     for index in tqdm(batches, desc=f"ssl epoch {epoch}/{cfg['epochs']}", leave=False, unit="batch"):
-        view1, view2 = two_views(to_float(images[index.to(device)]), generator)
+        view1, view2 = two_views(to_float(images[index]), generator)
         with autocast(device, cfg["amp"]):
             loss = module(view1, view2)
         optimizer.zero_grad(set_to_none=True)

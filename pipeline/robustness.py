@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import metrics, plots, tables, tracking
 from pipeline.checkpoint import load_classifier
-from pipeline.data import Split, batch_indices, to_float, to_split
+from pipeline.data import Split, to_float, to_split
 from pipeline.models import Classifier
 from pipeline.runtime import autocast, resolve_device
 from pipeline.source import SourceRun, load_source
@@ -92,8 +92,8 @@ def corrupted_logits(
     device = split.images.device
     generator = torch.Generator(device=device).manual_seed(corruption_seed(seed, name, severity) if severity else seed)
     outputs = []
-    for index in batch_indices(len(split), batch_size, shuffle=False):
-        x = to_float(split.images[index.to(device)])
+    for chunk in split.images.split(batch_size):
+        x = to_float(chunk)
         if severity:
             x = corrupt(x, name, severity, generator)
         with autocast(device, amp):
@@ -154,9 +154,9 @@ def mc_dropout_logits(model: Classifier, split: Split, passes: int, seed: int, b
     """passes × N logits: features once (eval mode), then `passes` sampled dropout masks at the head."""
     device = split.images.device
     features = []
-    for index in batch_indices(len(split), batch_size, shuffle=False):
+    for chunk in split.images.split(batch_size):
         with autocast(device, amp):
-            features.append(model.features(to_float(split.images[index.to(device)])).float())
+            features.append(model.features(to_float(chunk)).float())
     feats = torch.cat(features)
     torch.manual_seed(seed)
     return torch.stack([model.head(model.dropout(feats)).squeeze(1) for _ in range(passes)]).cpu().double().numpy()

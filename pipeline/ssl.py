@@ -30,7 +30,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = z1.shape[0]
     similarity = z @ z.T / temperature
     similarity.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    targets = torch.arange(2 * n, device=z.device).roll(n)
     return F.cross_entropy(similarity, targets)
 
 

@@ -16,9 +16,9 @@ from pipeline import config, tables, tracking
 from pipeline.checkpoint import load_classifier
 from pipeline.data import load_splits
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure, run_grid
-from pipeline.runtime import configure_speed, resolve_device, seed_everything
+from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
-from pipeline.supervised import fit_and_log, prepare_for_device
+from pipeline.supervised import fit_and_log
 
 TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
 
@@ -90,7 +90,7 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         model, _ = load_classifier(encoder_path, device)
         seed_everything(tags["seed"])
         model.head.reset_parameters()
-        model = prepare_for_device(model.train(), device)
+        model = prepare_model(model.train(), device, cfg)
         child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"],
                      "model": model.spec.model, "stem": model.spec.stem}
         name = f"ssl_finetune-f{tags['label_fraction']}-s{tags['seed']}"

@@ -21,7 +21,7 @@ from pipeline.data import load_splits
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import pretrain
-from pipeline.runtime import configure_speed, resolve_device, seed_everything
+from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl import build_ssl
 
 
@@ -79,7 +79,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     seed_everything(cfg["seed"])
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
-    module = build_ssl(cfg["method"], build_classifier(spec), cfg).to(device)
+    module = prepare_model(build_ssl(cfg["method"], build_classifier(spec), cfg), device, cfg)
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg)}
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
     with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \

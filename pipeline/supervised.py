@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import metrics, plots, tracking
 from pipeline.augment import build_augment
@@ -154,8 +153,3 @@ def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:
         model=cfg["model"], in_channels=in_channels, stem=cfg["stem"], weights=cfg["weights"], dropout=cfg["dropout"]
     )
 
-
-def prepare_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; channels_last on CUDA where convolutions gain from it."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model

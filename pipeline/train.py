@@ -78,9 +78,9 @@ def predict_logits(model: nn.Module, split: Split, batch_size: int = 1024, amp: 
     was_training = model.training
     model.eval()
     outputs = []
-    for index in batch_indices(len(split), batch_size, shuffle=False):
+    for chunk in split.images.split(batch_size):
         with autocast(split.images.device, amp):
-            outputs.append(model(to_float(split.images[index.to(split.images.device)])).float())
+            outputs.append(model(to_float(chunk)).float())
     model.train(was_training)
     return torch.cat(outputs).cpu().double().numpy()
 
@@ -114,9 +114,8 @@ def train_epoch(
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total = torch.zeros((), device=device)
     model.train()
-    batches = list(batch_indices(len(train), batch_size, order_gen))
+    batches = list(batch_indices(len(train), batch_size, order_gen, device))
     for index in tqdm(batches, desc=description, leave=False, unit="batch"):
-        index = index.to(device)
         images = augment(to_float(train.images[index]), aug_gen)
         targets = train.labels[index].float()
         with autocast(device, amp):
