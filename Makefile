@@ -32,7 +32,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/augment_bench.py
-	$(PY) bench/ssl_bench.py --dataset $(DATASET)
+	$(PY) bench/perf.py --dataset $(DATASET)
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity, the
+# performance table (with the per-sample reference paths and feature switches), and a
+# quick-profile study on a fresh store; the table is printed last. Results go to $RESULTS
+# (default bench/results/gpu/). Needs the project's Python environment and MEDMNIST_ROOT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS:-bench/results/gpu}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || exit 1
+
+echo "== fp32 parity: CPU vs CUDA, same seed and model =="
+timeout 150 "$PYTHON" bench/gpu_parity.py 2>&1 | tee "$RESULTS/parity.txt"
+parity=${PIPESTATUS[0]}
+
+echo "== performance table + quick-profile study =="
+timeout 360 "$PYTHON" bench/perf.py --device cuda --dataset pneumoniamnist --models smallcnn,resnet18 \
+    --workers 0,8 --min-time 1 --compile resnet18/simclr --study --out "$RESULTS/perf-cuda.json" 2>&1 \
+    | tee "$RESULTS/perf.txt"
+perf=${PIPESTATUS[0]}
+echo "parity exit $parity, perf exit $perf"
+exit $(( parity || perf ))

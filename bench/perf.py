@@ -1,0 +1,507 @@
+"""Performance suite (not a test): throughput of every loop of the study, side by side with the
+classic per-sample path and with each of our speed features switched off in turn, in one process.
+
+For supervised training, SSL pretraining (SimCLR, MoCo), feature extraction and linear probing
+(and, with --study, the quick-profile study as a whole) it prints one table and writes it as JSON:
+images/s (image pairs/s for SSL), wall time, peak memory, device, and for the training loops the
+achieved FLOP rate as a fraction of the matrix-multiply rate measured at the start of the same run.
+
+    python bench/perf.py [--device auto] [--dataset pneumoniamnist] [--models smallcnn,resnet18]
+                         [--min-time 3] [--compile resnet18/simclr] [--study] [--out bench/results/perf-cpu.json]
+
+Paths per training workload:
+  ours               device-resident uint8 data, batched on-device augmentation, channels_last,
+                     no host sync per step, bf16 autocast + cuDNN autotuning on CUDA
+  pipeline epoch     the shipped epoch function (pipeline.train.train_epoch / pretrain.pretrain_epoch)
+  -<feature>         ours with that one feature switched off
+  +compile           ours with the encoder under torch.compile (--compile model/workload)
+  per-sample wN      medmnist Dataset + torchvision transforms + DataLoader(num_workers=N), as in
+                     MedMNIST's official training script (N=0), same model, batch and optimizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import medmnist  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import config  # noqa: E402
+from pipeline.augment import SSL_VIEW, build_augment  # noqa: E402
+from pipeline.data import DatasetSplits, load_splits, resolve_root, to_float  # noqa: E402
+from pipeline.features import extract_features  # noqa: E402
+from pipeline.models import ModelSpec, build_classifier  # noqa: E402
+from pipeline.pretrain import pretrain_epoch, warmup_cosine  # noqa: E402
+from pipeline.probe import fit_linear_head  # noqa: E402
+from pipeline.runtime import configure_speed, cpu_threads, prepare_model, resolve_device  # noqa: E402
+from pipeline.ssl import build_ssl  # noqa: E402
+from pipeline.train import train_epoch  # noqa: E402
+
+MODELS = {"smallcnn": ModelSpec("smallcnn"), "resnet18": ModelSpec("resnet18", stem="cifar")}
+SUPERVISED_AUGMENT = "flip"
+
+
+@dataclass
+class Features:
+    """Our speed features; a path switches exactly one of them off."""
+
+    resident: bool = True
+    batched_aug: bool = True
+    channels_last: bool = True
+    no_sync: bool = True
+    amp: bool = True
+    cudnn_benchmark: bool = True
+    threads: bool = True
+    compile: bool = False
+
+
+@dataclass
+class Row:
+    """One measured path of one workload."""
+
+    workload: str
+    model: str
+    path: str
+    device: str
+    images_per_s: float
+    wall_s: float
+    peak_mem_mib: float
+    batch: int
+    steps: int
+    flop_fraction: float | None = None
+    tflops: float | None = None
+    unit: str = "images/s"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak on a GPU, else the peak resident set
+    of this process and its children (DataLoader workers), sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.005):
+            try:
+                rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], None], device: torch.device, min_time: float, warmup: int = 2, max_steps: int = 10_000) -> tuple[int, float]:
+    """Run `warmup` steps, then steps until `min_time` seconds have passed; returns (steps, seconds)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start, steps = time.perf_counter(), 0
+    while steps < max_steps:
+        step()
+        steps += 1
+        if time.perf_counter() - start >= min_time:
+            sync(device)
+            if time.perf_counter() - start >= min_time:
+                break
+    sync(device)
+    return steps, time.perf_counter() - start
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a large square matrix product (the roofline the training rows are held to)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    steps, seconds = timed(lambda: a @ b, device, min_time=2.0, warmup=3)
+    return 2 * n**3 * steps / seconds
+
+
+def step_flops(step: Callable[[], None]) -> float:
+    """Matrix-multiply and convolution FLOPs of one training step (forward + backward)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def index_stream(n: int, batch: int, device: torch.device, count: int = 256) -> Iterator[torch.Tensor]:
+    """Endless random index batches, generated on the CPU and moved to `device` `count` at a time."""
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield from torch.randint(0, n, (count, batch), generator=generator).to(device).unbind(0)
+
+
+class Loop:
+    """Our training step for one workload, with any single speed feature switched off."""
+
+    def __init__(self, workload: str, spec: ModelSpec, data: DatasetSplits, batch: int, device: torch.device, feats: Features):
+        self.workload, self.device, self.feats, self.batch = workload, device, feats, batch
+        torch.manual_seed(0)
+        model = build_classifier(spec)
+        cfg = {"channels_last": feats.channels_last, "compile": feats.compile}
+        ssl_cfg = config.resolve("ssl_pretrain", data.name, {})
+        self.module = prepare_model(model if workload == "supervised" else build_ssl(workload, model, ssl_cfg), device, cfg)
+        self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
+        home = device if feats.resident else torch.device("cpu")
+        self.images, self.labels = data.train.images.to(home), data.train.labels.to(home)
+        self.indices = index_stream(len(self.images), batch, home)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.augment = build_augment(SUPERVISED_AUGMENT) if workload == "supervised" else SSL_VIEW
+        self.amp = feats.amp and device.type == "cuda"
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feats.batched_aug:
+            return self.augment(x, self.generator)
+        return torch.cat([self.augment(image[None], self.generator) for image in x])
+
+    def __call__(self) -> None:
+        index = next(self.indices)
+        x = to_float(self.images[index].to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            if self.workload == "supervised":
+                target = self.labels[index].to(self.device, non_blocking=True).float()
+                loss = F.binary_cross_entropy_with_logits(self.module(self.view(x)).float(), target)
+            else:
+                loss = self.module(self.view(x), self.view(x))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if not self.feats.no_sync:
+            loss.item()
+
+
+def pipeline_epoch(workload: str, spec: ModelSpec, data: DatasetSplits, batch: int, device: torch.device) -> Callable[[], None]:
+    """One epoch of the shipped loop (train_epoch or pretrain_epoch) with our settings."""
+    torch.manual_seed(0)
+    model = build_classifier(spec)
+    fast = {"channels_last": True, "compile": False}
+    if workload == "supervised":
+        model = prepare_model(model, device, fast)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        augment = build_augment(SUPERVISED_AUGMENT)
+        return lambda: train_epoch(model, data.train, optimizer, augment, batch, 0, device.type == "cuda", "bench")
+    cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True, "epochs": 1}
+    module = prepare_model(build_ssl(workload, model, cfg), device, fast)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    scheduler = warmup_cosine(optimizer, 1, 10**9)
+    return lambda: pretrain_epoch(module, data, optimizer, scheduler, cfg, 1)
+
+
+class TwoViews:
+    """torchvision's per-sample equivalent of our SSL view, applied twice to a PIL image."""
+
+    def __init__(self) -> None:
+        self.view = transforms.Compose([
+            transforms.RandomResizedCrop(28, scale=(0.4, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4)], p=0.8),
+            transforms.RandomApply([transforms.GaussianBlur(5, (0.1, 1.5))], p=0.5), transforms.ToTensor(),
+        ])
+
+    def __call__(self, image):
+        return self.view(image), self.view(image)
+
+
+def medmnist_loader(dataset: str, root: Path, transform, batch: int, workers: int, device: torch.device) -> Iterator:
+    """The official script's input path: medmnist Dataset, per-sample transforms, shuffled DataLoader."""
+    data_class = getattr(medmnist, medmnist.INFO[dataset]["python_class"])
+    data = data_class(split="train", root=str(root), transform=transform, download=False)
+    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    while True:
+        yield from loader
+
+
+def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, batch: int, workers: int,
+                    device: torch.device) -> Callable[[], None]:
+    """A training step fed by the per-sample path; same model, optimizer and autocast as ours."""
+    torch.manual_seed(0)
+    model = build_classifier(spec)
+    amp = device.type == "cuda"
+    if workload == "supervised":
+        transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+        module = model.to(device)
+    else:
+        transform = TwoViews()
+        module = build_ssl(workload, model, config.resolve("ssl_pretrain", dataset, {})).to(device)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    batches = medmnist_loader(dataset, root, transform, batch, workers, device)
+
+    def step() -> None:
+        x, y = next(batches)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            if workload == "supervised":
+                loss = F.binary_cross_entropy_with_logits(module(x.to(device)).float(), y.to(device).float().view(-1))
+            else:
+                loss = module(x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    return step
+
+
+def ablations(device: torch.device, compile_too: bool) -> list[tuple[str, Features]]:
+    """Our path, then each feature off in turn (only those that exist on this device)."""
+    paths = [("ours", Features()), ("-batched_aug", Features(batched_aug=False)), ("-channels_last", Features(channels_last=False))]
+    if device.type == "cuda":
+        paths += [("-resident", Features(resident=False)), ("-no_sync", Features(no_sync=False)),
+                  ("-amp", Features(amp=False)), ("-cudnn_benchmark", Features(cudnn_benchmark=False))]
+    elif (os.cpu_count() or 1) != cpu_threads():
+        paths.append(("-threads", Features(threads=False)))
+    if compile_too:
+        paths.append(("+compile", Features(compile=True)))
+    return paths
+
+
+def apply_globals(feats: Features, device: torch.device) -> None:
+    """Settings that live outside the model: cuDNN autotuning and the CPU thread count."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = feats.cudnn_benchmark
+    else:
+        torch.set_num_threads(cpu_threads() if feats.threads else os.cpu_count() or 1)
+
+
+def measure(step: Callable[[], None], device: torch.device, min_time: float, warmup: int) -> tuple[int, float, float]:
+    with PeakMemory(device) as memory:
+        steps, seconds = timed(step, device, min_time, warmup)
+    return steps, seconds, memory.mib
+
+
+def training_rows(workload: str, name: str, data: DatasetSplits, args, device: torch.device, peaks: dict[str, float]) -> list[Row]:
+    """Every path of one training workload (supervised, simclr or moco) for one model.
+
+    Paths are measured `--repeats` times, alternating forward and reverse order so warm-up and
+    clock drift do not favour any path; each row keeps its best rate and lists all of them.
+    """
+    spec, batch = MODELS[name], args.batch if workload == "supervised" else args.ssl_batch
+    unit = "images/s" if workload == "supervised" else "pairs/s"
+    root = resolve_root(args.data_root)
+    n_epoch = len(data.train) - (len(data.train) % batch if workload != "supervised" and len(data.train) > batch else 0)
+    paths: list[tuple[str, Features, Callable[[], Callable[[], None]], int, int, str]] = [
+        (path, feats, lambda feats=feats: Loop(workload, spec, data, batch, device, feats), batch,
+         10 if feats.compile else args.warmup, "")
+        for path, feats in ablations(device, f"{name}/{workload}" in args.compile.split(","))
+    ]
+    paths.append(("pipeline epoch", Features(), lambda: pipeline_epoch(workload, spec, data, batch, device), n_epoch, 1,
+                  "the shipped epoch function"))
+    paths += [(f"per-sample w{w}", Features(), lambda w=w: per_sample_step(workload, spec, args.dataset, root, batch, w, device),
+               batch, args.warmup, "medmnist Dataset + torchvision transforms + DataLoader") for w in args.workers]
+    flops = step_flops(paths[0][2]())
+    best: dict[str, Row] = {}
+    for repeat in range(args.repeats):
+        for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
+            apply_globals(feats, device)
+            steps, seconds, mib = measure(build(), device, args.min_time, warmup)
+            rate = per_step * steps / seconds
+            row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
+                                        extra={"rates": []})
+            row.extra["rates"].append(round(rate, 1))
+            if rate > row.images_per_s:
+                row.images_per_s, row.wall_s, row.peak_mem_mib, row.steps = round(rate, 1), round(seconds, 2), mib, steps
+            best[path] = row
+            print(f"  {workload:<10} {name:<9} {path:<16} {rate:>10.1f} {unit}", flush=True)
+    apply_globals(Features(), device)
+    rows = [best[path] for path, *_ in paths]
+    for row in rows:
+        achieved = flops / batch * row.images_per_s
+        row.tflops = round(achieved / 1e12, 3)
+        row.flop_fraction = round(achieved / peaks["fp32" if device.type != "cuda" or row.path == "-amp" else "bf16"], 3)
+    return rows
+
+
+def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> list[Row]:
+    """Frozen-encoder features of the training split: ours vs. a per-sample DataLoader in batches of 128."""
+    rows = []
+    model = prepare_model(build_classifier(MODELS[name]), device, {"channels_last": True}).eval()
+    n = len(data.train)
+
+    def add(path: str, step: Callable[[], None], note: str = "") -> None:
+        steps, seconds, mib = measure(step, device, args.min_time, 1)
+        rows.append(Row("features", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib,
+                        args.eval_batch, steps, note=note))
+        print(f"  {'features':<10} {name:<9} {path:<16} {rows[-1].images_per_s:>10.1f} images/s", flush=True)
+
+    plain = build_classifier(MODELS[name]).to(device).eval()
+    add("ours", lambda: extract_features(model, data.train, args.eval_batch, amp=True))
+    add("-channels_last", lambda: extract_features(plain, data.train, args.eval_batch, amp=True))
+    data_class = getattr(medmnist, medmnist.INFO[args.dataset]["python_class"])
+    dataset = data_class(split="train", root=str(resolve_root(args.data_root)), transform=transforms.ToTensor(), download=False)
+
+    @torch.no_grad()
+    def per_sample() -> None:
+        for x, _ in DataLoader(dataset, batch_size=128, num_workers=0):
+            plain.features(x.to(device)).float().cpu()
+
+    add("per-sample w0", per_sample, note="DataLoader batches of 128, no_grad, features copied to the host per batch")
+    return rows
+
+
+def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> list[Row]:
+    """One linear probe on the full training split: cached features + L-BFGS logistic regression over
+    the C grid (ours) vs. a linear head trained by Adam through the frozen encoder for 10 epochs."""
+    model = prepare_model(build_classifier(MODELS[name]), device, {"channels_last": True}).eval()
+    cs = config.resolve("linear_probe", data.name, {})["probe_cs"]
+    labels = {s: data.split(s).labels.cpu().numpy() for s in ("train", "val")}
+    n, rows = len(data.train), []
+
+    def ours() -> None:
+        feats = {s: extract_features(model, data.split(s), args.eval_batch, amp=True).cpu().numpy() for s in ("train", "val")}
+        fit_linear_head(feats["train"], labels["train"], feats["val"], labels["val"], cs, 0)
+
+    def classic(epochs: int = 10) -> None:
+        head = torch.nn.Linear(model.feat_dim, 1).to(device)
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+        batches = medmnist_loader(args.dataset, resolve_root(args.data_root), transforms.ToTensor(), 128, 0, device)
+        for _ in range(epochs * (n // 128)):
+            x, y = next(batches)
+            with torch.no_grad():
+                feats = model.features(x.to(device))
+            loss = F.binary_cross_entropy_with_logits(head(feats.float()).squeeze(1), y.to(device).float().view(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    for path, step, note in (("ours", ours, f"features once + logistic regression over {len(cs)} C values"),
+                             ("per-sample w0", classic, "frozen encoder + linear head, Adam, 10 epochs of DataLoader")):
+        steps, seconds, mib = measure(step, device, args.min_time, 0)
+        rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds / steps, 2), mib,
+                        n, steps, unit="train images/s", note=note))
+        print(f"  {'probe':<10} {name:<9} {path:<16} {rows[-1].images_per_s:>10.1f} labelled images/s", flush=True)
+    return rows
+
+
+def study_row(args, device: torch.device) -> Row:
+    """The quick-profile study on a fresh SQLite store, as a subprocess (wall time, peak host memory)."""
+    with tempfile.TemporaryDirectory(prefix="perf-study-") as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        command = [sys.executable, "-m", "entrypoints.study", "--dataset", args.study_dataset, "--profile", args.study_profile,
+                   "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+        if done.returncode:
+            print(done.stdout[-2000:], done.stderr[-4000:], sep="\n")
+    note = f"{args.study_profile} profile, {args.study_dataset}, fresh SQLite store" + ("" if done.returncode == 0 else f"; FAILED rc={done.returncode}")
+    print(f"  {'study':<10} {'-':<9} {args.study_profile:<16} {seconds:>10.1f} s", flush=True)
+    return Row("study", "-", args.study_profile, str(device), float("nan"), round(seconds, 1), memory.mib, 0, 1,
+               unit="-", note=note + " (peak = host memory of the process tree)")
+
+
+def table(rows: list[Row]) -> str:
+    """The rows as an aligned text table (what README's Speed section quotes)."""
+    head = f"{'workload':<10} {'model':<9} {'path':<16} {'rate':>10} {'unit':<15} {'wall s':>7} {'peak MiB':>9} {'TFLOP/s':>8} {'of mm':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        frac = f"{r.flop_fraction:.0%}" if r.flop_fraction is not None else ""
+        tf = f"{r.tflops:.3f}" if r.tflops is not None else ""
+        lines.append(f"{r.workload:<10} {r.model:<9} {r.path:<16} {r.images_per_s:>10.1f} {r.unit:<15} {r.wall_s:>7.2f} "
+                     f"{r.peak_mem_mib:>9.1f} {tf:>8} {frac:>6}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="pneumoniamnist", help="data of the loop rows")
+    parser.add_argument("--data-root", default="")
+    parser.add_argument("--models", default="smallcnn,resnet18", help=f"comma list of {', '.join(MODELS)} (resnet18 = CIFAR stem)")
+    parser.add_argument("--workloads", default="supervised,simclr,moco,features,probe")
+    parser.add_argument("--batch", type=int, default=128, help="supervised batch (the baseline default)")
+    parser.add_argument("--ssl-batch", type=int, default=256, help="SSL batch in image pairs (the ssl_pretrain default)")
+    parser.add_argument("--eval-batch", type=int, default=1024)
+    parser.add_argument("--workers", default="0,2", help="DataLoader workers of the per-sample reference paths")
+    parser.add_argument("--min-time", type=float, default=3.0, help="seconds each path is timed for (at least)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements of each training path (best kept)")
+    parser.add_argument("--compile", default="", help="model/workload pairs also measured under torch.compile, "
+                        "e.g. resnet18/simclr (compiling takes a minute each)")
+    parser.add_argument("--study", action="store_true", help="also time a whole study (subprocess, fresh store)")
+    parser.add_argument("--study-dataset", default="breastmnist")
+    parser.add_argument("--study-profile", default="quick")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",") if w != ""]
+    device = resolve_device(args.device)
+    configure_speed(device)
+    peaks = {"fp32": matmul_rate(device, torch.float32)}
+    peaks["bf16"] = matmul_rate(device, torch.bfloat16) if device.type == "cuda" else peaks["fp32"]
+    print(f"device {device}; measured matmul: fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s"
+          + (f" (TF32), bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
+          flush=True)
+    data = load_splits(args.dataset, 28, args.data_root, device)
+    rows: list[Row] = []
+    workloads = args.workloads.split(",")
+    for name in args.models.split(","):
+        for workload in ("supervised", "simclr", "moco"):
+            if workload in workloads:
+                rows += training_rows(workload, name, data, args, device, peaks)
+        if "features" in workloads:
+            rows += feature_rows(name, data, args, device)
+        if "probe" in workloads:
+            rows += probe_rows(name, data, args, device)
+    if args.study:
+        rows.append(study_row(args, device))
+    meta = {
+        "machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "dataset": args.dataset,
+        "matmul_tflops": {k: round(v / 1e12, 4) for k, v in peaks.items()}, "load_avg": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out = Path(args.out or f"bench/results/perf-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    print(f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
+          f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}")
+
+
+if __name__ == "__main__":
+    main()
