@@ -385,7 +385,7 @@ def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> 
 
 def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> list[Row]:
     """One linear probe on the full training split: cached features + L-BFGS logistic regression over
-    the C grid (ours) vs. a linear head trained by Adam through the frozen encoder for 10 epochs."""
+    the C grid (ours) vs. a linear head trained by Adam through the frozen encoder (--probe-epochs)."""
     model = prepare_model(build_classifier(MODELS[name]), device, {"channels_last": True}).eval()
     cs = config.resolve("linear_probe", data.name, {})["probe_cs"]
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("train", "val")}
@@ -395,11 +395,11 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
         feats = {s: extract_features(model, data.split(s), args.eval_batch, amp=True).cpu().numpy() for s in ("train", "val")}
         fit_linear_head(feats["train"], labels["train"], feats["val"], labels["val"], cs, 0)
 
-    def classic(epochs: int = 10) -> None:
+    def classic() -> None:
         head = torch.nn.Linear(model.feat_dim, 1).to(device)
         optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
         batches = medmnist_loader(args.dataset, resolve_root(args.data_root), transforms.ToTensor(), 128, 0, device)
-        for _ in range(epochs * (n // 128)):
+        for _ in range(args.probe_epochs * (n // 128)):
             x, y = next(batches)
             with torch.no_grad():
                 feats = model.features(x.to(device))
@@ -409,7 +409,7 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
             optimizer.step()
 
     for path, step, note in (("ours", ours, f"features once + logistic regression over {len(cs)} C values"),
-                             ("per-sample w0", classic, "frozen encoder + linear head, Adam, 10 epochs of DataLoader")):
+                             ("per-sample w0", classic, f"frozen encoder + linear head, Adam, {args.probe_epochs} epochs of DataLoader")):
         steps, seconds, mib = measure(step, device, args.min_time, 0)
         rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds / steps, 2), mib,
                         n, steps, unit="train images/s", note=note))
@@ -447,6 +447,19 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The rows of a results JSON as a Markdown table, for README."""
+    lines = [f"{meta.get('gpu') or meta['processor'] or meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
+             f"{meta['dataset']}; measured matmul {meta['matmul_tflops']} TFLOP/s", "",
+             "| workload | model | path | rate | unit | peak MiB | TFLOP/s | of matmul |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{r['flop_fraction']:.0%}" if r.get("flop_fraction") is not None else ""
+        rate = f"{r['wall_s']:.0f} s" if r["unit"] == "-" else f"{r['images_per_s']:,.0f}"
+        lines.append(f"| {r['workload']} | {r['model']} | {r['path']} | {rate} | {r['unit']} | {r['peak_mem_mib']:,.0f} | "
+                     f"{r.get('tflops') or ''} | {frac} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -457,6 +470,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="supervised batch (the baseline default)")
     parser.add_argument("--ssl-batch", type=int, default=256, help="SSL batch in image pairs (the ssl_pretrain default)")
     parser.add_argument("--eval-batch", type=int, default=1024)
+    parser.add_argument("--probe-epochs", type=int, default=10, help="epochs of the classic linear-probe reference")
     parser.add_argument("--workers", default="0,2", help="DataLoader workers of the per-sample reference paths")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds each path is timed for (at least)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
@@ -467,7 +481,12 @@ def main() -> None:
     parser.add_argument("--study-dataset", default="breastmnist")
     parser.add_argument("--study-profile", default="quick")
     parser.add_argument("--out", default="")
+    parser.add_argument("--render", default="", help="print an earlier results JSON as a Markdown table and exit")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        print(markdown(report["rows"], report["meta"]), end="")
+        return
     args.workers = [int(w) for w in args.workers.split(",") if w != ""]
     device = resolve_device(args.device)
     configure_speed(device)
