@@ -84,7 +84,7 @@ class Row:
     model: str
     path: str
     device: str
-    images_per_s: float
+    images_per_s: float | None
     wall_s: float
     peak_mem_mib: float
     batch: int
@@ -98,7 +98,8 @@ class Row:
 
 class PeakMemory:
     """Peak memory while the block runs: CUDA allocator peak on a GPU, else the peak resident set
-    of this process and its children (DataLoader workers), sampled every 5 ms."""
+    of this process plus its children (DataLoader workers), sampled every 20 ms. Forked workers
+    share pages with the parent, so that sum overstates the per-sample rows with workers."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
@@ -106,7 +107,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             try:
                 rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
             except psutil.Error:
@@ -411,7 +412,7 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
     for path, step, note in (("ours", ours, f"features once + logistic regression over {len(cs)} C values"),
                              ("per-sample w0", classic, f"frozen encoder + linear head, Adam, {args.probe_epochs} epochs of DataLoader")):
         steps, seconds, mib = measure(step, device, args.min_time, 0)
-        rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds / steps, 2), mib,
+        rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib,
                         n, steps, unit="train images/s", note=note))
         print(f"  {'probe':<10} {name:<9} {path:<16} {rows[-1].images_per_s:>10.1f} labelled images/s", flush=True)
     return rows
@@ -431,7 +432,7 @@ def study_row(args, device: torch.device) -> Row:
             print(done.stdout[-2000:], done.stderr[-4000:], sep="\n")
     note = f"{args.study_profile} profile, {args.study_dataset}, fresh SQLite store" + ("" if done.returncode == 0 else f"; FAILED rc={done.returncode}")
     print(f"  {'study':<10} {'-':<9} {args.study_profile:<16} {seconds:>10.1f} s", flush=True)
-    return Row("study", "-", args.study_profile, str(device), float("nan"), round(seconds, 1), memory.mib, 0, 1,
+    return Row("study", "-", args.study_profile, str(device), None, round(seconds, 1), memory.mib, 0, 1,
                unit="-", note=note + " (peak = host memory of the process tree)")
 
 
@@ -442,7 +443,8 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         frac = f"{r.flop_fraction:.0%}" if r.flop_fraction is not None else ""
         tf = f"{r.tflops:.3f}" if r.tflops is not None else ""
-        lines.append(f"{r.workload:<10} {r.model:<9} {r.path:<16} {r.images_per_s:>10.1f} {r.unit:<15} {r.wall_s:>7.2f} "
+        rate = f"{r.images_per_s:>10.1f}" if r.images_per_s is not None else f"{'-':>10}"
+        lines.append(f"{r.workload:<10} {r.model:<9} {r.path:<16} {rate} {r.unit:<15} {r.wall_s:>7.2f} "
                      f"{r.peak_mem_mib:>9.1f} {tf:>8} {frac:>6}")
     return "\n".join(lines)
 

@@ -53,7 +53,8 @@ def cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
 
 
 def cpu_threads() -> int:
-    """Intra-op threads for the CPU: physical cores we may run on, capped by a container quota.
+    """Intra-op threads for the CPU: the smallest of the CPUs in our affinity mask, the machine's
+    physical cores and the container's quota.
 
     Hyper-threads and cores hidden by a quota only add contention to the convolution kernels.
     `OMP_NUM_THREADS`, when set, wins.
@@ -79,14 +80,18 @@ def prepare_model(model: nn.Module, device: torch.device, cfg: Mapping[str, Any]
     """Move a model to the device in the layout its kernels run fastest in.
 
     `channels_last` (NHWC) lets cuDNN and oneDNN pick their fastest convolutions on both GPU and
-    CPU; `compile` wraps the encoder's forward in `torch.compile` (state_dict keys unchanged).
+    CPU; `compile` wraps the encoder's forward in `torch.compile` (state_dict keys unchanged; for
+    MoCo only the query encoder, the one trained by gradient). A config without `channels_last`
+    predates the switch (a checkpoint being resumed) and keeps the contiguous layout it ran with.
     """
     model = model.to(device)
-    if cfg.get("channels_last", True):
+    if cfg.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
-    encoder = getattr(model, "encoder", None) or getattr(getattr(model, "backbone", None), "encoder", None)
-    if cfg.get("compile", False) and encoder is not None:
-        encoder.compile()
+    if cfg.get("compile", False):
+        owner = model.backbone if hasattr(model, "backbone") else model
+        if not hasattr(owner, "encoder"):
+            raise UserError(f"compile=true needs a model with an encoder; {type(model).__name__} has none")
+        owner.encoder.compile()
     return model
 
 

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_path):
     # medmnist's Dataset (the per-sample reference path) insists on the official split size: 546 train images.
     root = tmp_path / "data"

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline import config, runtime
 from pipeline.data import batch_indices
+from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
+from pipeline.ssl import build_ssl
 
 
 @pytest.mark.parametrize(("text", "expected"), [("200000 100000\n", 2), ("150000 100000\n", 1), ("max 100000\n", None)])
@@ -23,7 +25,14 @@ def test_thread_count_follows_omp_num_threads_and_otherwise_the_usable_cores(mon
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert runtime.cpu_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert 1 <= runtime.cpu_threads() <= len(runtime.os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(runtime.psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: None)
+    assert runtime.cpu_threads() == 8  # physical cores, not hyper-threads
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2)
+    assert runtime.cpu_threads() == 2  # the container's quota
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0})
+    assert runtime.cpu_threads() == 1  # pinned to one CPU
 
 
 def test_configure_speed_sets_the_cpu_thread_count(monkeypatch):
@@ -43,10 +52,16 @@ def test_channels_last_model_computes_the_same_logits():
         plain = build_classifier(spec).eval()
         fast = runtime.prepare_model(build_classifier(spec), torch.device("cpu"), {"channels_last": True}).eval()
         fast.load_state_dict(plain.state_dict())
-        conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
+        conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_config_without_the_layout_key_keeps_the_contiguous_layout():
+    model = runtime.prepare_model(build_classifier(ModelSpec("smallcnn")), torch.device("cpu"), {})
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_compile_flag_wraps_the_encoder_and_keeps_checkpoint_keys():
@@ -55,10 +70,17 @@ def test_compile_flag_wraps_the_encoder_and_keeps_checkpoint_keys():
     runtime.prepare_model(model, torch.device("cpu"), {"channels_last": False, "compile": True})
     assert model.encoder._compiled_call_impl is not None
     assert list(model.state_dict()) == keys
+    moco = build_ssl("moco", build_classifier(ModelSpec("smallcnn")), config.resolve("ssl_pretrain", "breastmnist", {}))
+    runtime.prepare_model(moco, torch.device("cpu"), {"compile": True})
+    assert moco.backbone.encoder._compiled_call_impl is not None
+    with pytest.raises(UserError, match="needs a model with an encoder"):
+        runtime.prepare_model(torch.nn.Linear(2, 1), torch.device("cpu"), {"compile": True})
 
 
 def test_batch_indices_land_on_the_device_with_the_cpu_permutation():
-    batches = list(batch_indices(10, 4, torch.Generator().manual_seed(0), "cpu"))
+    batches = list(batch_indices(10, 4, torch.Generator().manual_seed(0)))
     expected = torch.randperm(10, generator=torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat(batches), expected)
+    on_device = list(batch_indices(10, 4, torch.Generator().manual_seed(0), "meta"))
+    assert [b.device.type for b in on_device] == ["meta"] * 3 and [len(b) for b in on_device] == [4, 4, 2]
