@@ -186,8 +186,9 @@ class Loop:
         torch.manual_seed(0)
         model = build_classifier(spec)
         cfg = {"channels_last": feats.channels_last, "compile": feats.compile}
-        ssl_cfg = config.resolve("ssl_pretrain", data.name, {})
-        self.module = prepare_model(model if workload == "supervised" else build_ssl(workload, model, ssl_cfg), device, cfg)
+        if workload != "supervised":
+            model = build_ssl(workload, model, config.resolve("ssl_pretrain", data.name, {}))
+        self.module = prepare_model(model, device, cfg)
         self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
         home = device if feats.resident else torch.device("cpu")
         self.images, self.labels = data.train.images.to(home), data.train.labels.to(home)
@@ -248,11 +249,15 @@ class TwoViews:
         return self.view(image), self.view(image)
 
 
+def medmnist_train(dataset: str, root: Path, transform) -> torch.utils.data.Dataset:
+    """The training split as medmnist's own Dataset, applying `transform` to one PIL image at a time."""
+    data_class = getattr(medmnist, medmnist.INFO[dataset]["python_class"])
+    return data_class(split="train", root=str(root), transform=transform, download=False)
+
+
 def medmnist_loader(dataset: str, root: Path, transform, batch: int, workers: int, device: torch.device) -> Iterator:
     """The official script's input path: medmnist Dataset, per-sample transforms, shuffled DataLoader."""
-    data_class = getattr(medmnist, medmnist.INFO[dataset]["python_class"])
-    data = data_class(split="train", root=str(root), transform=transform, download=False)
-    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+    loader = DataLoader(medmnist_train(dataset, root, transform), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     while True:
         yield from loader
@@ -372,8 +377,7 @@ def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> 
     plain = build_classifier(MODELS[name]).to(device).eval()
     add("ours", lambda: extract_features(model, data.train, args.eval_batch, amp=True))
     add("-channels_last", lambda: extract_features(plain, data.train, args.eval_batch, amp=True))
-    data_class = getattr(medmnist, medmnist.INFO[args.dataset]["python_class"])
-    dataset = data_class(split="train", root=str(resolve_root(args.data_root)), transform=transforms.ToTensor(), download=False)
+    dataset = medmnist_train(args.dataset, resolve_root(args.data_root), transforms.ToTensor())
 
     @torch.no_grad()
     def per_sample() -> None:
@@ -421,7 +425,8 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
 def study_row(args, device: torch.device) -> Row:
     """The quick-profile study on a fresh SQLite store, as a subprocess (wall time, peak host memory)."""
     with tempfile.TemporaryDirectory(prefix="perf-study-") as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": python_path}
         command = [sys.executable, "-m", "entrypoints.study", "--dataset", args.study_dataset, "--profile", args.study_profile,
                    "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
         with PeakMemory(torch.device("cpu")) as memory:
