@@ -17,7 +17,7 @@ from pipeline.augment import two_views
 from pipeline.data import DatasetSplits, batch_indices, to_float
 from pipeline.errors import DivergenceError
 from pipeline.features import knn_monitor
-from pipeline.runtime import autocast, epoch_seed
+from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
 EpochCallback = Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]
 
@@ -48,9 +48,12 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def pretrain_epoch(
-    module: nn.Module, data: DatasetSplits, optimizer, scheduler, cfg: Mapping[str, Any], epoch: int
+    module: nn.Module, data: DatasetSplits, optimizer, scheduler, cfg: Mapping[str, Any], epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One epoch of contrastive training; returns the mean loss over steps."""
+    """One epoch of contrastive training; returns the mean loss over steps. `scaler`: loss scaling
+    for fp16 autocast."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     seed = epoch_seed(cfg["seed"], epoch)
     torch.manual_seed(seed)
     images = data.train.images
@@ -64,8 +67,9 @@ def pretrain_epoch(
         with autocast(device, cfg["amp"]):
             loss = module(view1, view2)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         total += loss.detach().float()
     mean_loss = total.item() / len(batches)
@@ -89,16 +93,19 @@ def pretrain(
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     per_epoch = steps_per_epoch(len(data.train), cfg["batch_size"])
     scheduler = warmup_cosine(optimizer, cfg["warmup_epochs"] * per_epoch, cfg["epochs"] * per_epoch)
+    scaler = grad_scaler(data.train.images.device, cfg["amp"])
     history: list[dict[str, float]] = []
     start = 1
     if resume is not None:
         module.load_state_dict(resume["module"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         history, start = list(resume["history"]), resume["epoch"] + 1
     for epoch in range(start, cfg["epochs"] + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss = pretrain_epoch(module, data, optimizer, scheduler, cfg, epoch)
+        loss = pretrain_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
         row = {"epoch": epoch, "ssl_loss": loss, "lr": lr}
         row.update(knn_monitor(module.backbone, data.train, data.val, cfg["knn_k"], cfg["eval_batch_size"], cfg["amp"]))
         history.append(row)
@@ -113,6 +120,7 @@ def pretrain(
                     "module": module.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "history": history,
                 }
 

@@ -95,6 +95,24 @@ def prepare_model(model: nn.Module, device: torch.device, cfg: Mapping[str, Any]
     return model
 
 
+def amp_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """The autocast dtype for a CUDA GPU of this compute capability: bf16 from Ampere (8.0) on,
+    fp16 before (T4, V100), where bf16 has no tensor cores and runs emulated, slower than fp32."""
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+def _uses_amp(device: torch.device, enabled: bool) -> bool:
+    return enabled and device.type == "cuda"
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """Mixed-precision autocast on CUDA when enabled (dtype from `amp_dtype`); a no-op elsewhere."""
+    dtype = amp_dtype(torch.cuda.get_device_capability(device)) if _uses_amp(device, enabled) else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=_uses_amp(device, enabled))
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast, whose small gradients would underflow; a pass-through
+    (disabled scaler) for bf16 and fp32, which share fp32's exponent range."""
+    fp16 = _uses_amp(device, enabled) and amp_dtype(torch.cuda.get_device_capability(device)) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=fp16)

@@ -22,7 +22,7 @@ from pipeline import metrics
 from pipeline.augment import Augment, identity
 from pipeline.data import Split, batch_indices, to_float
 from pipeline.errors import DivergenceError
-from pipeline.runtime import autocast, epoch_seed
+from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
 EpochCallback = Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]
 
@@ -105,8 +105,11 @@ def train_epoch(
     seed: int,
     amp: bool,
     description: str,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One pass over the training split; returns the mean training loss."""
+    """One pass over the training split; returns the mean training loss. `scaler` (fp16 autocast)
+    scales the loss before backward and unscales the gradients before the step."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     device = train.images.device
     torch.manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
@@ -122,8 +125,9 @@ def train_epoch(
             logits = model(images)
         loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        (loss / len(index)).backward()
-        optimizer.step()
+        scaler.scale(loss / len(index)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += loss.detach()
     mean_loss = total.item() / len(train)
     if not math.isfinite(mean_loss):
@@ -148,20 +152,23 @@ def train_classifier(
     """
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    amp = bool(cfg.get("amp", False))
+    scaler = grad_scaler(train.images.device, amp)
     best_state, best_epoch, best_auroc, history, start = None, 0, -math.inf, [], 1
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         best_state, best_epoch, best_auroc = resume["best_state"], resume["best_epoch"], resume["best_auroc"]
         history, start = list(resume["history"]), resume["epoch"] + 1
     val_labels = val.labels.cpu().numpy()
-    amp = bool(cfg.get("amp", False))
     for epoch in range(start, cfg["epochs"] + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_epoch(
             model, train, optimizer, augment, cfg["batch_size"], epoch_seed(cfg["seed"], epoch), amp,
-            f"epoch {epoch}/{cfg['epochs']}",
+            f"epoch {epoch}/{cfg['epochs']}", scaler,
         )
         scheduler.step()
         logits = predict_logits(model, val, cfg["eval_batch_size"], amp)
@@ -183,6 +190,7 @@ def train_classifier(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "best_state": best_state,
                     "best_epoch": best_epoch,
                     "best_auroc": best_auroc,

@@ -84,3 +84,59 @@ def test_batch_indices_land_on_the_device_with_the_cpu_permutation():
     assert torch.equal(torch.cat(batches), expected)
     on_device = list(batch_indices(10, 4, torch.Generator().manual_seed(0), "meta"))
     assert [b.device.type for b in on_device] == ["meta"] * 3 and [len(b) for b in on_device] == [4, 4, 2]
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_autocast_dtype_is_fp16_before_ampere_and_bf16_from_it(capability, dtype):
+    assert runtime.amp_dtype(capability) == dtype
+
+
+def test_grad_scaler_is_a_pass_through_off_cuda():
+    assert not runtime.grad_scaler(torch.device("cpu"), True).is_enabled()
+
+
+def _scaled_and_plain(step) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Weights after one epoch with an active loss scaler (init scale 2^12) and with none."""
+    out = []
+    for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0**12), None):
+        out.append([p.detach().clone() for p in step(scaler).parameters()])
+    return out[0], out[1]
+
+
+def test_loss_scaling_in_the_supervised_epoch_leaves_the_update_unchanged(synthetic_root):
+    from pipeline.augment import identity
+    from pipeline.data import load_splits
+    from pipeline.train import train_epoch
+
+    data = load_splits("breastmnist", 28, str(synthetic_root), torch.device("cpu"))
+
+    def step(scaler):
+        torch.manual_seed(0)
+        model = build_classifier(ModelSpec("smallcnn"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_epoch(model, data.train, optimizer, identity, 32, 0, False, "test", scaler)
+        return model
+
+    scaled, plain = _scaled_and_plain(step)
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scaling_in_the_ssl_epoch_leaves_the_update_unchanged(synthetic_root):
+    from pipeline.data import load_splits
+    from pipeline.pretrain import pretrain_epoch, warmup_cosine
+
+    data = load_splits("breastmnist", 28, str(synthetic_root), torch.device("cpu"))
+    cfg = {**config.resolve("ssl_pretrain", "breastmnist", {"model": "smallcnn", "batch_size": 32}), "amp": False}
+
+    def step(scaler):
+        torch.manual_seed(0)
+        module = build_ssl("simclr", build_classifier(ModelSpec("smallcnn")), cfg)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        pretrain_epoch(module, data, optimizer, warmup_cosine(optimizer, 0, 10), cfg, 1, scaler)
+        return module
+
+    scaled, plain = _scaled_and_plain(step)
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

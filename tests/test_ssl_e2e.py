@@ -144,10 +144,10 @@ def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_u
 
     real_epoch = loop.pretrain_epoch
 
-    def interrupt_in_epoch_three(module, data, optimizer, scheduler, cfg, epoch):
+    def interrupt_in_epoch_three(module, data, optimizer, scheduler, cfg, epoch, scaler):
         if epoch == 3:
             raise KeyboardInterrupt("simulated Ctrl-C")
-        return real_epoch(module, data, optimizer, scheduler, cfg, epoch)
+        return real_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
 
     monkeypatch.setattr(loop, "pretrain_epoch", interrupt_in_epoch_three)
     with pytest.raises(SystemExit) as exit_info:
