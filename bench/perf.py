@@ -4,14 +4,17 @@ classic per-sample path and with each of our speed features switched off in turn
 For supervised training, SSL pretraining (SimCLR, MoCo), feature extraction and linear probing
 (and, with --study, the quick-profile study as a whole) it prints one table and writes it as JSON:
 images/s (image pairs/s for SSL), wall time, peak memory, device, and for the training loops the
-achieved FLOP rate as a fraction of the matrix-multiply rate measured at the start of the same run.
+achieved FLOP rate as a fraction of the matrix-multiply rate measured in the same run. The matmul
+rate is sampled at the start and again before every training path, and the best sample is the
+roofline: on a shared (virtual) machine the rate drifts by a third between samples, and best
+against best keeps the fraction from rising when a neighbour slows the reference down.
 
     python bench/perf.py [--device auto] [--dataset pneumoniamnist] [--models smallcnn,resnet18]
                          [--min-time 3] [--compile resnet18/simclr] [--study] [--out bench/results/perf-cpu.json]
 
 Paths per training workload:
   ours               device-resident uint8 data, batched on-device augmentation, channels_last,
-                     no host sync per step, bf16 autocast + cuDNN autotuning on CUDA
+                     no host sync per step, autocast (bf16; fp16 before Ampere) + cuDNN autotuning on CUDA
   pipeline epoch     the shipped epoch function (pipeline.train.train_epoch / pretrain.pretrain_epoch)
   -<feature>         ours with that one feature switched off
   +compile           ours with the encoder under torch.compile (--compile model/workload)
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +58,7 @@ from pipeline.features import extract_features  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.pretrain import pretrain_epoch, warmup_cosine  # noqa: E402
 from pipeline.probe import fit_linear_head  # noqa: E402
-from pipeline.runtime import configure_speed, cpu_threads, prepare_model, resolve_device  # noqa: E402
+from pipeline.runtime import autocast, configure_speed, cpu_threads, grad_scaler, prepare_model, resolve_device  # noqa: E402
 from pipeline.ssl import build_ssl  # noqa: E402
 from pipeline.train import train_epoch  # noqa: E402
 
@@ -156,12 +160,52 @@ def timed(step: Callable[[], None], device: torch.device, min_time: float, warmu
     return steps, time.perf_counter() - start
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured FLOP/s of a large square matrix product (the roofline the training rows are held to)."""
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of a large square matrix product over `seconds`."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    steps, seconds = timed(lambda: a @ b, device, min_time=2.0, warmup=3)
-    return 2 * n**3 * steps / seconds
+    steps, elapsed = timed(lambda: a @ b, device, min_time=seconds, warmup=3)
+    return 2 * n**3 * steps / elapsed
+
+
+class Roofline:
+    """Matrix-multiply rates sampled through the run, fp32 and the autocast dtype; the best sample
+    of each is the reference the training rows are held to."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.amp = autocast(device, True).fast_dtype if device.type == "cuda" else torch.float32
+        self.samples: dict[str, list[float]] = {"fp32": [], "amp": []}
+
+    def sample(self, seconds: float) -> None:
+        self.samples["fp32"].append(matmul_rate(self.device, torch.float32, seconds))
+        amp = matmul_rate(self.device, self.amp, seconds) if self.amp != torch.float32 else self.samples["fp32"][-1]
+        self.samples["amp"].append(amp)
+
+    def peak(self, kind: str) -> float:
+        return max(self.samples[kind])
+
+    def summary(self) -> dict[str, object]:
+        """Best, median and worst sample (TFLOP/s) and the autocast dtype, for the JSON."""
+        spread = {k: [round(f(v) / 1e12, 4) for f in (max, statistics.median, min)] for k, v in self.samples.items()}
+        return {"amp_dtype": str(self.amp).removeprefix("torch."), "samples": len(self.samples["fp32"]),
+                "best_median_worst_tflops": spread}
+
+
+def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two `cpu_steal` readings."""
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    return round((end[0] - start[0]) / (end[1] - start[1]), 4)
+
+
+def cpu_steal() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat (Linux), or None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def step_flops(step: Callable[[], None]) -> float:
@@ -196,6 +240,7 @@ class Loop:
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.augment = build_augment(SUPERVISED_AUGMENT) if workload == "supervised" else SSL_VIEW
         self.amp = feats.amp and device.type == "cuda"
+        self.scaler = grad_scaler(device, self.amp)
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         if self.feats.batched_aug:
@@ -205,15 +250,16 @@ class Loop:
     def __call__(self) -> None:
         index = next(self.indices)
         x = to_float(self.images[index].to(self.device, non_blocking=True))
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, self.amp):
             if self.workload == "supervised":
                 target = self.labels[index].to(self.device, non_blocking=True).float()
                 loss = F.binary_cross_entropy_with_logits(self.module(self.view(x)).float(), target)
             else:
                 loss = self.module(self.view(x), self.view(x))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if not self.feats.no_sync:
             loss.item()
 
@@ -269,6 +315,7 @@ def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, ba
     torch.manual_seed(0)
     model = build_classifier(spec)
     amp = device.type == "cuda"
+    scaler = grad_scaler(device, amp)
     if workload == "supervised":
         transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor()])
         module = model.to(device)
@@ -280,14 +327,15 @@ def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, ba
 
     def step() -> None:
         x, y = next(batches)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             if workload == "supervised":
                 loss = F.binary_cross_entropy_with_logits(module(x.to(device)).float(), y.to(device).float().view(-1))
             else:
                 loss = module(x[0].to(device, non_blocking=True), x[1].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss.item()
 
     return step
@@ -320,11 +368,12 @@ def measure(step: Callable[[], None], device: torch.device, min_time: float, war
     return steps, seconds, memory.mib
 
 
-def training_rows(workload: str, name: str, data: DatasetSplits, args, device: torch.device, peaks: dict[str, float]) -> list[Row]:
+def training_rows(workload: str, name: str, data: DatasetSplits, args, device: torch.device, roofline: Roofline) -> list[Row]:
     """Every path of one training workload (supervised, simclr or moco) for one model.
 
     Paths are measured `--repeats` times, alternating forward and reverse order so warm-up and
-    clock drift do not favour any path; each row keeps its best rate and lists all of them.
+    clock drift do not favour any path; each row keeps its best rate and lists all of them. A
+    short matmul sample precedes every measurement (see `Roofline`).
     """
     spec, batch = MODELS[name], args.batch if workload == "supervised" else args.ssl_batch
     unit = "images/s" if workload == "supervised" else "pairs/s"
@@ -344,6 +393,7 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     for repeat in range(args.repeats):
         for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
             apply_globals(feats, device)
+            roofline.sample(0.5)
             steps, seconds, mib = measure(build(), device, args.min_time, warmup)
             rate = per_step * steps / seconds
             row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
@@ -356,10 +406,18 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     apply_globals(Features(), device)
     rows = [best[path] for path, *_ in paths]
     for row in rows:
-        achieved = flops / batch * row.images_per_s
-        row.tflops = round(achieved / 1e12, 3)
-        row.flop_fraction = round(achieved / peaks["fp32" if device.type != "cuda" or row.path == "-amp" else "bf16"], 3)
+        row.extra["flops_per_image"] = flops / batch
     return rows
+
+
+def add_flop_fractions(rows: list[Row], roofline: Roofline, device: torch.device) -> None:
+    """Achieved TFLOP/s of each training row and its fraction of the best matmul sample (the
+    autocast dtype's on CUDA, fp32's for the -amp path and on the CPU)."""
+    for row in rows:
+        if "flops_per_image" in row.extra:
+            achieved = row.extra["flops_per_image"] * row.images_per_s
+            row.tflops = round(achieved / 1e12, 3)
+            row.flop_fraction = round(achieved / roofline.peak("fp32" if device.type != "cuda" or row.path == "-amp" else "amp"), 3)
 
 
 def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> list[Row]:
@@ -497,29 +555,34 @@ def main() -> None:
     args.workers = [int(w) for w in args.workers.split(",") if w != ""]
     device = resolve_device(args.device)
     configure_speed(device)
-    peaks = {"fp32": matmul_rate(device, torch.float32)}
-    peaks["bf16"] = matmul_rate(device, torch.bfloat16) if device.type == "cuda" else peaks["fp32"]
-    print(f"device {device}; measured matmul: fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s"
-          + (f" (TF32), bf16 {peaks['bf16'] / 1e12:.1f} TFLOP/s" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
-          flush=True)
+    steal_start = cpu_steal()
+    roofline = Roofline(device)
+    for _ in range(3):
+        roofline.sample(2.0)
+    print(f"device {device}; measured matmul: fp32 {roofline.peak('fp32') / 1e12:.3f} TFLOP/s"
+          + (f" (TF32), {roofline.amp} {roofline.peak('amp') / 1e12:.1f} TFLOP/s" if device.type == "cuda"
+             else f" ({torch.get_num_threads()} threads)"), flush=True)
     data = load_splits(args.dataset, 28, args.data_root, device)
     rows: list[Row] = []
     workloads = args.workloads.split(",")
     for name in args.models.split(","):
         for workload in ("supervised", "simclr", "moco"):
             if workload in workloads:
-                rows += training_rows(workload, name, data, args, device, peaks)
+                rows += training_rows(workload, name, data, args, device, roofline)
         if "features" in workloads:
             rows += feature_rows(name, data, args, device)
         if "probe" in workloads:
             rows += probe_rows(name, data, args, device)
     if args.study:
         rows.append(study_row(args, device))
+    add_flop_fractions(rows, roofline, device)
+    steal_end = cpu_steal()
     meta = {
         "machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "dataset": args.dataset,
-        "matmul_tflops": {k: round(v / 1e12, 4) for k, v in peaks.items()}, "load_avg": os.getloadavg(),
+        "matmul_tflops": {k: round(roofline.peak(k) / 1e12, 4) for k in ("fp32", "amp")}, "matmul": roofline.summary(),
+        "load_avg": os.getloadavg(), "cpu_steal": steal_fraction(steal_start, steal_end),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     out = Path(args.out or f"bench/results/perf-{device.type}.json")

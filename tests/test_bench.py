@@ -35,6 +35,14 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
         assert row["images_per_s"] > 0 and row["wall_s"] > 0 and row["peak_mem_mib"] > 0
         if row["workload"] in ("supervised", "simclr", "moco"):
             assert 0 < row["flop_fraction"] and len(row["extra"]["rates"]) == 2
-    assert report["meta"]["matmul_tflops"]["fp32"] > 0
+    matmul = report["meta"]["matmul"]
+    training = [r for r in report["rows"] if r["workload"] in ("supervised", "simclr", "moco")]
+    # three samples at the start, one before each measurement of each training path
+    assert matmul["samples"] == 3 + sum(len(r["extra"]["rates"]) for r in training)
+    best, median, worst = matmul["best_median_worst_tflops"]["fp32"]
+    assert best == report["meta"]["matmul_tflops"]["fp32"] and best >= median >= worst > 0
+    for row in training:
+        expected = row["extra"]["flops_per_image"] * row["images_per_s"] / (best * 1e12)
+        assert row["flop_fraction"] == pytest.approx(expected, abs=2e-3)
     table = done.stdout[done.stdout.index("\nworkload "):]
     assert len([line for line in table.splitlines() if line.startswith(("supervised", "simclr", "moco", "features", "probe"))]) == len(report["rows"])
