@@ -109,6 +109,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "label_fractions": _fractions,
     "seeds": _seeds,
     "checkpoint_every": _at_least(1),
+    "checkpoint_min_seconds": _at_least(0),
     "bootstrap": _at_least(0),
     "ece_bins": _at_least(2),
     "gamma": _positive,

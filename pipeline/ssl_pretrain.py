@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 
 from pipeline import tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from pipeline.config import config_hash
 from pipeline.data import load_splits
 from pipeline.errors import UserError
@@ -90,10 +90,12 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
         else:
             tracking.set_tags({"resumed_from_epoch": state["epoch"]})
 
+        schedule = CheckpointSchedule(cfg)
+
         def on_epoch(epoch: int, row: dict[str, float], train_state) -> None:
             if epoch > logged_through:
                 tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
+            if schedule.due(epoch):
                 last = save_checkpoint(Path(tmp) / "last.pt", module.backbone, spec, cfg, train_state=train_state())
                 tracking.log_file(last, "checkpoints")
 

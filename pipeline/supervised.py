@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline import metrics, plots, tracking
 from pipeline.augment import build_augment
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import CheckpointSchedule, save_checkpoint
 from pipeline.data import DatasetSplits, Split
 from pipeline.gallery import log_gallery, most_confident_mistakes
 from pipeline.models import Classifier, ModelSpec
@@ -56,15 +56,16 @@ def final_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], 
 
 def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, workdir: Path, logged_through: int = 0):
     """The per-epoch callback: metrics to MLflow (except epochs up to `logged_through`, already
-    there from before a resume), a line to val_log.jsonl, last.pt every few epochs."""
+    there from before a resume), a line to val_log.jsonl, last.pt when `CheckpointSchedule` says."""
     log_path = workdir / "val_log.jsonl"
+    schedule = CheckpointSchedule(cfg)
 
     def on_epoch(epoch: int, row: dict[str, float], state) -> None:
         if epoch > logged_through:
             tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         with log_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if epoch % cfg["checkpoint_every"] == 0 and epoch < cfg["epochs"]:
+        if schedule.due(epoch):
             path = save_checkpoint(workdir / "last.pt", model, spec, cfg, train_state=state())
             tracking.log_file(path, "checkpoints")
 

@@ -24,7 +24,7 @@ BASELINES, WRITERS = 3, 3
 def test_six_processes_log_to_one_sqlite_store_at_once(synthetic_root, tracking_uri, tmp_path):
     tracking.ensure_store()
     config = tmp_path / "tiny.yaml"
-    config.write_text("epochs: 2\nbatch_size: 32\nbootstrap: 20\ncheckpoint_every: 1\n")
+    config.write_text("epochs: 2\nbatch_size: 32\nbootstrap: 20\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\n")
     env = cli_env(synthetic_root, tracking_uri)
     commands = [[sys.executable, "-m", "entrypoints.baseline", "--config", str(config), "--seed", str(i)] for i in range(BASELINES)]
     commands += [[sys.executable, "-c", WRITER, str(i)] for i in range(1, WRITERS + 1)]

@@ -16,7 +16,7 @@ from entrypoints.common import main
 from pipeline import tracking
 from tests.conftest import all_runs, artifact_paths, cli_env
 
-CONFIG = "epochs: 8\ncheckpoint_every: 2\nbatch_size: 32\nbootstrap: 50\ndevice: cpu\n"
+CONFIG = "epochs: 8\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nbootstrap: 50\ndevice: cpu\n"
 TAGS = {"model": "-", "seed": "-"}
 
 

@@ -135,7 +135,7 @@ def test_mlflow_run_chain_by_latest(synthetic_root, tracking_uri, tmp_path):
 
 def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
     config = tmp_path / "short.yaml"
-    config.write_text("epochs: 4\ncheckpoint_every: 2\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
+    config.write_text("epochs: 4\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
     args = ["--dataset", "breastmnist", "--config", str(config)]
     main(ssl_pretrain.command, args)
     (reference,) = all_runs(tracking_uri)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import CheckpointSchedule
 from pipeline import config, metrics
 from pipeline.data import load_splits
 from pipeline.errors import DivergenceError
@@ -71,3 +72,20 @@ def test_nan_loss_stops_training_with_a_message(splits):
         model.head.bias.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="training loss became nan"):
         train_classifier(model, splits.train, splits.val, cfg())
+
+
+def test_checkpoints_follow_the_epoch_schedule_but_not_sooner_than_the_minimum_interval():
+    def due_epochs(min_seconds: float) -> list[int]:
+        now = [0.0]
+        schedule = CheckpointSchedule({"checkpoint_every": 2, "epochs": 10, "checkpoint_min_seconds": min_seconds},
+                                      clock=lambda: now[0])
+
+        def after_epoch(epoch: int) -> bool:
+            now[0] += 10.0  # ten seconds per epoch
+            return schedule.due(epoch)
+
+        return [epoch for epoch in range(1, 11) if after_epoch(epoch)]
+
+    assert due_epochs(0) == [2, 4, 6, 8]  # never after the last epoch: the run logs its final model then
+    assert due_epochs(30) == [4, 8]  # 20 s, then 20 s after epoch 4's: too soon
+    assert due_epochs(1000) == []  # a run shorter than the interval writes none
