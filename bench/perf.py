@@ -2,15 +2,16 @@
 classic per-sample path and with each of our speed features switched off in turn, in one process.
 
 For supervised training, SSL pretraining (SimCLR, MoCo), feature extraction and linear probing
-(and, with --study, the quick-profile study as a whole) it prints one table and writes it as JSON:
-images/s (image pairs/s for SSL), wall time, peak memory, device, and for the training loops the
+(and, with --study, whole studies of a profile, several datasets at once) it prints one table and
+writes it as JSON: images/s (image pairs/s for SSL), wall time, peak memory, device, and for the training loops the
 achieved FLOP rate as a fraction of the matrix-multiply rate measured in the same run. The matmul
-rate is sampled at the start and again before every training path, and the best sample is the
-roofline: on a shared (virtual) machine the rate drifts by a third between samples, and best
-against best keeps the fraction from rising when a neighbour slows the reference down.
+rate is sampled right before and right after every training measurement and their mean is that
+measurement's reference: on a shared (virtual) machine the rate drifts by a third within minutes,
+and a reference taken at another moment would credit or blame the loop for its neighbours' load.
 
     python bench/perf.py [--device auto] [--dataset pneumoniamnist] [--models smallcnn,resnet18]
                          [--min-time 3] [--compile resnet18/simclr] [--study] [--out bench/results/perf-cpu.json]
+    python bench/perf.py --workloads none --study --study-profile full --study-dataset breastmnist,pneumoniamnist
 
 Paths per training workload:
   ours               device-resident uint8 data, batched on-device augmentation, channels_last,
@@ -169,18 +170,20 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) 
 
 
 class Roofline:
-    """Matrix-multiply rates sampled through the run, fp32 and the autocast dtype; the best sample
-    of each is the reference the training rows are held to."""
+    """Matrix-multiply rates sampled through the run, fp32 and the autocast dtype (the reference of
+    fp32 rows, and of autocast rows on CUDA)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.amp = autocast(device, True).fast_dtype if device.type == "cuda" else torch.float32
         self.samples: dict[str, list[float]] = {"fp32": [], "amp": []}
 
-    def sample(self, seconds: float) -> None:
+    def sample(self, seconds: float) -> dict[str, float]:
+        """One measurement of each rate (FLOP/s), kept for the summary and returned."""
         self.samples["fp32"].append(matmul_rate(self.device, torch.float32, seconds))
         amp = matmul_rate(self.device, self.amp, seconds) if self.amp != torch.float32 else self.samples["fp32"][-1]
         self.samples["amp"].append(amp)
+        return {"fp32": self.samples["fp32"][-1], "amp": amp}
 
     def peak(self, kind: str) -> float:
         return max(self.samples[kind])
@@ -372,8 +375,9 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     """Every path of one training workload (supervised, simclr or moco) for one model.
 
     Paths are measured `--repeats` times, alternating forward and reverse order so warm-up and
-    clock drift do not favour any path; each row keeps its best rate and lists all of them. A
-    short matmul sample precedes every measurement (see `Roofline`).
+    clock drift do not favour any path; each row keeps its best rate and lists all of them, with
+    the matmul reference measured around each (`extra.references`, TFLOP/s) and the FLOP fraction
+    of the kept one.
     """
     spec, batch = MODELS[name], args.batch if workload == "supervised" else args.ssl_batch
     unit = "images/s" if workload == "supervised" else "pairs/s"
@@ -389,35 +393,28 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     paths += [(f"per-sample w{w}", Features(), lambda w=w: per_sample_step(workload, spec, args.dataset, root, batch, w, device),
                batch, args.warmup, "medmnist Dataset + torchvision transforms + DataLoader") for w in args.workers]
     flops = step_flops(paths[0][2]())
+    flops_per_image = flops / batch
     best: dict[str, Row] = {}
     for repeat in range(args.repeats):
         for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
             apply_globals(feats, device)
-            roofline.sample(0.5)
+            kind = "fp32" if device.type != "cuda" or not feats.amp else "amp"
+            before = roofline.sample(0.5)[kind]
             steps, seconds, mib = measure(build(), device, args.min_time, warmup)
+            reference = (before + roofline.sample(0.5)[kind]) / 2
             rate = per_step * steps / seconds
             row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
-                                        extra={"rates": []})
+                                        extra={"rates": [], "references": [], "flops_per_image": flops_per_image})
             row.extra["rates"].append(round(rate, 1))
+            row.extra["references"].append(round(reference / 1e12, 4))
             if rate > row.images_per_s:
                 row.images_per_s, row.wall_s, row.peak_mem_mib, row.steps = round(rate, 1), round(seconds, 2), mib, steps
+                row.tflops = round(flops_per_image * rate / 1e12, 3)
+                row.flop_fraction = round(flops_per_image * rate / reference, 3)
             best[path] = row
             print(f"  {workload:<10} {name:<9} {path:<16} {rate:>10.1f} {unit}", flush=True)
     apply_globals(Features(), device)
-    rows = [best[path] for path, *_ in paths]
-    for row in rows:
-        row.extra["flops_per_image"] = flops / batch
-    return rows
-
-
-def add_flop_fractions(rows: list[Row], roofline: Roofline, device: torch.device) -> None:
-    """Achieved TFLOP/s of each training row and its fraction of the best matmul sample (the
-    autocast dtype's on CUDA, fp32's for the -amp path and on the CPU)."""
-    for row in rows:
-        if "flops_per_image" in row.extra:
-            achieved = row.extra["flops_per_image"] * row.images_per_s
-            row.tflops = round(achieved / 1e12, 3)
-            row.flop_fraction = round(achieved / roofline.peak("fp32" if device.type != "cuda" or row.path == "-amp" else "amp"), 3)
+    return [best[path] for path, *_ in paths]
 
 
 def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> list[Row]:
@@ -480,23 +477,40 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
     return rows
 
 
-def study_row(args, device: torch.device) -> Row:
-    """The quick-profile study on a fresh SQLite store, as a subprocess (wall time, peak host memory)."""
+def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
+    """Whole studies on one fresh SQLite store, one subprocess per dataset of --study-dataset, all at
+    once (they share the device, as two users' studies would): wall time of each, and of all
+    together when there are several. Each study's output goes to `<logs>-<dataset>.log`."""
+    datasets = args.study_dataset.split(",")
     with tempfile.TemporaryDirectory(prefix="perf-study-") as tmp:
         python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": python_path}
-        command = [sys.executable, "-m", "entrypoints.study", "--dataset", args.study_dataset, "--profile", args.study_profile,
-                   "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
+        subprocess.run([sys.executable, "-c", "from pipeline import tracking; tracking.ensure_store()"], cwd=tmp, env=env, check=True)
         with PeakMemory(torch.device("cpu")) as memory:
-            start = time.perf_counter()
-            done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-        if done.returncode:
-            print(done.stdout[-2000:], done.stderr[-4000:], sep="\n")
-    note = f"{args.study_profile} profile, {args.study_dataset}, fresh SQLite store" + ("" if done.returncode == 0 else f"; FAILED rc={done.returncode}")
-    print(f"  {'study':<10} {'-':<9} {args.study_profile:<16} {seconds:>10.1f} s", flush=True)
-    return Row("study", "-", args.study_profile, str(device), None, round(seconds, 1), memory.mib, 0, 1,
-               unit="-", note=note + " (peak = host memory of the process tree)")
+            start, procs, ended = time.perf_counter(), {}, {}
+            for dataset in datasets:
+                command = [sys.executable, "-m", "entrypoints.study", "--dataset", dataset, "--profile", args.study_profile,
+                           "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
+                log = Path(f"{logs}-{dataset}.log").open("w")
+                procs[dataset] = (subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+            while len(ended) < len(procs):
+                for dataset, (proc, log) in procs.items():
+                    if dataset not in ended and proc.poll() is not None:
+                        ended[dataset] = time.perf_counter() - start
+                        log.close()
+                time.sleep(0.2)
+    rows = []
+    for dataset in datasets:
+        code = procs[dataset][0].returncode
+        note = (f"{args.study_profile} profile, {dataset}, fresh SQLite store" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
+                + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log"))
+        rows.append(Row("study", "-", f"{args.study_profile} {dataset}", str(device), None, round(ended[dataset], 1), memory.mib, 0, 1,
+                        unit="-", note=note + " (peak = host memory of the process tree)"))
+        print(f"  {'study':<10} {'-':<9} {dataset:<16} {ended[dataset]:>10.1f} s" + ("" if code == 0 else f"  FAILED rc={code}"), flush=True)
+    if len(datasets) > 1:
+        rows.append(Row("study", "-", f"{args.study_profile} all", str(device), None, round(max(ended.values()), 1), memory.mib, 0, 1,
+                        unit="-", note=f"{args.study_profile} profile, {'+'.join(datasets)} at once; wall time until the last finished"))
+    return rows
 
 
 def table(rows: list[Row]) -> str:
@@ -543,7 +557,7 @@ def main() -> None:
     parser.add_argument("--compile", default="", help="model/workload pairs also measured under torch.compile, "
                         "e.g. resnet18/simclr (compiling takes a minute each)")
     parser.add_argument("--study", action="store_true", help="also time a whole study (subprocess, fresh store)")
-    parser.add_argument("--study-dataset", default="breastmnist")
+    parser.add_argument("--study-dataset", default="breastmnist", help="comma list: the studies run at once")
     parser.add_argument("--study-profile", default="quick")
     parser.add_argument("--out", default="")
     parser.add_argument("--render", default="", help="print an earlier results JSON as a Markdown table and exit")
@@ -573,9 +587,10 @@ def main() -> None:
             rows += feature_rows(name, data, args, device)
         if "probe" in workloads:
             rows += probe_rows(name, data, args, device)
+    out = Path(args.out or f"bench/results/perf-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.study:
-        rows.append(study_row(args, device))
-    add_flop_fractions(rows, roofline, device)
+        rows += study_rows(args, device, out.with_suffix(""))
     steal_end = cpu_steal()
     meta = {
         "machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -585,8 +600,6 @@ def main() -> None:
         "load_avg": os.getloadavg(), "cpu_steal": steal_fraction(steal_start, steal_end),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    out = Path(args.out or f"bench/results/perf-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
           f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}")
