@@ -11,7 +11,7 @@ and a reference taken at another moment would credit or blame the loop for its n
 
     python bench/perf.py [--device auto] [--dataset pneumoniamnist] [--models smallcnn,resnet18]
                          [--min-time 3] [--compile resnet18/simclr] [--study] [--out bench/results/perf-cpu.json]
-    python bench/perf.py --workloads none --study --study-profile full --study-dataset breastmnist,pneumoniamnist
+    python bench/perf.py --workloads none --study --study-profile full --study-dataset breastmnist,pneumoniamnist [--study-store DIR]
 
 Paths per training workload:
   ours               device-resident uint8 data, batched on-device augmentation, channels_last,
@@ -26,6 +26,7 @@ Paths per training workload:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -478,11 +479,18 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
 
 
 def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
-    """Whole studies on one fresh SQLite store, one subprocess per dataset of --study-dataset, all at
-    once (they share the device, as two users' studies would): wall time of each, and of all
-    together when there are several. Each study's output goes to `<logs>-<dataset>.log`."""
+    """Whole studies on one SQLite store, one subprocess per dataset of --study-dataset, all at once
+    (they share the device, as two users' studies would): wall time of each, and of all together
+    when there are several. Each study's output goes to `<logs>-<dataset>.log`. The store is fresh,
+    or --study-store's folder, where a rerun reuses the steps an earlier, cut-off call finished and
+    appends to the logs (so their step lines add up to the whole study)."""
     datasets = args.study_dataset.split(",")
-    with tempfile.TemporaryDirectory(prefix="perf-study-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.study_store:
+            tmp = str(Path(args.study_store).resolve())
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="perf-study-"))
         python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
         subprocess.run([sys.executable, "-c", "from pipeline import tracking; tracking.ensure_store()"], cwd=tmp, env=env, check=True)
@@ -491,7 +499,7 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
             for dataset in datasets:
                 command = [sys.executable, "-m", "entrypoints.study", "--dataset", dataset, "--profile", args.study_profile,
                            "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
-                log = Path(f"{logs}-{dataset}.log").open("w")
+                log = Path(f"{logs}-{dataset}.log").open("a" if args.study_store else "w")
                 procs[dataset] = (subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log)
             while len(ended) < len(procs):
                 for dataset, (proc, log) in procs.items():
@@ -502,7 +510,8 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
     rows = []
     for dataset in datasets:
         code = procs[dataset][0].returncode
-        note = (f"{args.study_profile} profile, {dataset}, fresh SQLite store" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
+        store = f"store {args.study_store} (finished steps reused)" if args.study_store else "fresh SQLite store"
+        note = (f"{args.study_profile} profile, {dataset}, {store}" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
                 + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log"))
         rows.append(Row("study", "-", f"{args.study_profile} {dataset}", str(device), None, round(ended[dataset], 1), memory.mib, 0, 1,
                         unit="-", note=note + " (peak = host memory of the process tree)"))
@@ -559,6 +568,8 @@ def main() -> None:
     parser.add_argument("--study", action="store_true", help="also time a whole study (subprocess, fresh store)")
     parser.add_argument("--study-dataset", default="breastmnist", help="comma list: the studies run at once")
     parser.add_argument("--study-profile", default="quick")
+    parser.add_argument("--study-store", default="", help="folder of the studies' tracking store, kept and reused "
+                        "across calls (default: a fresh temporary store)")
     parser.add_argument("--out", default="")
     parser.add_argument("--render", default="", help="print an earlier results JSON as a Markdown table and exit")
     args = parser.parse_args()

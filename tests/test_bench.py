@@ -49,3 +49,29 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
         assert row["flop_fraction"] == pytest.approx(expected, rel=0.01)
     table = done.stdout[done.stdout.index("\nworkload "):]
     assert len([line for line in table.splitlines() if line.startswith(("supervised", "simclr", "moco", "features", "probe"))]) == len(report["rows"])
+
+
+@pytest.mark.slow
+def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_path):
+    # bench/gpu_full_study.sh relies on this: a call cut off by a time limit is run again and
+    # reuses what finished, and the step log of both calls adds up to the whole study.
+    root = tmp_path / "data"
+    root.mkdir()
+    write_synthetic(root, "breastmnist")
+    out, store = tmp_path / "study.json", tmp_path / "store"
+    command = [sys.executable, "bench/perf.py", "--dataset", "breastmnist", "--data-root", str(root), "--workloads", "none",
+               "--study", "--study-profile", "smoke", "--study-store", str(store), "--out", str(out)]
+    log = tmp_path / "study-breastmnist.log"
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ran = [line.split(":")[0] for line in log.read_text().splitlines() if line.startswith("[study]") and ": ran " in line]
+    assert "[study] eda" in ran and "[study] compare" in ran
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["path"] == "smoke breastmnist" and "finished steps reused" in row["note"] and "FAILED" not in row["note"]
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    lines = log.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("[study]") and ": ran " in line][:len(ran)] == ran
+    reused = {line.split(":")[0] for line in lines if line.startswith("[study]") and ": reused " in line}
+    assert set(ran) - {"[study] compare"} <= reused
