@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity, the
+# The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity (and smallcnn
+# under fp16 and bf16 autocast vs. fp32), the
 # performance table (with the per-sample reference paths and feature switches), and a
 # quick-profile study on a fresh store; the table is printed last. Results go to $RESULTS
 # (default bench/results/gpu/). Needs the project's Python environment and MEDMNIST_ROOT.
@@ -11,7 +12,7 @@ mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || exit 1
 
-echo "== fp32 parity: CPU vs CUDA, same seed and model =="
+echo "== parity: CPU vs CUDA in fp32, same seed and model; autocast vs. fp32 =="
 timeout 150 "$PYTHON" bench/gpu_parity.py 2>&1 | tee "$RESULTS/parity.txt"
 parity=${PIPESTATUS[0]}
 
