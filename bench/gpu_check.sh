@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity (and smallcnn
-# under fp16 and bf16 autocast vs. fp32), the
-# performance table (with the per-sample reference paths and feature switches), and a
-# quick-profile study on a fresh store; the table is printed last. Results go to $RESULTS
-# (default bench/results/gpu/). Needs the project's Python environment and MEDMNIST_ROOT.
+# The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity and smallcnn
+# under fp16 and bf16 autocast vs. fp32, the performance table (with the per-sample reference paths
+# and feature switches), and a quick-profile study on a fresh store; the table is printed last.
+# Results go to $RESULTS (default bench/results/gpu/). Needs the project's Python environment and MEDMNIST_ROOT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-bench/results/gpu}
