@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config, metrics, runtime  # noqa: E402
 from pipeline.data import load_splits, to_float  # noqa: E402
+from pipeline.errors import DivergenceError  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import prepare_model, seed_everything  # noqa: E402
 from pipeline.train import predict_logits, train_classifier  # noqa: E402
@@ -114,9 +115,13 @@ def amp_checks(dataset: str, epochs: int, fp32: dict) -> list[tuple[str, float, 
     """smallcnn under fp16 autocast + loss scaling and under bf16 autocast vs. the same training in fp32."""
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
-        with forced_amp_dtype(dtype):
-            run = train_on(torch.device("cuda"), ModelSpec("smallcnn"), dataset, epochs, amp=True)
         name = f"smallcnn {str(dtype).removeprefix('torch.')} autocast" + (" + loss scaling" if dtype == torch.float16 else "")
+        try:
+            with forced_amp_dtype(dtype):
+                run = train_on(torch.device("cuda"), ModelSpec("smallcnn"), dataset, epochs, amp=True)
+        except DivergenceError as exc:
+            rows.append((f"{name}: training diverged ({exc})", math.inf, AMP_LOSS_REL, False))
+            continue
         losses = [row["train_loss"] for row in run["history"]]
         finite = all(map(math.isfinite, losses))
         loss = max(abs(a["train_loss"] - b["train_loss"]) / abs(a["train_loss"]) for a, b in zip(fp32["history"], run["history"]))

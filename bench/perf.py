@@ -179,12 +179,17 @@ class Roofline:
         self.amp = autocast(device, True).fast_dtype if device.type == "cuda" else torch.float32
         self.samples: dict[str, list[float]] = {"fp32": [], "amp": []}
 
-    def sample(self, seconds: float) -> dict[str, float]:
-        """One measurement of each rate (FLOP/s), kept for the summary and returned."""
-        self.samples["fp32"].append(matmul_rate(self.device, torch.float32, seconds))
-        amp = matmul_rate(self.device, self.amp, seconds) if self.amp != torch.float32 else self.samples["fp32"][-1]
-        self.samples["amp"].append(amp)
-        return {"fp32": self.samples["fp32"][-1], "amp": amp}
+    def sample(self, seconds: float, kinds: tuple[str, ...] = ("fp32", "amp")) -> dict[str, float]:
+        """One measurement of each of `kinds` (FLOP/s), kept for the summary and returned; where
+        autocast is fp32 (the CPU) one measurement serves both."""
+        if self.amp == torch.float32:
+            rate = matmul_rate(self.device, torch.float32, seconds)
+            rates = {"fp32": rate, "amp": rate}
+        else:
+            rates = {kind: matmul_rate(self.device, torch.float32 if kind == "fp32" else self.amp, seconds) for kind in kinds}
+        for kind, rate in rates.items():
+            self.samples[kind].append(rate)
+        return rates
 
     def peak(self, kind: str) -> float:
         return max(self.samples[kind])
@@ -192,7 +197,7 @@ class Roofline:
     def summary(self) -> dict[str, object]:
         """Best, median and worst sample (TFLOP/s) and the autocast dtype, for the JSON."""
         spread = {k: [round(f(v) / 1e12, 4) for f in (max, statistics.median, min)] for k, v in self.samples.items()}
-        return {"amp_dtype": str(self.amp).removeprefix("torch."), "samples": len(self.samples["fp32"]),
+        return {"amp_dtype": str(self.amp).removeprefix("torch."), "samples": {k: len(v) for k, v in self.samples.items()},
                 "best_median_worst_tflops": spread}
 
 
@@ -377,8 +382,8 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
 
     Paths are measured `--repeats` times, alternating forward and reverse order so warm-up and
     clock drift do not favour any path; each row keeps its best rate and lists all of them, with
-    the matmul reference measured around each (`extra.references`, TFLOP/s) and the FLOP fraction
-    of the kept one.
+    the matmul reference measured around each (`extra.references`, TFLOP/s, in the path's dtype
+    under the default settings) and the FLOP fraction of the kept one.
     """
     spec, batch = MODELS[name], args.batch if workload == "supervised" else args.ssl_batch
     unit = "images/s" if workload == "supervised" else "pairs/s"
@@ -396,13 +401,15 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     flops = step_flops(paths[0][2]())
     flops_per_image = flops / batch
     best: dict[str, Row] = {}
+    sample_seconds = 0.2 if device.type == "cuda" else 0.5  # a GPU's rate is steady; a shared CPU's drifts
     for repeat in range(args.repeats):
         for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
-            apply_globals(feats, device)
             kind = "fp32" if device.type != "cuda" or not feats.amp else "amp"
-            before = roofline.sample(0.5)[kind]
+            before = roofline.sample(sample_seconds, (kind,))[kind]
+            apply_globals(feats, device)
             steps, seconds, mib = measure(build(), device, args.min_time, warmup)
-            reference = (before + roofline.sample(0.5)[kind]) / 2
+            apply_globals(Features(), device)
+            reference = (before + roofline.sample(sample_seconds, (kind,))[kind]) / 2
             rate = per_step * steps / seconds
             row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
                                         extra={"rates": [], "references": [], "flops_per_image": flops_per_image})
@@ -414,7 +421,6 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
                 row.flop_fraction = round(flops_per_image * rate / reference, 3)
             best[path] = row
             print(f"  {workload:<10} {name:<9} {path:<16} {rate:>10.1f} {unit}", flush=True)
-    apply_globals(Features(), device)
     return [best[path] for path, *_ in paths]
 
 
@@ -484,7 +490,8 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
     when there are several. Each study's output goes to `<logs>-<dataset>.log`. The store is fresh,
     or --study-store's folder, where a rerun reuses the steps an earlier, cut-off call finished and
     appends to the logs (so their step lines add up to the whole study)."""
-    datasets = args.study_dataset.split(",")
+    datasets = list(dict.fromkeys(args.study_dataset.split(",")))
+    data_root = str(resolve_root(args.data_root).resolve())  # the studies run in the store's folder
     with contextlib.ExitStack() as stack:
         if args.study_store:
             tmp = str(Path(args.study_store).resolve())
@@ -498,28 +505,35 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
             start, procs, ended = time.perf_counter(), {}, {}
             for dataset in datasets:
                 command = [sys.executable, "-m", "entrypoints.study", "--dataset", dataset, "--profile", args.study_profile,
-                           "--data-root", str(resolve_root(args.data_root)), "--out", f"{tmp}/reports"]
-                log = Path(f"{logs}-{dataset}.log").open("a" if args.study_store else "w")
-                procs[dataset] = (subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+                           "--data-root", data_root, "--out", f"{tmp}/reports"]
+                log = stack.enter_context(Path(f"{logs}-{dataset}.log").open("a" if args.study_store else "w"))
+                procs[dataset] = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                stack.callback(reap, procs[dataset])
             while len(ended) < len(procs):
-                for dataset, (proc, log) in procs.items():
+                for dataset, proc in procs.items():
                     if dataset not in ended and proc.poll() is not None:
                         ended[dataset] = time.perf_counter() - start
-                        log.close()
                 time.sleep(0.2)
     rows = []
     for dataset in datasets:
-        code = procs[dataset][0].returncode
+        code = procs[dataset].returncode
         store = f"store {args.study_store} (finished steps reused)" if args.study_store else "fresh SQLite store"
         note = (f"{args.study_profile} profile, {dataset}, {store}" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
                 + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log"))
         rows.append(Row("study", "-", f"{args.study_profile} {dataset}", str(device), None, round(ended[dataset], 1), memory.mib, 0, 1,
-                        unit="-", note=note + " (peak = host memory of the process tree)"))
+                        unit="-", note=note + " (peak = host memory of this benchmark's process tree, all studies together)"))
         print(f"  {'study':<10} {'-':<9} {dataset:<16} {ended[dataset]:>10.1f} s" + ("" if code == 0 else f"  FAILED rc={code}"), flush=True)
     if len(datasets) > 1:
         rows.append(Row("study", "-", f"{args.study_profile} all", str(device), None, round(max(ended.values()), 1), memory.mib, 0, 1,
                         unit="-", note=f"{args.study_profile} profile, {'+'.join(datasets)} at once; wall time until the last finished"))
     return rows
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Stop a study subprocess still running when the benchmark ends early (error, Ctrl-C)."""
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait()
 
 
 def table(rows: list[Row]) -> str:
@@ -614,6 +628,8 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
           f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}")
+    if failed := [r.path for r in rows if r.workload == "study" and "FAILED" in r.note]:
+        sys.exit(f"perf: study failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -38,15 +38,16 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
     matmul = report["meta"]["matmul"]
     training = [r for r in report["rows"] if r["workload"] in ("supervised", "simclr", "moco")]
     # three samples at the start, then one before and one after each measurement of each training path
-    assert matmul["samples"] == 3 + 2 * sum(len(r["extra"]["rates"]) for r in training)
+    assert matmul["samples"]["fp32"] == 3 + 2 * sum(len(r["extra"]["rates"]) for r in training)
     best, median, worst = matmul["best_median_worst_tflops"]["fp32"]
     assert best == report["meta"]["matmul_tflops"]["fp32"] and best >= median >= worst > 0
     for row in training:
-        kept = row["extra"]["rates"].index(max(row["extra"]["rates"]))
-        reference = row["extra"]["references"][kept]
-        assert worst <= reference <= best
-        expected = row["extra"]["flops_per_image"] * row["images_per_s"] / (reference * 1e12)
-        assert row["flop_fraction"] == pytest.approx(expected, rel=0.01)
+        rates, references = row["extra"]["rates"], row["extra"]["references"]
+        assert all(worst <= reference <= best for reference in references)
+        # the kept measurement's reference (rates are rounded: a tie may hide which one was kept)
+        expected = [row["extra"]["flops_per_image"] * row["images_per_s"] / (reference * 1e12)
+                    for rate, reference in zip(rates, references) if rate == row["images_per_s"]]
+        assert any(row["flop_fraction"] == pytest.approx(value, rel=0.01) for value in expected)
     table = done.stdout[done.stdout.index("\nworkload "):]
     assert len([line for line in table.splitlines() if line.startswith(("supervised", "simclr", "moco", "features", "probe"))]) == len(report["rows"])
 
@@ -55,21 +56,21 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
 def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_path):
     # bench/gpu_full_study.sh relies on this: a call cut off by a time limit is run again and
     # reuses what finished, and the step log of both calls adds up to the whole study.
-    root = tmp_path / "data"
-    root.mkdir()
-    write_synthetic(root, "breastmnist")
-    out, store = tmp_path / "study.json", tmp_path / "store"
-    command = [sys.executable, "bench/perf.py", "--dataset", "breastmnist", "--data-root", str(root), "--workloads", "none",
-               "--study", "--study-profile", "smoke", "--study-store", str(store), "--out", str(out)]
+    # relative paths, as the script passes them: the studies run in the store's folder
+    (tmp_path / "data").mkdir()
+    write_synthetic(tmp_path / "data", "breastmnist")
+    out = tmp_path / "study.json"
+    command = [sys.executable, str(REPO / "bench/perf.py"), "--dataset", "breastmnist", "--data-root", "data", "--workloads", "none",
+               "--study", "--study-profile", "smoke", "--study-store", "store", "--out", "study.json"]
     log = tmp_path / "study-breastmnist.log"
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     ran = [line.split(":")[0] for line in log.read_text().splitlines() if line.startswith("[study]") and ": ran " in line]
     assert "[study] eda" in ran and "[study] compare" in ran
     [row] = json.loads(out.read_text())["rows"]
     assert row["path"] == "smoke breastmnist" and "finished steps reused" in row["note"] and "FAILED" not in row["note"]
 
-    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     lines = log.read_text().splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("[study]") and ": ran " in line][:len(ran)] == ran
