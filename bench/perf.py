@@ -515,13 +515,14 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
                         ended[dataset] = time.perf_counter() - start
                 time.sleep(0.2)
     rows = []
+    store = f"store {args.study_store} (finished steps reused)" if args.study_store else "fresh SQLite store"
     for dataset in datasets:
         code = procs[dataset].returncode
-        store = f"store {args.study_store} (finished steps reused)" if args.study_store else "fresh SQLite store"
         note = (f"{args.study_profile} profile, {dataset}, {store}" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
                 + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log"))
         rows.append(Row("study", "-", f"{args.study_profile} {dataset}", str(device), None, round(ended[dataset], 1), memory.mib, 0, 1,
-                        unit="-", note=note + " (peak = host memory of this benchmark's process tree, all studies together)"))
+                        unit="-", note=note + " (peak = host memory of this benchmark's process tree, all studies together)",
+                        extra={"returncode": code}))
         print(f"  {'study':<10} {'-':<9} {dataset:<16} {ended[dataset]:>10.1f} s" + ("" if code == 0 else f"  FAILED rc={code}"), flush=True)
     if len(datasets) > 1:
         rows.append(Row("study", "-", f"{args.study_profile} all", str(device), None, round(max(ended.values()), 1), memory.mib, 0, 1,
@@ -628,7 +629,7 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     print(f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
           f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}")
-    if failed := [r.path for r in rows if r.workload == "study" and "FAILED" in r.note]:
+    if failed := [r.path for r in rows if r.extra.get("returncode")]:
         sys.exit(f"perf: study failed: {', '.join(failed)}")
 
 
