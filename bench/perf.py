@@ -66,6 +66,7 @@ from pipeline.train import train_epoch  # noqa: E402
 
 MODELS = {"smallcnn": ModelSpec("smallcnn"), "resnet18": ModelSpec("resnet18", stem="cifar")}
 SUPERVISED_AUGMENT = "flip"
+TRAINING_WORKLOADS = ("supervised", "simclr", "moco")
 
 
 @dataclass
@@ -166,7 +167,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) 
     """Measured FLOP/s of a large square matrix product over `seconds`."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    steps, elapsed = timed(lambda: a @ b, device, min_time=seconds, warmup=3)
+    steps, elapsed = timed(lambda: a @ b, device, min_time=seconds, warmup=1)  # one untimed product wakes the thread pool
     return 2 * n**3 * steps / elapsed
 
 
@@ -401,7 +402,7 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     flops = step_flops(paths[0][2]())
     flops_per_image = flops / batch
     best: dict[str, Row] = {}
-    sample_seconds = 0.2 if device.type == "cuda" else 0.5  # a GPU's rate is steady; a shared CPU's drifts
+    sample_seconds = args.matmul_seconds or (0.2 if device.type == "cuda" else 0.5)  # a GPU's rate is steady; a shared CPU's drifts
     for repeat in range(args.repeats):
         for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
             kind = "fp32" if device.type != "cuda" or not feats.amp else "amp"
@@ -577,6 +578,8 @@ def main() -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader workers of the per-sample reference paths")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds each path is timed for (at least)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
+    parser.add_argument("--matmul-seconds", type=float, default=0.0, help="length of each matmul sample around a "
+                        "training measurement (default 0.2 s on CUDA, 0.5 s on the CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each training path (best kept)")
     parser.add_argument("--compile", default="", help="model/workload pairs also measured under torch.compile, "
                         "e.g. resnet18/simclr (compiling takes a minute each)")
@@ -596,17 +599,19 @@ def main() -> None:
     device = resolve_device(args.device)
     configure_speed(device)
     steal_start = cpu_steal()
+    workloads = args.workloads.split(",")
     roofline = Roofline(device)
-    for _ in range(3):
+    # Training rows are held to samples taken around each of them; the initial ones set the printed
+    # peak, so a study-only timing (`--workloads none`) takes just one, for the record.
+    for _ in range(3 if set(TRAINING_WORKLOADS) & set(workloads) else 1):
         roofline.sample(2.0)
     print(f"device {device}; measured matmul: fp32 {roofline.peak('fp32') / 1e12:.3f} TFLOP/s"
           + (f" (TF32), {roofline.amp} {roofline.peak('amp') / 1e12:.1f} TFLOP/s" if device.type == "cuda"
              else f" ({torch.get_num_threads()} threads)"), flush=True)
     data = load_splits(args.dataset, 28, args.data_root, device)
     rows: list[Row] = []
-    workloads = args.workloads.split(",")
     for name in args.models.split(","):
-        for workload in ("supervised", "simclr", "moco"):
+        for workload in TRAINING_WORKLOADS:
             if workload in workloads:
                 rows += training_rows(workload, name, data, args, device, roofline)
         if "features" in workloads:

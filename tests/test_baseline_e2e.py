@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
+from entrypoints import baseline
+from entrypoints.common import main
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step
 
 FAST = ["--epochs", "2", "--batch-size", "32"]
@@ -78,13 +80,12 @@ def test_mlflow_run_finishes_with_the_contract(params, synthetic_root, tracking_
     assert run.data.tags["model"] == params["model"]
 
 
-def test_last_checkpoint_waits_for_the_minimum_interval(synthetic_root, tracking_uri, tmp_path):
-    env = cli_env(synthetic_root, tracking_uri)
+def test_last_checkpoint_waits_for_the_minimum_interval(synthetic_root, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     for seconds in (0, 1000):
         config = tmp_path / f"min{seconds}.yaml"
-        config.write_text(f"checkpoint_every: 1\ncheckpoint_min_seconds: {seconds}\n")
-        done = run_step("baseline", ["--dataset", "breastmnist", *FAST, "--config", str(config)], env, tmp_path)
-        assert done.returncode == 0, done.stderr
+        config.write_text(f"checkpoint_every: 1\ncheckpoint_min_seconds: {seconds}\nbootstrap: 0\n")
+        main(baseline.command, ["--dataset", "breastmnist", *FAST, "--config", str(config)])
     runs = {run.data.params["cfg.checkpoint_min_seconds"]: run for run in all_runs(tracking_uri)}
     assert "checkpoints/last.pt" in artifact_paths(tracking_uri, runs["0"].info.run_id)  # after epoch 1 of 2
     assert "checkpoints/last.pt" not in artifact_paths(tracking_uri, runs["1000"].info.run_id)

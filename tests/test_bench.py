@@ -22,7 +22,7 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
     command = [sys.executable, "bench/perf.py", "--dataset", "breastmnist", "--data-root", str(root),
                "--models", "smallcnn", "--workloads", "supervised,simclr,moco,features,probe", "--min-time", "0.05",
                "--batch", "32", "--ssl-batch", "32", "--probe-epochs", "1",
-               "--warmup", "1", "--repeats", "2", "--workers", "0", "--out", str(out)]
+               "--warmup", "1", "--repeats", "2", "--matmul-seconds", "0.05", "--workers", "0", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -67,8 +67,10 @@ def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_pat
     assert first.returncode == 0, first.stderr[-2000:]
     ran = [line.split(":")[0] for line in log.read_text().splitlines() if line.startswith("[study]") and ": ran " in line]
     assert "[study] eda" in ran and "[study] compare" in ran
-    [row] = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    [row] = report["rows"]
     assert row["path"] == "smoke breastmnist" and "finished steps reused" in row["note"] and "FAILED" not in row["note"]
+    assert report["meta"]["matmul"]["samples"]["fp32"] == 1  # no training rows: one sample, for the record
 
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
