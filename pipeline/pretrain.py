@@ -65,7 +65,7 @@ def pretrain_epoch(
     for index in tqdm(batches, desc=f"ssl epoch {epoch}/{cfg['epochs']}", leave=False, unit="batch"):
         view1, view2 = two_views(to_float(images[index]), generator)
         with autocast(device, cfg["amp"]):
-            loss = module(view1, view2)
+            loss = module(view1, view2, index)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -34,13 +34,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(similarity, targets)
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float, own: torch.Tensor | None = None
+) -> torch.Tensor:
     """MoCo's InfoNCE: the positive is the key of the same image, negatives are the queue (K×D).
 
-    `query`, `key` and `queue` rows are L2-normalised; the positive logit sits at index 0.
+    `query`, `key` and `queue` rows are L2-normalised; the positive logit sits at index 0. `own`
+    (N×K, bool) marks queue keys of each query's own image, which are left out of its negatives.
     """
     positive = (query * key).sum(dim=1, keepdim=True)
     negative = query @ queue.T
+    if own is not None:
+        negative = negative.masked_fill(own, float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
 
@@ -54,7 +59,8 @@ class SimCLR(nn.Module):
         self.projector = projection_head(backbone.feat_dim, hidden_dim, out_dim)
         self.temperature = temperature
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """NT-Xent of the two views; `ids` is accepted for MoCo's interface (a batch holds each image once)."""
         z1 = self.projector(self.backbone.features(view1))
         z2 = self.projector(self.backbone.features(view2))
         return nt_xent(z1, z2, self.temperature)
@@ -62,7 +68,12 @@ class SimCLR(nn.Module):
 
 class MoCo(nn.Module):
     """Query encoder trained by gradient, key encoder as its exponential moving average, and a
-    FIFO queue of past keys as negatives (He et al., 2020; MoCo v2's MLP projector)."""
+    FIFO queue of past keys as negatives (He et al., 2020; MoCo v2's MLP projector).
+
+    The queue also keeps each key's image index: on a small dataset it holds several epochs of keys
+    (BreastMNIST: 546 images, queue 2048), so a query would otherwise meet earlier keys of its own
+    image among its negatives; those are masked out.
+    """
 
     def __init__(
         self,
@@ -83,6 +94,7 @@ class MoCo(nn.Module):
         self.temperature = temperature
         self.momentum = momentum
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
+        self.register_buffer("queue_ids", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -94,21 +106,24 @@ class MoCo(nn.Module):
                 k.mul_(self.momentum).add_(q.detach(), alpha=1 - self.momentum)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest queue entries with `keys` (wrapping around)."""
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Replace the oldest queue entries with `keys` and their image `ids` (-1: unknown), wrapping around."""
         size = self.queue.shape[0]
         keys = keys[-size:]
         index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ids[index] = -1 if ids is None else ids[-size:].to(self.queue_ids)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE of the batch against the queue; `ids` (the images' dataset indices) masks own keys."""
         query = F.normalize(self.projector(self.backbone.features(view1)).float(), dim=1)
         with torch.no_grad():
             self.momentum_update()
             key = F.normalize(self.key_projector(self.key_backbone.features(view2)).float(), dim=1)
-        loss = info_nce(query, key, self.queue.clone().detach(), self.temperature)
-        self.enqueue(key)
+        own = None if ids is None else ids[:, None] == self.queue_ids[None, :]
+        loss = info_nce(query, key, self.queue.clone().detach(), self.temperature, own)
+        self.enqueue(key, ids)
         return loss
 
 

@@ -54,6 +54,16 @@ def test_info_nce_matches_the_direct_formula():
     assert info_nce(q, k, queue, 0.2).item() == pytest.approx(reference_info_nce(q, k, queue, 0.2), rel=1e-5)
 
 
+def test_info_nce_leaves_each_querys_own_keys_out_of_its_negatives():
+    torch.manual_seed(2)
+    q, k = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    queue = F.normalize(torch.randn(6, 8), dim=1)
+    own = torch.zeros(3, 6, dtype=torch.bool)
+    own[0, [1, 4]] = own[2, 0] = True
+    losses = [reference_info_nce(q[i:i + 1], k[i:i + 1], queue[~own[i]], 0.2) for i in range(3)]
+    assert info_nce(q, k, queue, 0.2, own).item() == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+
 def small_moco(queue_size=10, momentum=0.9):
     seed_everything(0)
     return MoCo(build_classifier(ModelSpec("smallcnn")), temperature=0.2, momentum=momentum, queue_size=queue_size,
@@ -69,6 +79,28 @@ def test_queue_is_fifo_and_wraps_around():
     assert moco.queue_ptr.item() == 2
     assert torch.equal(moco.queue[6:], second[:4]) and torch.equal(moco.queue[:2], second[4:])
     assert torch.equal(moco.queue[2:6], first[:4])
+    assert torch.equal(moco.queue_ids, torch.full((10,), -1))  # enqueued without image ids
+
+
+def test_moco_masks_earlier_keys_of_the_same_images():
+    # a queue holding several epochs of a small dataset's keys: each query's own earlier keys are
+    # near copies of its positive, so they are not negatives
+    moco = small_moco(queue_size=8).eval()
+    x, ids = torch.rand(4, 1, 28, 28), torch.tensor([3, 7, 1, 5])
+    moco.enqueue(F.normalize(torch.randn(4, 8), dim=1), torch.tensor([7, 0, 3, 9]))
+    reference = copy.deepcopy(moco)
+    with torch.no_grad():
+        loss = moco(x, x, ids).item()
+        reference.momentum_update()
+        query = F.normalize(reference.projector(reference.backbone.features(x)), dim=1)
+        key = F.normalize(reference.key_projector(reference.key_backbone.features(x)), dim=1)
+
+    def mean_loss(negatives):
+        return sum(reference_info_nce(query[i:i + 1], key[i:i + 1], negatives(i), 0.2) for i in range(4)) / 4
+
+    assert loss == pytest.approx(mean_loss(lambda i: reference.queue[reference.queue_ids != ids[i]]), rel=1e-4)
+    assert loss != pytest.approx(mean_loss(lambda i: reference.queue), rel=1e-3)  # images 3 and 7 were queued
+    assert torch.equal(moco.queue_ids[4:], ids) and moco.queue_ptr.item() == 0
 
 
 def test_momentum_update_is_an_exponential_moving_average():
@@ -132,11 +164,15 @@ def fresh_module(method, cfg):
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_pretraining_runs_and_simclr_lowers_its_loss(method, splits):
     cfg = ssl_cfg(method=method, epochs=5, lr=3e-3)
-    history = pretrain(fresh_module(method, cfg), splits, cfg)
+    module = fresh_module(method, cfg)
+    history = pretrain(module, splits, cfg)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(row["ssl_loss"]) and 0 <= row["knn_val_auroc"] <= 1 for row in history)
     if method == "simclr":
         assert history[-1]["ssl_loss"] < history[0]["ssl_loss"]
+    else:  # the loop hands MoCo the images' indices, which the queue keeps to mask own keys
+        queued = module.queue_ids[module.queue_ids >= 0]
+        assert len(queued) > 0 and int(queued.max()) < len(splits.train)
 
 
 def test_pretraining_resumes_exactly(splits):
