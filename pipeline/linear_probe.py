@@ -62,7 +62,7 @@ def probe_child(
     )
     logits = {s: head.logits(encoder.features[s]) for s in ("val", "test")}
     install_head(encoder.model, head)
-    child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C}
+    child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C, "size": data.size}
     name = f"{tags['method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         tracking.log_config(child_cfg)

@@ -7,7 +7,7 @@ Binary tasks use one logit: p(class 1) = sigmoid(logit).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.error import URLError
 
@@ -124,6 +124,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x))).squeeze(1)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout rate before the head (a pretrained encoder comes without one); the spec, which the
+        checkpoint stores, follows."""
+        self.dropout.p = p
+        self.spec = replace(self.spec, dropout=p)
 
     def freeze_encoder(self) -> None:
         """Head-only training: encoder weights fixed and its batch-norm statistics frozen too."""

@@ -90,9 +90,10 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         model, _ = load_classifier(encoder_path, device)
         seed_everything(tags["seed"])
         model.head.reset_parameters()
+        model.set_dropout(cfg["dropout"])
         model = prepare_model(model.train(), device, cfg)
         child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"],
-                     "model": model.spec.model, "stem": model.spec.stem}
+                     "model": model.spec.model, "stem": model.spec.stem, "size": data.size}
         name = f"ssl_finetune-f{tags['label_fraction']}-s{tags['seed']}"
         with tracking.tracked_run("ssl_finetune", cfg["dataset"], {**tags, "source_run_id": source}, run_name=name,
                                   nested=True) as run:

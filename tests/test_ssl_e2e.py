@@ -61,6 +61,7 @@ def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_hom
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["kind"] == "classifier"
         assert {"method", "label_fraction", "seed"} <= set(child.data.tags)
+        assert child.data.params["cfg.size"] == "28"  # robustness and thresholds rebuild the test images at this size
         assert_contract(tracking_uri, child, classifier=child.data.tags["method"] == "supervised")
     probe_child = next(c for c in children if c.data.tags["method"] == "ssl_probe")
     assert probe_child.data.tags["source_run_id"] == ssl.info.run_id
@@ -79,11 +80,17 @@ def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_hom
     assert "ImageNet probe: not run" in markdown
     assert {"plots/label_efficiency_acc.png", "plots/label_efficiency_auroc.png"} <= artifact_paths(tracking_uri, parent.info.run_id)
 
+    dropout = tmp_path / "dropout.yaml"
+    dropout.write_text("dropout: 0.25\n")
     main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "1",
-                                "--seeds", "0", "--epochs", "1", "--batch-size", "32"])
+                                "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--config", str(dropout)])
     (ft_parent,) = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)
     (ft_child,) = [r for r in stage_runs(tracking_uri, "ssl_finetune") if "mlflow.parentRunId" in r.data.tags]
     assert ft_parent.info.status == ft_child.info.status == "FINISHED"
+    assert ft_child.data.params["cfg.size"] == "28" and ft_child.data.params["cfg.dropout"] == "0.25"
+    local = mlflow.artifacts.download_artifacts(run_id=ft_child.info.run_id, artifact_path="checkpoints/best.pt",
+                                                dst_path=str(tmp_path), tracking_uri=tracking_uri)
+    assert torch.load(local, weights_only=True)["spec"]["dropout"] == 0.25  # the encoder came without dropout
     assert_contract(tracking_uri, ft_child)
     week6 = read_artifact(tracking_uri, ft_parent.info.run_id, "week6_comparison.md", tmp_path)
     assert "SSL fine-tune" in week6 and "SSL linear probe" in week6 and "supervised only" in week6
