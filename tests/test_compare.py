@@ -5,7 +5,7 @@ import pytest
 
 from entrypoints import baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import tables
+from pipeline import report, tables
 from tests.conftest import all_runs, artifact_paths
 
 TINY = ["--epochs", "1", "--batch-size", "32"]
@@ -64,6 +64,13 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert {"README.md", "week2_baselines.csv", "best_baseline_reliability.png", "best_baseline_test_metrics.json"} <= {
         p.name for p in week2.iterdir()}
     assert f"{base.test_auroc[0]:.3f}" in (week2 / "README.md").read_text()
+    assert f"run {base.run_id[0]} " in (week2 / "README.md").read_text()  # which run best_baseline_* came from
+
+
+def test_exported_best_baseline_is_chosen_on_validation_not_test():
+    newest_first = [{"run_id": "a", "val_auroc": 0.70, "test_auroc": 0.95}, {"run_id": "b", "val_auroc": 0.80, "test_auroc": 0.60},
+                    {"run_id": "c", "val_auroc": None, "test_auroc": 0.99}, {"run_id": "d", "val_auroc": 0.80, "test_auroc": 0.70}]
+    assert report.best_on_validation(newest_first)["run_id"] == "b"  # the newer of the two best on validation
 
 
 def test_latex_escapes_and_mean_std_formatting():
