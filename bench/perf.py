@@ -321,7 +321,8 @@ def medmnist_loader(dataset: str, root: Path, transform, batch: int, workers: in
 
 def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, batch: int, workers: int,
                     device: torch.device) -> Callable[[], None]:
-    """A training step fed by the per-sample path; same model, optimizer and autocast as ours."""
+    """A training step fed by the per-sample path; same model, optimizer and autocast as ours (MoCo
+    without own-key masking: a DataLoader batch carries no image indices; the mask is one N×K compare)."""
     torch.manual_seed(0)
     model = build_classifier(spec)
     amp = device.type == "cuda"

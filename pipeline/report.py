@@ -323,9 +323,16 @@ def draft_latex(dataset: str, built: list[Table]) -> str:
             + "\n\n".join(body) + "\n\\end{document}\n")
 
 
+def validation_auroc(record: Mapping[str, Any]) -> float:
+    """A record's validation AUROC, or -inf where it is missing or NaN (a one-class split)."""
+    value = record.get("val_auroc")
+    return value if value is not None and math.isfinite(value) else -math.inf
+
+
 def best_on_validation(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record with the highest validation AUROC; records come newest first, and max keeps the first of ties."""
-    return max(records, key=lambda r: -math.inf if r.get("val_auroc") is None else r["val_auroc"])
+    """The record with the highest validation AUROC; records come newest first, and max keeps the
+    first of ties (so the newest run when none has one)."""
+    return max(records, key=validation_auroc)
 
 
 def export_results(built: list[Table], out_dir: Path, results_root: Path, name: str, dataset: str) -> list[Path]:
@@ -349,8 +356,10 @@ def export_results(built: list[Table], out_dir: Path, results_root: Path, name: 
             for artifact in ("plots/reliability.png", "plots/confusion_matrix.png", "test_metrics.json"):
                 local = tracking.download_artifact(best["run_id"], artifact)
                 shutil.copy2(local, target / f"best_baseline_{Path(artifact).name}")
-            note = (f"`best_baseline_*`: run {best['run_id']} ({best['model']}, {best['finetune']}), the highest "
-                    f"validation AUROC ({fmt(best['val_auroc'])}); chosen without looking at the test split.\n\n")
+            chosen = (f"the highest validation AUROC ({fmt(best['val_auroc'])})" if math.isfinite(validation_auroc(best))
+                      else "the newest run (no baseline has a validation AUROC)")
+            note = (f"`best_baseline_*`: run {best['run_id']} ({best['model']}, {best['finetune']}), {chosen}; "
+                    "chosen without looking at the test split.\n\n")
         write_atomic(readme, existing + markdown(table) + "\n" + note)
         written.append(target)
     return sorted(set(written))

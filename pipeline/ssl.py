@@ -60,7 +60,8 @@ class SimCLR(nn.Module):
         self.temperature = temperature
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """NT-Xent of the two views; `ids` is accepted for MoCo's interface (a batch holds each image once)."""
+        """NT-Xent of the two views; `ids` is accepted for MoCo's interface (unused: the pretraining loop's
+        batches hold each image once)."""
         z1 = self.projector(self.backbone.features(view1))
         z2 = self.projector(self.backbone.features(view2))
         return nt_xent(z1, z2, self.temperature)
@@ -115,8 +116,14 @@ class MoCo(nn.Module):
         self.queue_ids[index] = -1 if ids is None else ids[-size:].to(self.queue_ids)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A training state saved before the queue kept image ids resumes with its ids unknown (-1)."""
+        state_dict.setdefault(f"{prefix}queue_ids", torch.full_like(self.queue_ids, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """InfoNCE of the batch against the queue; `ids` (the images' dataset indices) masks own keys."""
+        ids = None if ids is None else ids.to(self.queue_ids.device)
         query = F.normalize(self.projector(self.backbone.features(view1)).float(), dim=1)
         with torch.no_grad():
             self.momentum_update()

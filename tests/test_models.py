@@ -93,6 +93,14 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     assert torch.allclose(loaded(x), model(x)) and data["best_epoch"] == 3 and data["config"] == {"lr": 0.001}
 
 
+def test_set_dropout_changes_the_layer_and_the_saved_spec(tmp_path):
+    model = build_classifier(ModelSpec("smallcnn"))
+    model.set_dropout(0.4)
+    assert model.dropout.p == 0.4 and model.spec.dropout == 0.4
+    save_checkpoint(tmp_path / "m.pt", model, model.spec, {})
+    assert load_classifier(tmp_path / "m.pt", torch.device("cpu"))[0].dropout.p == 0.4
+
+
 def test_corrupted_or_foreign_checkpoints_are_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="cannot be read as data"):

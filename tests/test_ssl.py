@@ -103,6 +103,15 @@ def test_moco_masks_earlier_keys_of_the_same_images():
     assert torch.equal(moco.queue_ids[4:], ids) and moco.queue_ptr.item() == 0
 
 
+def test_a_training_state_without_queue_ids_resumes_with_ids_unknown():
+    # saved before the queue kept image ids: resuming it must not fail on the missing buffer
+    old = {k: v for k, v in small_moco(queue_size=10).state_dict().items() if k != "queue_ids"}
+    moco = small_moco(queue_size=10)
+    moco.queue_ids.fill_(4)
+    moco.load_state_dict(old)
+    assert torch.equal(moco.queue_ids, torch.full((10,), -1)) and torch.equal(moco.queue, old["queue"])
+
+
 def test_momentum_update_is_an_exponential_moving_average():
     moco = small_moco(momentum=0.9)
     with torch.no_grad():
