@@ -265,7 +265,7 @@ class Loop:
                 target = self.labels[index].to(self.device, non_blocking=True).float()
                 loss = F.binary_cross_entropy_with_logits(self.module(self.view(x)).float(), target)
             else:
-                loss = self.module(self.view(x), self.view(x), index.to(self.device))
+                loss = self.module(self.view(x), self.view(x), index)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
