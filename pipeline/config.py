@@ -140,6 +140,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "max_examples": _at_least(0),
     "gallery_n": _at_least(1),
     "variants": _variants,
+    "augment": _one_of(*preset_names()),
+    "supervised_augment": _one_of(*preset_names()),
 }
 
 

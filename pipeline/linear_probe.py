@@ -76,7 +76,8 @@ def supervised_child(
 ) -> dict[str, float]:
     """Train the encoder's architecture from scratch on the same subset (a nested classifier run)."""
     overrides = {
-        "model": spec.model, "stem": spec.stem, "epochs": cfg["supervised_epochs"], "batch_size": cfg["batch_size"],
+        "model": spec.model, "stem": spec.stem, "epochs": cfg["supervised_epochs"], "augment": cfg["supervised_augment"],
+        "batch_size": cfg["batch_size"],
         "lr": cfg["lr"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size,
         "device": cfg["device"], "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
         "ece_bins": cfg["ece_bins"], "bootstrap": cfg["bootstrap"],

@@ -36,6 +36,7 @@ def test_user_file_sits_between_dataset_and_cli(tmp_path):
         ({"finetune": "some"}, "finetune='some' must be one of head, all"),
         ({"weights": "random"}, "weights='random' must be one of none, imagenet"),
         ({"label_fraction": "1.5"}, "must be in (0, 1]"),
+        ({"augment": "mixup"}, "augment='mixup' must be one of none, flip, geometric"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, fragment):
@@ -64,3 +65,8 @@ def test_hash_is_stable_and_sensitive():
     a = config.resolve("baseline", "breastmnist", {})
     assert config.config_hash(a) == config.config_hash(dict(reversed(list(a.items()))))
     assert config.config_hash(a) != config.config_hash({**a, "seed": 1})
+
+
+def test_probe_supervised_augment_is_checked_before_any_training():
+    with pytest.raises(UserError, match="supervised_augment='rotate' must be one of none, flip"):
+        config.resolve("linear_probe", "breastmnist", {"supervised_augment": "rotate"})

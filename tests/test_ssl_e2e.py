@@ -63,6 +63,8 @@ def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_hom
         assert {"method", "label_fraction", "seed"} <= set(child.data.tags)
         assert child.data.params["cfg.size"] == "28"  # robustness and thresholds rebuild the test images at this size
         assert_contract(tracking_uri, child, classifier=child.data.tags["method"] == "supervised")
+    supervised = [c for c in children if c.data.tags["method"] == "supervised"]
+    assert {c.data.params["cfg.augment"] for c in supervised} == {"flip"}  # as ssl_finetune trains, for week 6
     probe_child = next(c for c in children if c.data.tags["method"] == "ssl_probe")
     assert probe_child.data.tags["source_run_id"] == ssl.info.run_id
     assert {"predictions/test.csv", "checkpoints/best.pt", "plots/reliability.png"} <= artifact_paths(tracking_uri, probe_child.info.run_id)
