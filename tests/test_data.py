@@ -89,6 +89,7 @@ def test_stratified_subset_one_percent_of_breastmnist_is_five_images():
     assert not np.array_equal(subset, data.stratified_subset(labels, 0.01, seed=1))
     tenth = data.stratified_subset(labels, 0.10, seed=0)
     assert (labels[tenth] == 0).sum() == 15 and (labels[tenth] == 1).sum() == 40
+    assert np.all(np.diff(tenth) > 0)  # sorted indices, each image at most once
     assert np.array_equal(data.stratified_subset(labels, 1.0, seed=3), np.arange(len(labels)))
 
 

@@ -15,17 +15,35 @@ def scored():
     return probs, labels
 
 
-def reference_ece(probs, labels, n_bins):
-    """Guo et al.'s top-label ECE written out bin by bin."""
+def reference_gaps(probs, labels, n_bins):
+    """Guo et al.'s top-label bins written out one by one: (share of samples, |accuracy − confidence|)."""
     conf = np.maximum(probs, 1 - probs)
     correct = ((probs >= 0.5).astype(int) == labels)
-    total = 0.0
+    gaps = []
     for b in range(n_bins):
         low, high = b / n_bins, (b + 1) / n_bins
         inside = (conf > low) & (conf <= high) if b else (conf >= low) & (conf <= high)
         if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
-    return total
+            gaps.append((inside.mean(), abs(correct[inside].mean() - conf[inside].mean())))
+    return gaps
+
+
+def reference_ece(probs, labels, n_bins):
+    return sum(share * gap for share, gap in reference_gaps(probs, labels, n_bins))
+
+
+def reference_eqfreq_ece(probs, labels, n_bins):
+    conf = np.maximum(probs, 1 - probs)
+    correct = (probs >= 0.5) == labels
+    groups = np.array_split(np.argsort(conf, kind="stable"), n_bins)
+    return sum(len(g) / len(probs) * abs(correct[g].mean() - conf[g].mean()) for g in groups)
+
+
+def reference_bootstrap_ci(probs, labels, n, seed, level):
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(labels), size=(n, len(labels)))
+    values = [roc_auc_score(labels[i], probs[i]) for i in index if 0 < labels[i].sum() < len(i)]
+    return tuple(np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
 
 
 def test_scores_match_sklearn(scored):
@@ -39,6 +57,23 @@ def test_scores_match_sklearn(scored):
     assert values["f1"] == pytest.approx(f1_score(labels, predicted))
     assert values["brier"] == pytest.approx(brier_score_loss(labels, probs))
     assert values["nll"] == pytest.approx(log_loss(labels, probs))
+    assert values["ece"] == pytest.approx(reference_ece(probs, labels, 10))
+    assert values["ece_eqfreq"] == pytest.approx(reference_eqfreq_ece(probs, labels, 10))
+    assert values["mce"] == pytest.approx(max(gap for _, gap in reference_gaps(probs, labels, 10)))
+    ci = reference_bootstrap_ci(probs, labels, 200, 0, 0.95)
+    assert (values["auroc_ci_low"], values["auroc_ci_high"]) == pytest.approx(ci)
+
+
+def test_logged_ece_and_equal_frequency_ece_are_not_swapped():
+    # labels drawn from the probabilities: gaps of both signs, so the binning matters (on the
+    # uniformly over-confident `scored` data every binning gives mean confidence − accuracy)
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0, 1, 300)
+    labels = (rng.uniform(0, 1, 300) < probs).astype(int)
+    values = metrics.classification_metrics(probs, labels, n_bootstrap=0)
+    assert values["ece"] == pytest.approx(reference_ece(probs, labels, 10))
+    assert values["ece_eqfreq"] == pytest.approx(reference_eqfreq_ece(probs, labels, 10))
+    assert abs(values["ece"] - values["ece_eqfreq"]) > 1e-3
 
 
 def test_auroc_handles_ties_like_sklearn():
@@ -58,11 +93,7 @@ def test_equal_frequency_bins_hold_equal_counts(scored):
     probs, labels = scored
     bins = metrics.calibration_bins(probs, labels, 10, "quantile")
     assert bins.count.tolist() == [40] * 10
-    conf = np.maximum(probs, 1 - probs)
-    correct = (probs >= 0.5) == labels
-    order = np.argsort(conf, kind="stable")
-    expected = sum(len(g) / 400 * abs(correct[g].mean() - conf[g].mean()) for g in np.array_split(order, 10))
-    assert metrics.ece(probs, labels, 10, "quantile") == pytest.approx(expected)
+    assert metrics.ece(probs, labels, 10, "quantile") == pytest.approx(reference_eqfreq_ece(probs, labels, 10))
 
 
 def test_class1_confidence_compares_probability_with_positive_rate():
@@ -76,7 +107,12 @@ def test_class1_confidence_compares_probability_with_positive_rate():
 
 def test_mce_is_largest_bin_gap_and_bounds_ece(scored):
     probs, labels = scored
-    assert metrics.mce(probs, labels) >= metrics.ece(probs, labels)
+    assert metrics.mce(probs, labels) == pytest.approx(max(gap for _, gap in reference_gaps(probs, labels, 10)))
+    assert metrics.mce(probs, labels) > metrics.ece(probs, labels)
+    # one badly calibrated bin among good ones: MCE is its gap, not an average
+    skewed = np.array([0.95] * 8 + [0.65] * 2)
+    outcome = np.array([1] * 8 + [0] * 2)  # 0.65-bin: confidence 0.65, accuracy 0
+    assert metrics.mce(skewed, outcome) == pytest.approx(0.65)
     perfect = np.array([1.0, 1.0, 0.0, 0.0])
     assert metrics.mce(perfect, np.array([1, 1, 0, 0])) == 0.0
 
@@ -85,7 +121,11 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_estimate(scored):
     probs, labels = scored
     low, high = metrics.bootstrap_auroc_ci(probs, labels, 500, seed=3)
     assert (low, high) == metrics.bootstrap_auroc_ci(probs, labels, 500, seed=3)
+    assert (low, high) != metrics.bootstrap_auroc_ci(probs, labels, 500, seed=4)
     assert low < metrics.auroc(probs, labels) < high and high - low < 0.2
+    narrow = metrics.bootstrap_auroc_ci(probs, labels, 500, seed=3, level=0.8)
+    assert narrow == pytest.approx(reference_bootstrap_ci(probs, labels, 500, 3, 0.8))
+    assert low < narrow[0] < narrow[1] < high
 
 
 def test_sigmoid_is_stable_for_large_logits():

@@ -5,8 +5,8 @@ import pytest
 
 from entrypoints import study
 from entrypoints.common import main
-from pipeline import config
-from pipeline.study import plan
+from pipeline import config, tracking
+from pipeline.study import Step, plan, run_step
 from tests.conftest import all_runs
 
 STEPS = ["eda", "baseline_0_smallcnn_all", "augment_ablation", "ssl_pretrain_simclr", "linear_probe_simclr",
@@ -82,3 +82,26 @@ def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri,
     for stage in ("eda", "baseline", "augment_ablation", "ssl_pretrain", "linear_probe"):
         assert len(top_level(runs, stage)) == 1, stage
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_step_is_reused_only_with_the_same_config_inputs_and_code(tracking_uri, monkeypatch):
+    calls = []
+
+    def runner(cfg, data_root, inputs):
+        calls.append(cfg["epochs"])
+        with tracking.tracked_run("eda", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
+            pass
+
+    step = Step("eda", "eda")
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+        def status(cfg, inputs):
+            return run_step(step, cfg, inputs, "", runner, "breastmnist", parent.info.run_id).status
+
+        assert status({"epochs": 1}, {"run_id": "a"}) == "ran"
+        assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
+        assert status({"epochs": 2}, {"run_id": "a"}) == "ran"  # another config
+        assert status({"epochs": 1}, {"run_id": "b"}) == "ran"  # another input run (e.g. a newer baseline)
+        monkeypatch.setattr(tracking, "code_version", lambda: "changed-code")
+        assert status({"epochs": 1}, {"run_id": "a"}) == "ran"  # the code changed since
+        assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
+    assert calls == [1, 2, 1, 1]
