@@ -66,7 +66,7 @@ def probe_child(
     name = f"{tags['method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         tracking.log_config(child_cfg)
-        values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, logits=logits)
+        values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, len(subset), logits=logits)
     return {**values, "run_id": run.info.run_id}
 
 

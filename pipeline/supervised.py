@@ -99,7 +99,8 @@ def fit_and_log(
         model.load_state_dict(result.best_state)
         # val_acc/val_auroc/val_ece are also per-epoch keys: logging the selected model's values
         # last, at the final step, makes them the run's summary value (MLflow keeps the latest).
-        values = log_evaluation(model, spec, data, cfg, step=result.history[-1]["epoch"], best_epoch=result.best_epoch)
+        values = log_evaluation(model, spec, data, cfg, len(train), step=result.history[-1]["epoch"],
+                                best_epoch=result.best_epoch)
         tracking.log_file(workdir / "val_log.jsonl")
         title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
         tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
@@ -111,21 +112,24 @@ def log_evaluation(
     spec: ModelSpec,
     data: DatasetSplits,
     cfg: Mapping[str, Any],
+    n_train: int,
     step: int = 0,
     best_epoch: int = 0,
     logits: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Evaluate val and test once (or take precomputed `logits`) and log metrics, predictions,
-    `best.pt`, reliability and confusion plots; tags the run `kind=classifier`."""
+    """Evaluate val and test once (or take precomputed `logits`) and log metrics (with `n_train`, the
+    labelled training images used), predictions, `best.pt`, reliability and confusion plots; tags
+    the run `kind=classifier`."""
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
     if logits is None:
         logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
     tracking.set_tags({"kind": "classifier"})
     values = final_metrics(logits, labels, cfg)
     values["best_epoch"] = best_epoch
+    values["n_train"] = n_train
     tracking.log_metrics(values, step=step)
     test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
-    tracking.log_json({**test_values, "best_epoch": best_epoch}, "test_metrics.json")
+    tracking.log_json({**test_values, "best_epoch": best_epoch, "n_train": n_train}, "test_metrics.json")
     for split in ("val", "test"):
         tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:

@@ -12,6 +12,7 @@ from torchvision.models import ResNet18_Weights
 
 from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
+from pipeline.data import load_arrays, stratified_subset
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
 PRETRAIN = ["--epochs", "2", "--batch-size", "32"]
@@ -41,7 +42,7 @@ def read_artifact(tracking_uri, run_id, path, tmp_path):
     return open(local).read()
 
 
-def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_home, tmp_path, capsys):
+def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, offline_torch_home, tmp_path, capsys):
     main(ssl_pretrain.command, ["--dataset", "breastmnist", "--method", "simclr", *PRETRAIN])
     (ssl,) = stage_runs(tracking_uri, "ssl_pretrain")
     assert ssl.info.status == "FINISHED" and ssl.data.tags["method"] == "simclr"
@@ -63,6 +64,11 @@ def test_pretrain_probe_finetune_chain(data_env, tracking_uri, offline_torch_hom
         assert {"method", "label_fraction", "seed"} <= set(child.data.tags)
         assert child.data.params["cfg.size"] == "28"  # robustness and thresholds rebuild the test images at this size
         assert_contract(tracking_uri, child, classifier=child.data.tags["method"] == "supervised")
+    train_labels = load_arrays("breastmnist", 28, synthetic_root)["train"].labels
+    for child in children:  # every method of a (fraction, seed) trains on that stratified subset
+        fraction, seed = float(child.data.tags["label_fraction"]), int(child.data.tags["seed"])
+        assert child.data.metrics["n_train"] == len(stratified_subset(train_labels, fraction, seed))
+    assert {c.data.metrics["n_train"] for c in children} == {len(stratified_subset(train_labels, 0.1, 0)), len(train_labels)}
     supervised = [c for c in children if c.data.tags["method"] == "supervised"]
     assert {c.data.params["cfg.augment"] for c in supervised} == {"flip"}  # as ssl_finetune trains, for week 6
     probe_child = next(c for c in children if c.data.tags["method"] == "ssl_probe")
