@@ -9,16 +9,21 @@ source run's logged predictions.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import mlflow
 import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, roc_auc_score, roc_curve
 
 from entrypoints import calibrate, robustness, thresholds
 from entrypoints.common import main
+from pipeline.data import load_arrays
+from pipeline.supervised import predictions_csv
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step
 
 COMMANDS = {"calibrate": calibrate.command, "thresholds": thresholds.command, "robustness": robustness.command}
@@ -139,6 +144,65 @@ def test_calibrate_end_to_end(store, tmp_path, capsys):
     table = read_csv(uri, run.info.run_id, "calibration/table.csv", tmp_path / "table")
     assert list(table["method"]) == ["uncalibrated"] * 2 + ["temperature"] * 2 + ["platt"] * 2 + ["isotonic"] * 2
     assert float(table["ece"][3]) == pytest.approx(m["test_ece_after"])
+
+
+def scaled_predictions_run(uri: str, data_root, val_scale: float, test_scale: float) -> tuple[str, dict]:
+    """A classifier run whose logged logits are a noisy score of the true label times a different
+    scale on each split, so a fit on validation and a fit on test give different answers."""
+    splits = load_arrays("breastmnist", 28, data_root)
+    rng = np.random.default_rng(5)
+    logits = {}
+    for split, scale in (("val", val_scale), ("test", test_scale)):
+        labels = splits[split].labels
+        logits[split] = scale * ((2 * labels - 1) + rng.normal(0, 1.2, len(labels)))
+    run_id = fake_run(uri, dataset="breastmnist", stage="baseline", kind="classifier")
+    client = mlflow.MlflowClient(uri)
+    for split in ("val", "test"):
+        client.log_text(run_id, predictions_csv(logits[split], splits[split].labels), f"predictions/{split}.csv")
+    return run_id, {s: (logits[s], splits[s].labels) for s in logits}
+
+
+def test_calibrators_are_fitted_on_validation_never_test(store, synthetic_root, tmp_path):
+    uri, _ = store
+    source_id, predictions = scaled_predictions_run(uri, synthetic_root, val_scale=3.0, test_scale=0.7)
+    main(calibrate.command, ["--dataset", "breastmnist", "--run-id", source_id, "--methods", "temperature,platt,isotonic"])
+    run = newest(uri, "calibrate")
+    m = run.data.metrics
+    (val_z, val_y), (test_z, test_y) = predictions["val"], predictions["test"]
+
+    def temperature_on(z, y):
+        fit = minimize_scalar(lambda s: log_loss(y, sigmoid(z / np.exp(s)), labels=[0, 1]),
+                              bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-8})
+        return np.exp(fit.x)
+
+    t_val, t_test = temperature_on(val_z, val_y), temperature_on(test_z, test_y)
+    assert abs(np.log(t_val / t_test)) > 1  # the splits disagree, so the check below can tell them apart
+    assert m["temperature"] == pytest.approx(t_val, rel=1e-3)
+    fitted = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="calibration/fitted.json", dst_path=str(tmp_path), tracking_uri=uri)).read())
+    assert fitted["temperature_at_bound"] is False
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(val_z.reshape(-1, 1), val_y)
+    assert (m["platt_slope"], m["platt_intercept"]) == pytest.approx((platt.coef_[0, 0], platt.intercept_[0]), rel=1e-3)
+    assert m["val_nll_after"] < m["val_nll_before"] - 0.05
+    assert m["test_nll_platt"] == pytest.approx(log_loss(test_y, platt.predict_proba(test_z.reshape(-1, 1))[:, 1]), rel=1e-6)
+    isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(val_z, val_y)
+    assert m["test_brier_isotonic"] == pytest.approx(brier_score_loss(test_y, isotonic.predict(test_z)), rel=1e-6)
+
+
+def test_high_confidence_errors_are_listed_most_confident_first(store, synthetic_root, tmp_path):
+    uri, _ = store
+    source_id, predictions = scaled_predictions_run(uri, synthetic_root, val_scale=3.0, test_scale=3.0)
+    main(thresholds.command, ["--dataset", "breastmnist", "--run-id", source_id, "--confidence", "0.8", "--bootstrap", "0"])
+    run = newest(uri, "thresholds")
+    test_z, test_y = predictions["test"]
+    p = sigmoid(test_z)
+    confidence = np.maximum(p, 1 - p)
+    wrong = np.flatnonzero(((p >= 0.5) != test_y) & (confidence >= 0.8))
+    assert len(wrong) >= 3 and run.data.metrics["high_confidence_errors"] == len(wrong)
+    errors = read_csv(uri, run.info.run_id, "thresholds/high_confidence_errors.csv", tmp_path)
+    expected = wrong[np.lexsort((wrong, -confidence[wrong]))]  # most confident first
+    assert errors["index"].astype(int).tolist() == expected.tolist()
+    assert errors["true"].astype(int).tolist() == test_y[expected].tolist()
 
 
 def test_thresholds_end_to_end(store, tmp_path, capsys):
