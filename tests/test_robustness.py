@@ -82,6 +82,13 @@ def test_uncertainty_shapes_and_entropy_bounds():
     assert np.all(u["mutual_info"] >= -1e-12) and np.all(u["mutual_info"] <= u["entropy"] + 1e-12)
     # Identical passes: no disagreement between masks, so no mutual information.
     assert np.allclose(robustness.uncertainty(np.repeat(logits[:1], 4, axis=0))["mutual_info"], 0, atol=1e-9)
+    # Two passes that disagree (p = 0.95 and 0.05): mean p = 0.5, so H = ln 2, each pass has
+    # H(0.05), and the mutual information is their difference, clearly above zero.
+    z = np.log(0.95 / 0.05)
+    u = robustness.uncertainty(np.array([[z], [-z]]))
+    h = -(0.05 * np.log(0.05) + 0.95 * np.log(0.95))
+    assert u["prob"][0] == pytest.approx(0.5) and u["entropy"][0] == pytest.approx(np.log(2))
+    assert u["mutual_info"][0] == pytest.approx(np.log(2) - h) and u["mutual_info"][0] > 0.4
 
 
 def test_error_detection_auroc_rewards_uncertainty_on_errors():

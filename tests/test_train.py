@@ -41,16 +41,28 @@ def test_training_learns_the_synthetic_signal(splits):
 
 def test_best_state_is_a_copy_of_the_best_epoch_not_the_last(splits):
     model = fresh_model()
-    result = train_classifier(model, splits.train, splits.val, cfg())
+    snapshots = {}
+
+    def keep(epoch, row, state):
+        snapshots[epoch] = copy.deepcopy(model.state_dict())
+
+    result = train_classifier(model, splits.train, splits.val, cfg(epochs=5, lr=3e-2), on_epoch=keep)
     aurocs = [row["val_auroc"] for row in result.history]
     assert result.best_epoch == int(np.argmax(aurocs)) + 1
+    assert result.best_epoch != len(result.history)  # precondition: the best epoch is not the last
+    best = snapshots[result.best_epoch]
+    assert all(torch.equal(v, best[k]) for k, v in result.best_state.items())
     assert all(v.data_ptr() != model.state_dict()[k].data_ptr() for k, v in result.best_state.items())
 
 
-def test_same_seed_gives_identical_history(splits):
+def test_same_seed_gives_identical_history_and_another_seed_another(splits):
     first = train_classifier(fresh_model(), splits.train, splits.val, cfg())
     second = train_classifier(fresh_model(), splits.train, splits.val, cfg())
     assert first.history == second.history
+    # same initial weights, another training seed: shuffling and augmentation must change
+    other = train_classifier(fresh_model(), splits.train, splits.val, cfg(seed=1, augment="flip"))
+    flipped = train_classifier(fresh_model(), splits.train, splits.val, cfg(augment="flip"))
+    assert other.history != flipped.history
 
 
 def test_resume_from_a_saved_state_matches_an_uninterrupted_run(splits):
