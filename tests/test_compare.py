@@ -35,6 +35,10 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", "--label-fractions", "0.5,1",
                                 "--seeds", "0,1", *TINY])
     main(ssl_finetune.command, ["--dataset", "breastmnist", "--label-fractions", "1", "--seeds", "0", *TINY])
+    # a newer SSL run with its own probes: week 6 must keep to the fine-tuned encoder's probes
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--method", "moco", "--queue-size", "64", *TINY])
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe", "--label-fractions", "0.5,1",
+                                "--seeds", "0,1", *TINY])
     out_root, results_root = tmp_path / "reports", tmp_path / "results"
     main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1",
                            "--results-root", str(results_root)])
@@ -46,13 +50,21 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     older = base.run_id[1]  # rows are newest first
     assert base.val_auroc[1] > base.val_auroc[0]
     eff = pd.read_csv(out / "week5_label_efficiency.csv")
-    assert len(eff) == 4 and set(eff.n) == {2}
+    assert len(eff) == 6 and set(eff.n) == {2}  # 2 fractions × (simclr probe, moco probe, supervised)
     for _, row in eff.iterrows():
         cited = [runs[i].data.metrics["test_auroc"] for i in row.run_ids.split()]
         assert row.test_auroc_mean == pytest.approx(sum(cited) / len(cited))
         assert {runs[i].data.tags["label_fraction"] for i in row.run_ids.split()} == {str(row.label_fraction)}
+    assert {"SSL linear probe (simclr)", "SSL linear probe (moco)"} <= set(eff.method)
     week6 = pd.read_csv(out / "week6_probe_vs_finetune.csv")
     assert "ssl_finetune" in set(week6.method) and "ssl_probe" in set(week6.method)
+    (finetune,) = [r for r in runs.values() if r.data.tags["stage"] == "ssl_finetune" and "mlflow.parentRunId" not in r.data.tags]
+    encoder = finetune.data.tags["source_run_id"]
+    for _, row in week6[~week6.method.str.startswith("baseline")].iterrows():
+        cited = [runs[i] for i in row.run_ids.split()]
+        parents = {runs[c.data.tags["mlflow.parentRunId"]] for c in cited}
+        assert {p.data.tags["source_run_id"] for p in parents} == {encoder}, row.method  # not the newer moco probes
+        assert row.test_auroc_mean == pytest.approx(sum(c.data.metrics["test_auroc"] for c in cited) / len(cited))
     ssl = pd.read_csv(out / "week4_ssl_pretraining.csv")
     assert ssl.final_ssl_loss[0] == pytest.approx(runs[ssl.run_id[0]].data.metrics["ssl_loss"])
 
