@@ -12,7 +12,7 @@ from pipeline.data import load_splits
 from pipeline.errors import DivergenceError
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.runtime import seed_everything
-from pipeline.train import predict_logits, train_classifier
+from pipeline.train import make_optimizer, make_scheduler, predict_logits, train_classifier
 
 
 @pytest.fixture()
@@ -101,3 +101,24 @@ def test_checkpoints_follow_the_epoch_schedule_but_not_sooner_than_the_minimum_i
     assert due_epochs(0) == [2, 4, 6, 8]  # never after the last epoch: the run logs its final model then
     assert due_epochs(30) == [4, 8]  # 20 s, then 20 s after epoch 4's: too soon
     assert due_epochs(1000) == []  # a run shorter than the interval writes none
+
+
+def test_encoder_learns_at_lr_times_scale_and_the_head_at_lr():
+    model = fresh_model()
+    optimizer = make_optimizer(model, cfg(lr=1e-3, encoder_lr_scale=0.1))
+    head, encoder = optimizer.param_groups
+    assert head["lr"] == 1e-3 and encoder["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert len(make_optimizer(model, cfg()).param_groups) == 1  # no scale: one group at lr
+
+
+def test_multistep_schedule_steps_down_at_half_and_three_quarters():
+    optimizer = make_optimizer(fresh_model(), cfg(lr=1.0))
+    scheduler = make_scheduler(optimizer, cfg(epochs=8, scheduler="multistep", gamma=0.1))
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
