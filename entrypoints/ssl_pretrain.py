@@ -16,6 +16,7 @@ from pipeline.ssl_pretrain import run_ssl_pretrain
 @click.option("--temperature", default="", help="Softmax temperature τ (default 0.2).")
 @click.option("--queue-size", default="", help="MoCo queue length.")
 @click.option("--moco-momentum", default="", help="MoCo key-encoder momentum.")
+@click.option("--bn-splits", default="", help="MoCo batch-norm groups per batch (1 = plain BN).")
 @click.option("--resume", default="", help="Run id of an interrupted ssl_pretrain run to continue.")
 def command(dataset: str, data_root: str, config_file: str, resume: str, **overrides: str) -> None:
     """Pretrain an encoder without labels and log it (checkpoints/encoder.pt) to MLflow."""

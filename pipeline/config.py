@@ -118,6 +118,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "temperature": _positive,
     "moco_momentum": _unit_interval,
     "queue_size": _at_least(1),
+    "bn_splits": _at_least(1),
     "proj_dim": _at_least(1),
     "proj_hidden_dim": _at_least(1),
     "knn_k": _at_least(1),

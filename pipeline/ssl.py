@@ -24,6 +24,64 @@ def projection_head(in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> n
     )
 
 
+class SplitBatchNorm:
+    """Batch norm that, in training, normalises `splits` consecutive chunks of the batch separately:
+    the single-device stand-in for MoCo's shuffling BN across GPUs (the MoCo authors' CIFAR demo
+    splits its batch the same way). Running statistics become the mean of the chunks' updates; in
+    eval mode, and for a batch `splits` does not divide, it is plain batch norm. Parameters and
+    state_dict keys are those of the batch norm it replaces, so checkpoints load into the plain
+    model. Chunks keep the input's memory layout (channels_last stays channels_last)."""
+
+    splits: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.splits == 1 or x.shape[0] % self.splits:
+            return super().forward(x)
+        means = [self.running_mean.clone() for _ in range(self.splits)]
+        variances = [self.running_var.clone() for _ in range(self.splits)]
+        out = torch.cat([
+            F.batch_norm(chunk, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+            for chunk, mean, var in zip(x.chunk(self.splits), means, variances)
+        ])
+        with torch.no_grad():
+            self.running_mean.copy_(torch.stack(means).mean(dim=0))
+            self.running_var.copy_(torch.stack(variances).mean(dim=0))
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+class SplitBatchNorm1d(SplitBatchNorm, nn.BatchNorm1d):
+    """`SplitBatchNorm` for (N, C) inputs (the projector)."""
+
+
+class SplitBatchNorm2d(SplitBatchNorm, nn.BatchNorm2d):
+    """`SplitBatchNorm` for (N, C, H, W) inputs (the encoder)."""
+
+
+SPLIT_BATCH_NORM = {nn.BatchNorm1d: SplitBatchNorm1d, nn.BatchNorm2d: SplitBatchNorm2d}
+
+
+def split_batch_norm(module: nn.Module, splits: int) -> nn.Module:
+    """Turn every BatchNorm1d/2d of `module` into its `SplitBatchNorm` with `splits` chunks, in place."""
+    for layer in module.modules():
+        if type(layer) in SPLIT_BATCH_NORM:
+            layer.__class__ = SPLIT_BATCH_NORM[type(layer)]
+        if isinstance(layer, SplitBatchNorm):
+            layer.splits = splits
+    return module
+
+
+def key_order(n: int, splits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The order the key encoder sees a batch in, so that most keys fall in another batch-norm chunk
+    than their query: with chunks of g = n / splits, position s·g + r holds sample ((s + r) mod splits)·g + r."""
+    if splits == 1 or n % splits:
+        return torch.arange(n, device=device)
+    g = n // splits
+    chunk = torch.arange(splits, device=device)[:, None]
+    row = torch.arange(g, device=device)[None, :]
+    return (((chunk + row) % splits) * g + row).flatten()
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent: each of the 2N views must pick its partner among the other 2N−1."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
@@ -73,7 +131,10 @@ class MoCo(nn.Module):
 
     The queue also keeps each key's image index: on a small dataset it holds several epochs of keys
     (BreastMNIST: 546 images, queue 2048), so a query would otherwise meet earlier keys of its own
-    image among its negatives; those are masked out.
+    image among its negatives; those are masked out. With `bn_splits` > 1, both encoders normalise
+    groups of the batch separately and keys are reordered across groups (`key_order`), so a query and
+    its key do not share batch statistics, which would let the model find its positive by them (MoCo's
+    shuffling BN).
     """
 
     def __init__(
@@ -84,10 +145,12 @@ class MoCo(nn.Module):
         queue_size: int = 4096,
         hidden_dim: int = 512,
         out_dim: int = 128,
+        bn_splits: int = 1,
     ):
         super().__init__()
-        self.backbone = backbone
-        self.projector = projection_head(backbone.feat_dim, hidden_dim, out_dim)
+        self.backbone = split_batch_norm(backbone, bn_splits)
+        self.projector = split_batch_norm(projection_head(backbone.feat_dim, hidden_dim, out_dim), bn_splits)
+        self.bn_splits = bn_splits
         self.key_backbone = copy.deepcopy(backbone)
         self.key_projector = copy.deepcopy(self.projector)
         for param in [*self.key_backbone.parameters(), *self.key_projector.parameters()]:
@@ -127,7 +190,9 @@ class MoCo(nn.Module):
         query = F.normalize(self.projector(self.backbone.features(view1)).float(), dim=1)
         with torch.no_grad():
             self.momentum_update()
-            key = F.normalize(self.key_projector(self.key_backbone.features(view2)).float(), dim=1)
+            order = key_order(view2.shape[0], self.bn_splits, view2.device)
+            key = self.key_projector(self.key_backbone.features(view2[order]))[torch.argsort(order)]
+            key = F.normalize(key.float(), dim=1)
         own = None if ids is None else ids[:, None] == self.queue_ids[None, :]
         loss = info_nce(query, key, self.queue.clone().detach(), self.temperature, own)
         self.enqueue(key, ids)
@@ -138,4 +203,5 @@ def build_ssl(method: str, backbone: Classifier, cfg) -> nn.Module:
     """The SSL module a config names (`simclr` or `moco`)."""
     if method == "simclr":
         return SimCLR(backbone, cfg["temperature"], cfg["proj_hidden_dim"], cfg["proj_dim"])
-    return MoCo(backbone, cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"], cfg["proj_hidden_dim"], cfg["proj_dim"])
+    return MoCo(backbone, cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"], cfg["proj_hidden_dim"], cfg["proj_dim"],
+                cfg["bn_splits"])

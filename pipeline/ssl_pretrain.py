@@ -50,9 +50,13 @@ def ssl_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "temperature", "proj_hidden_dim", "proj_dim", "seed", "size"]
     settings = {k: cfg[k] for k in keys}
     if cfg["method"] == "moco":
-        settings.update(queue_size=cfg["queue_size"], moco_momentum=cfg["moco_momentum"])
+        settings.update(queue_size=cfg["queue_size"], moco_momentum=cfg["moco_momentum"], bn_splits=cfg["bn_splits"])
     settings["augmentations"] = SSL_VIEW_DESCRIPTION
     return settings
+
+
+# What a run checkpointed before a config key existed trained with (it resumes the same way).
+BEFORE_THE_KEY_EXISTED = {"bn_splits": 1}
 
 
 def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -62,7 +66,8 @@ def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str,
     data = load_checkpoint(tracking.download_artifact(run.info.run_id, "checkpoints/last.pt"))
     if "train_state" not in data:
         raise UserError(f"run {resume_run_id}'s last.pt holds no training state; start a new run instead")
-    return data["config"], data["train_state"], tracking.last_logged_step(run.info.run_id, "ssl_loss")
+    config = {**BEFORE_THE_KEY_EXISTED, **data["config"]}
+    return config, data["train_state"], tracking.last_logged_step(run.info.run_id, "ssl_loss")
 
 
 def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "") -> dict[str, float]:

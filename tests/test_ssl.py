@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from pipeline import config
 from pipeline.data import load_splits
 from pipeline.errors import DivergenceError
-from pipeline.features import knn_predict
+from pipeline.data import Split
+from pipeline.features import knn_monitor, knn_predict
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import pretrain, warmup_cosine
 from pipeline.runtime import seed_everything
-from pipeline.ssl import MoCo, SimCLR, build_ssl, info_nce, nt_xent
+from pipeline.ssl import MoCo, SimCLR, SplitBatchNorm, build_ssl, info_nce, key_order, nt_xent, split_batch_norm
 
 
 def reference_nt_xent(z1, z2, t):
@@ -136,6 +137,69 @@ def test_moco_forward_enqueues_keys_and_trains_only_the_query_side():
     assert all(p.grad is None for p in moco.key_backbone.parameters())
 
 
+@pytest.mark.parametrize("shape", [(16, 6, 5, 5), (16, 6)])
+def test_split_batch_norm_normalises_each_group_on_its_own(shape):
+    seed_everything(0)
+    plain = torch.nn.BatchNorm2d(6) if len(shape) == 4 else torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2)
+        plain.bias.uniform_(-1, 1)
+    split = split_batch_norm(copy.deepcopy(torch.nn.Sequential(plain)), 4)[0]
+    x = torch.randn(*shape) * 3 + 1
+    out = split(x)
+    groups = [copy.deepcopy(plain) for _ in range(4)]
+    for g, bn in enumerate(groups):  # four consecutive chunks of four samples
+        assert torch.allclose(out[4 * g:4 * g + 4], bn(x[4 * g:4 * g + 4]), atol=1e-5)
+    assert not torch.allclose(out, copy.deepcopy(plain)(x), atol=1e-3)  # whole-batch statistics differ
+    assert torch.allclose(split.running_mean, sum(bn.running_mean for bn in groups) / 4, atol=1e-6)
+    assert torch.allclose(split.running_var, sum(bn.running_var for bn in groups) / 4, atol=1e-6)
+    plain.load_state_dict(split.state_dict())
+    assert torch.allclose(split.eval()(x), plain.eval()(x))  # eval: plain BN with the averaged statistics
+    assert split(x[:3]).shape == (3, *shape[1:])
+    if len(shape) == 4:  # the chunks keep the channels_last layout the CPU path trains in
+        assert split.train()(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_split_batch_norm_keeps_parameters_and_checkpoint_keys():
+    model = build_classifier(ModelSpec("smallcnn"))
+    keys = model.state_dict().keys()
+    split_batch_norm(model, 8)
+    assert model.state_dict().keys() == keys
+    assert sum(isinstance(m, SplitBatchNorm) for m in model.modules()) == 6
+    build_classifier(ModelSpec("smallcnn")).load_state_dict(model.state_dict())
+
+
+def test_key_order_puts_most_keys_in_another_group_than_their_query():
+    order = key_order(64, 8)
+    assert sorted(order.tolist()) == list(range(64))
+    same_group = (torch.arange(64) // 8 == order // 8).float().mean().item()  # position's chunk vs sample's chunk
+    assert same_group == pytest.approx(1 / 8)  # as a random shuffle across 8 devices would give
+    assert torch.equal(key_order(60, 8), torch.arange(60)) and torch.equal(key_order(64, 1), torch.arange(64))
+
+
+def test_moco_with_split_bn_matches_groupwise_reference():
+    seed_everything(0)
+    backbone = build_classifier(ModelSpec("smallcnn"))
+    moco = MoCo(copy.deepcopy(backbone), temperature=0.2, momentum=0.9, queue_size=16, hidden_dim=16, out_dim=8, bn_splits=2)
+    reference = MoCo(backbone, temperature=0.2, momentum=0.9, queue_size=16, hidden_dim=16, out_dim=8)
+    reference.load_state_dict(moco.state_dict())
+    x1, x2 = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    loss = moco(x1, x2)
+    with torch.no_grad():
+        reference.momentum_update()
+        query = torch.empty(8, 8)
+        key = torch.empty(8, 8)
+        order = key_order(8, 2)
+        for g in range(2):  # queries in two chunks of four; keys chunked by their reordered position
+            query[4 * g:4 * g + 4] = reference.projector(reference.backbone.features(x1[4 * g:4 * g + 4]))
+            chunk = order[4 * g:4 * g + 4]
+            key[chunk] = reference.key_projector(reference.key_backbone.features(x2[chunk]))
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    expected = sum(reference_info_nce(query[i:i + 1], key[i:i + 1], reference.queue, 0.2) for i in range(8)) / 8
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert torch.allclose(moco.queue[:8], key, atol=1e-5)  # keys enqueued in the batch's own order
+
+
 def test_warmup_then_cosine_schedule():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = warmup_cosine(optimizer, warmup_steps=4, total_steps=12)
@@ -146,6 +210,29 @@ def test_warmup_then_cosine_schedule():
         scheduler.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.1
+
+
+class PixelFeatures(torch.nn.Module):
+    """A stand-in encoder: the image's two pixels are its features."""
+
+    def features(self, x):
+        return x.flatten(1)
+
+
+def test_knn_monitor_uses_the_training_split_as_support():
+    rng = np.random.default_rng(0)
+
+    def split(n, flip=False):
+        labels = rng.integers(0, 2, n)
+        angle = np.where(labels == 1, 0.3, 1.2) + rng.normal(0, 0.1, n)  # the class sets the direction
+        images = np.stack([np.cos(angle), np.sin(angle)], axis=1) * 200
+        labels = 1 - labels if flip else labels
+        return Split(torch.tensor(images, dtype=torch.uint8).view(n, 1, 1, 2), torch.tensor(labels))
+
+    train, val = split(60), split(40)
+    assert knn_monitor(PixelFeatures(), train, val, 5, 16, False)["knn_val_auroc"] > 0.95
+    # validation labels inverted: only validation as its own support could still score well
+    assert knn_monitor(PixelFeatures(), train, split(40, flip=True), 5, 16, False)["knn_val_auroc"] < 0.05
 
 
 def test_knn_predict_votes_by_similarity():

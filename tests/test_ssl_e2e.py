@@ -13,6 +13,7 @@ from torchvision.models import ResNet18_Weights
 from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
 from pipeline.data import load_arrays, stratified_subset
+from pipeline.models import ModelSpec, build_classifier
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
 PRETRAIN = ["--epochs", "2", "--batch-size", "32"]
@@ -98,7 +99,19 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     assert ft_child.data.params["cfg.size"] == "28" and ft_child.data.params["cfg.dropout"] == "0.25"
     local = mlflow.artifacts.download_artifacts(run_id=ft_child.info.run_id, artifact_path="checkpoints/best.pt",
                                                 dst_path=str(tmp_path), tracking_uri=tracking_uri)
-    assert torch.load(local, weights_only=True)["spec"]["dropout"] == 0.25  # the encoder came without dropout
+    tuned = torch.load(local, weights_only=True)
+    assert tuned["spec"]["dropout"] == 0.25  # the encoder came without dropout
+    pretrained = torch.load(mlflow.artifacts.download_artifacts(
+        run_id=ssl.info.run_id, artifact_path="checkpoints/encoder.pt", dst_path=str(tmp_path / "ssl"),
+        tracking_uri=tracking_uri), weights_only=True)["state_dict"]
+    fresh = build_classifier(ModelSpec("smallcnn")).state_dict()
+    convs = [k for k in pretrained if k.startswith("encoder.") and k.endswith(".weight") and pretrained[k].dim() == 4]
+
+    def distance(a, b):
+        return sum((a[k] - b[k]).abs().mean().item() for k in convs)
+
+    # one epoch at encoder lr 1e-4 moves the SSL weights a little; a fresh encoder would be far away
+    assert distance(tuned["state_dict"], pretrained) < 0.05 * distance(fresh, pretrained)
     assert_contract(tracking_uri, ft_child)
     week6 = read_artifact(tracking_uri, ft_parent.info.run_id, "week6_comparison.md", tmp_path)
     assert "SSL fine-tune" in week6 and "SSL linear probe" in week6 and "supervised only" in week6
@@ -181,3 +194,36 @@ def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_u
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert [m.value for m in history] == [m.value for m in expected]
     assert resumed.data.metrics["knn_val_auroc"] == reference.data.metrics["knn_val_auroc"]
+
+
+def test_moco_checkpointed_before_bn_splits_resumes_with_plain_batch_norm(data_env, tracking_uri, monkeypatch, tmp_path):
+    import pipeline.pretrain as loop
+    import pipeline.ssl as ssl
+
+    config = tmp_path / "short.yaml"
+    config.write_text("epochs: 2\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
+    real_epoch = loop.pretrain_epoch
+
+    def interrupt_in_epoch_two(module, data, optimizer, scheduler, cfg, epoch, scaler):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
+
+    monkeypatch.setattr(loop, "pretrain_epoch", interrupt_in_epoch_two)
+    with pytest.raises(SystemExit):
+        main(ssl_pretrain.command, ["--dataset", "breastmnist", "--config", str(config)])
+    monkeypatch.setattr(loop, "pretrain_epoch", real_epoch)
+    (run,) = all_runs(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    local = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
+    old = torch.load(local, weights_only=True)
+    del old["config"]["bn_splits"]  # as written before the key existed
+    torch.save(old, local)
+    client.log_artifact(run.info.run_id, local, "checkpoints")
+
+    splits = []
+    real_split = ssl.split_batch_norm
+    monkeypatch.setattr(ssl, "split_batch_norm", lambda module, n: splits.append(n) or real_split(module, n))
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert set(splits) == {1}
