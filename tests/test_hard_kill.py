@@ -10,6 +10,7 @@ import time
 
 import mlflow
 import pytest
+import torch
 
 from entrypoints import baseline, runs
 from entrypoints.common import main
@@ -58,6 +59,9 @@ def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_
     assert killed.info.status == "RUNNING"
     assert killed.data.tags["pid"] == str(pid) and killed.data.tags["host"]
     logged_before = tracking.last_logged_step(run_id, "train_loss")
+    last = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(tmp_path / "last"))
+    checkpointed = torch.load(last, weights_only=True)["train_state"]["epoch"]
+    assert 1 <= checkpointed <= logged_before
 
     with tracking.tracked_run("eda", "breastmnist", TAGS) as live:
         dry = clean_stale(capsys, "--dry-run", "--older-than", "0s")
@@ -75,7 +79,7 @@ def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_
     main(baseline.command, ["--dataset", "breastmnist", "--resume", run_id])
     resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
-    assert int(resumed.data.tags["resumed_from_epoch"]) <= logged_before
+    assert int(resumed.data.tags["resumed_from_epoch"]) == checkpointed  # continued from last.pt, not from scratch
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, 9))
     log = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="val_log.jsonl", dst_path=str(tmp_path))

@@ -141,6 +141,9 @@ def test_calibrate_end_to_end(store, tmp_path, capsys):
     calibrated = read_csv(uri, run.info.run_id, "predictions/test_calibrated.csv", tmp_path / "cal")
     assert list(calibrated) == ["index", "label", "logit", "prob"]
     assert np.allclose(floats(calibrated["prob"]), sigmoid(test_z / t), atol=1e-7)
+    val_calibrated = read_csv(uri, run.info.run_id, "predictions/val_calibrated.csv", tmp_path / "val_cal")
+    assert np.allclose(floats(val_calibrated["prob"]), sigmoid(val_z / t), atol=1e-7)
+    assert val_calibrated["label"].astype(int).tolist() == val_y.tolist()
     table = read_csv(uri, run.info.run_id, "calibration/table.csv", tmp_path / "table")
     assert list(table["method"]) == ["uncalibrated"] * 2 + ["temperature"] * 2 + ["platt"] * 2 + ["isotonic"] * 2
     assert float(table["ece"][3]) == pytest.approx(m["test_ece_after"])
