@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (under 8 minutes on one H100-class GPU): CPU/GPU fp32 parity and smallcnn
-# under fp16 and bf16 autocast vs. fp32, the performance table in one pass (with the per-sample reference paths
-# and feature switches), and a quick-profile study on a fresh store; the table is printed last.
+# under fp16 and bf16 autocast vs. fp32, the cost of MoCo's shuffling BN, the performance table in
+# one pass (with the per-sample reference paths and feature switches), and a quick-profile study on
+# a fresh store; the table is printed last.
 # Results go to $RESULTS (default bench/results/gpu/). Needs the project's Python environment and MEDMNIST_ROOT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo "== parity: CPU vs CUDA in fp32, same seed and model; autocast vs. fp32 =="
 timeout 150 "$PYTHON" bench/gpu_parity.py 2>&1 | tee "$RESULTS/parity.txt"
 parity=${PIPESTATUS[0]}
+
+echo "== MoCo's shuffling BN: step cost on this GPU =="
+timeout 90 "$PYTHON" bench/split_bn_cost.py --device cuda --batch 512 --rounds 10 --out "$RESULTS/split-bn.json" 2>&1 \
+    | tee "$RESULTS/split-bn.txt"
 
 echo "== performance table + quick-profile study =="
 timeout 360 "$PYTHON" bench/perf.py --device cuda --dataset pneumoniamnist --models smallcnn,resnet18 \

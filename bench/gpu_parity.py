@@ -2,7 +2,9 @@
 
     python bench/gpu_parity.py [--dataset breastmnist] [--epochs 3]
 
-For smallcnn and ResNet-18 (CIFAR stem), from the same weights and batch: logits (eval mode) and the
+MoCo's shuffling BN (one batch norm per chunk on the CPU, chunks folded into channels on CUDA)
+must give the same loss and gradients from the same weights and views. For smallcnn and ResNet-18
+(CIFAR stem), from the same weights and batch: logits (eval mode) and the
 gradients of one training step must be as close to a float64 reference as the CPU's. Then each model trains for a few epochs from the same
 seed on both devices, fp32 (autocast and TF32 off), no augmentation, so every random draw comes
 from the CPU generators both devices share. smallcnn's per-epoch losses and AUROCs must match
@@ -36,6 +38,7 @@ from pipeline.data import load_splits, to_float  # noqa: E402
 from pipeline.errors import DivergenceError  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import prepare_model, seed_everything  # noqa: E402
+from pipeline.ssl import MoCo  # noqa: E402
 from pipeline.train import predict_logits, train_classifier  # noqa: E402
 
 TOLERANCE = {"loss_rel": 0.02, "auroc_abs": 0.01, "logit_abs": 1e-3}
@@ -70,6 +73,30 @@ def step_checks(name: str, spec: ModelSpec, dataset: str) -> list[tuple[str, flo
         (f"{name}: same weights, max abs. logit diff", logit, TOLERANCE["logit_abs"], logit <= TOLERANCE["logit_abs"]),
         (f"{name}: one step's gradients vs float64, rel. L2 error (CPU fp32: {errors[0]:.1e})", errors[1], tolerance,
          errors[1] <= tolerance),
+    ]
+
+
+def moco_split_bn_checks(dataset: str, device: torch.device) -> list[tuple[str, float, float, bool]]:
+    """MoCo with shuffling BN (8 chunks) from the same weights and views: the CPU computes one batch
+    norm per chunk, CUDA one over the chunks folded into channels; loss and gradients must agree."""
+    seed_everything(0)
+    cfg = config.resolve("ssl_pretrain", dataset, {"queue_size": 512})
+    cpu_module = MoCo(build_classifier(ModelSpec("smallcnn")), cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"],
+                      cfg["proj_hidden_dim"], cfg["proj_dim"], bn_splits=8)
+    modules = [(torch.device("cpu"), cpu_module), (device, prepare_model(copy.deepcopy(cpu_module), device, {"channels_last": True}))]
+    data = load_splits(dataset, 28, "", torch.device("cpu"))
+    x = to_float(data.train.images[:256])
+    losses, grads = [], []
+    for where, module in modules:
+        loss = module(x.to(where), x.flip(-1).to(where), torch.arange(256, device=where))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().cpu().double() for p in module.backbone.encoder.parameters()]))
+    loss_diff = abs(losses[1] - losses[0]) / abs(losses[0])
+    grad_diff = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    return [
+        ("moco shuffling BN: loss, CPU chunks vs. folded, rel. diff", loss_diff, 1e-4, loss_diff <= 1e-4),
+        ("moco shuffling BN: encoder gradients, CPU chunks vs. folded, rel. L2 diff", grad_diff, 1e-2, grad_diff <= 1e-2),
     ]
 
 
@@ -154,6 +181,7 @@ def main() -> None:
         rows += compare(name, cpu, gpu)
         if name == "smallcnn":
             rows += amp_checks(args.dataset, args.epochs, gpu)
+            rows += moco_split_bn_checks(args.dataset, torch.device("cuda"))
     for check, value, tol, ok in rows:
         verdict = "INFO" if ok is None else "PASS" if ok else "FAIL"
         print(f"{verdict}  {check}: {value:.2e} (tolerance {tol:g}{', not applied' if ok is None else ''})")

@@ -77,7 +77,7 @@ def baselines_table(dataset: str) -> Table:
 
 def ssl_table(dataset: str) -> Table:
     """Week 4: each FINISHED pretraining run's settings, final loss and kNN monitor."""
-    header = ["method", "encoder", "τ", "batch", "queue", "epochs", "final loss", "kNN val AUROC", "run"]
+    header = ["method", "encoder", "τ", "batch", "queue", "BN splits", "epochs", "final loss", "kNN val AUROC", "run"]
     runs = tracking.stage_parents(dataset, "ssl_pretrain")
     if not runs:
         return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
@@ -86,11 +86,12 @@ def ssl_table(dataset: str) -> Table:
         p, m = run.data.params, run.data.metrics
         method = run.data.tags.get("method", "?")
         queue = p.get("cfg.queue_size", "") if method == "moco" else "—"
+        splits = p.get("cfg.bn_splits", "1") if method == "moco" else "—"  # runs from before the key: plain BN
         record = {"method": method, "model": p.get("cfg.model"), "stem": p.get("cfg.stem"), "temperature": p.get("cfg.temperature"),
-                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "epochs": p.get("cfg.epochs"),
+                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "bn_splits": splits, "epochs": p.get("cfg.epochs"),
                   "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
         table.records.append(record)
-        table.rows.append([method, record["model"], record["temperature"], record["batch_size"], queue, record["epochs"],
+        table.rows.append([method, record["model"], record["temperature"], record["batch_size"], queue, splits, record["epochs"],
                            fmt(m.get("ssl_loss")), fmt(m.get("knn_val_auroc")), run.info.run_id[:8]])
     return table
 
@@ -277,6 +278,15 @@ def commands_of(dataset: str) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+def moco_text(record: Mapping[str, Any]) -> str:
+    """MoCo's queue and batch-norm splits for the methods text (empty for SimCLR)."""
+    if record["method"] != "moco":
+        return ""
+    splits = int(record["bn_splits"])
+    norm = f"shuffling BN over {splits} chunks" if splits > 1 else "plain BN"
+    return f", queue {record['queue_size']}, {norm}"
+
+
 def methods_text(dataset: str, built: list[Table]) -> str:
     """A methods paragraph filled in from the logged configurations."""
     by_name = {t.name: t for t in built}
@@ -287,7 +297,8 @@ def methods_text(dataset: str, built: list[Table]) -> str:
         parts.append(f"Supervised baselines: {', '.join(models)}; the checkpoint with the best validation AUROC is evaluated once on test.")
     ssl = by_name.get("week4_ssl_pretraining")
     if ssl and ssl.records:
-        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}, {r['epochs']} epochs)" for r in ssl.records})
+        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, {r['epochs']} epochs)"
+                       for r in ssl.records})
         parts.append(f"Self-supervised pretraining: {', '.join(runs)}.")
     eff = by_name.get("week5_label_efficiency")
     if eff and eff.records:

@@ -27,27 +27,47 @@ def projection_head(in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> n
 class SplitBatchNorm:
     """Batch norm that, in training, normalises `splits` consecutive chunks of the batch separately:
     the single-device stand-in for MoCo's shuffling BN across GPUs (the MoCo authors' CIFAR demo
-    splits its batch the same way). Running statistics become the mean of the chunks' updates; in
+    splits its batch the same way). Running statistics become the mean of the chunks' updates. In
     eval mode, and for a batch `splits` does not divide, it is plain batch norm. Parameters and
     state_dict keys are those of the batch norm it replaces, so checkpoints load into the plain
-    model. Chunks keep the input's memory layout (channels_last stays channels_last)."""
+    model.
+
+    Two computations of the same result: on the CPU one batch norm per chunk (keeps channels_last,
+    about 7% of a MoCo step); elsewhere the chunks folded into the channel dimension, one batch norm
+    for the whole batch (a GPU at 28 px is bound by the number of kernels, not their size)."""
 
     splits: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.splits == 1 or x.shape[0] % self.splits:
             return super().forward(x)
-        means = [self.running_mean.clone() for _ in range(self.splits)]
-        variances = [self.running_var.clone() for _ in range(self.splits)]
-        out = torch.cat([
-            F.batch_norm(chunk, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-            for chunk, mean, var in zip(x.chunk(self.splits), means, variances)
-        ])
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        means = self.running_mean.repeat(self.splits, 1)
+        variances = self.running_var.repeat(self.splits, 1)
+        normalise = chunkwise_batch_norm if x.device.type == "cpu" else folded_batch_norm
+        out = normalise(x, self.splits, means, variances, self.weight, self.bias, factor, self.eps)
         with torch.no_grad():
-            self.running_mean.copy_(torch.stack(means).mean(dim=0))
-            self.running_var.copy_(torch.stack(variances).mean(dim=0))
-            self.num_batches_tracked.add_(1)
+            self.running_mean.copy_(means.mean(dim=0))
+            self.running_var.copy_(variances.mean(dim=0))
         return out
+
+
+def chunkwise_batch_norm(x, splits, means, variances, weight, bias, factor: float, eps: float) -> torch.Tensor:
+    """Training-mode batch norm of each of `splits` chunks; chunk k updates row k of `means`/`variances`."""
+    return torch.cat([
+        F.batch_norm(chunk, means[k], variances[k], weight, bias, True, factor, eps)
+        for k, chunk in enumerate(x.chunk(splits))
+    ])
+
+
+def folded_batch_norm(x, splits, means, variances, weight, bias, factor: float, eps: float) -> torch.Tensor:
+    """`chunkwise_batch_norm` in one batch norm: chunk k's channels become channels k·C … k·C + C − 1."""
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    folded = x.reshape(splits, n // splits, c, *rest).transpose(0, 1).reshape(n // splits, splits * c, *rest)
+    flat_means, flat_variances = means.view(-1), variances.view(-1)
+    out = F.batch_norm(folded, flat_means, flat_variances, weight.repeat(splits), bias.repeat(splits), True, factor, eps)
+    return out.reshape(n // splits, splits, c, *rest).transpose(0, 1).reshape(x.shape)
 
 
 class SplitBatchNorm1d(SplitBatchNorm, nn.BatchNorm1d):
@@ -64,7 +84,7 @@ SPLIT_BATCH_NORM = {nn.BatchNorm1d: SplitBatchNorm1d, nn.BatchNorm2d: SplitBatch
 def split_batch_norm(module: nn.Module, splits: int) -> nn.Module:
     """Turn every BatchNorm1d/2d of `module` into its `SplitBatchNorm` with `splits` chunks, in place."""
     for layer in module.modules():
-        if type(layer) in SPLIT_BATCH_NORM:
+        if type(layer) in SPLIT_BATCH_NORM and layer.track_running_stats:
             layer.__class__ = SPLIT_BATCH_NORM[type(layer)]
         if isinstance(layer, SplitBatchNorm):
             layer.splits = splits
@@ -72,8 +92,9 @@ def split_batch_norm(module: nn.Module, splits: int) -> nn.Module:
 
 
 def key_order(n: int, splits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The order the key encoder sees a batch in, so that most keys fall in another batch-norm chunk
-    than their query: with chunks of g = n / splits, position s·g + r holds sample ((s + r) mod splits)·g + r."""
+    """The order the key encoder sees a batch in: with chunks of g = n / splits, position s·g + r
+    (chunk s) holds sample ((s + r) mod splits)·g + r, so each key chunk draws equally from every
+    query chunk, as a random shuffle across `splits` devices does on average."""
     if splits == 1 or n % splits:
         return torch.arange(n, device=device)
     g = n // splits

@@ -70,6 +70,14 @@ def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str,
     return config, data["train_state"], tracking.last_logged_step(run.info.run_id, "ssl_loss")
 
 
+def check_bn_splits(cfg: Mapping[str, Any]) -> None:
+    """MoCo's batch-norm chunks must divide the batch into chunks of at least two images."""
+    splits, batch = cfg["bn_splits"], cfg["batch_size"]
+    if cfg["method"] == "moco" and splits > 1 and (batch % splits or batch // splits < 2):
+        raise UserError(f"bn_splits={splits} must divide batch_size={batch} into chunks of at least 2 images "
+                        "(MoCo's shuffling BN); choose another batch size, or bn_splits=1 for plain BN")
+
+
 def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "") -> dict[str, float]:
     """Pretrain, log every epoch and the artifacts; returns the final epoch's metrics.
 
@@ -79,6 +87,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     state, logged_through = None, 0
     if resume_run_id:
         cfg, state, logged_through = _resume_state(cfg, resume_run_id)
+    check_bn_splits(cfg)
     device = resolve_device(cfg["device"])
     configure_speed(device)
     seed_everything(cfg["seed"])

@@ -9,7 +9,7 @@ import time
 import pytest
 from medmnist.info import INFO
 
-from entrypoints import baseline
+from entrypoints import baseline, ssl_pretrain
 from entrypoints.common import main
 from tests.conftest import all_runs, cli_env, mlflow_run, run_step
 
@@ -118,3 +118,14 @@ def test_failure_inside_a_run_marks_it_failed_with_reason(synthetic_root, tracki
     assert result.returncode == 1 and "training loss became" in result.stderr and "Traceback" not in result.stderr
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and "DivergenceError" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize("batch", ["100", "8"])
+def test_moco_batch_that_bn_splits_cannot_chunk(batch, synthetic_root, tracking_uri, monkeypatch, capsys):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    with pytest.raises(SystemExit) as exit_info:
+        main(ssl_pretrain.command, ["--dataset", "breastmnist", "--method", "moco", "--batch-size", batch])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert f"bn_splits=8 must divide batch_size={batch} into chunks of at least 2 images" in lines[0]
+    assert all_runs(tracking_uri) == []

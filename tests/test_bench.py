@@ -78,3 +78,15 @@ def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_pat
     assert [line.split(":")[0] for line in lines if line.startswith("[study]") and ": ran " in line][:len(ran)] == ran
     reused = {line.split(":")[0] for line in lines if line.startswith("[study]") and ": reused " in line}
     assert set(ran) - {"[study] compare"} <= reused
+
+
+def test_split_bn_cost_times_both_modules_on_the_same_batch(tmp_path):
+    out = tmp_path / "split.json"
+    command = [sys.executable, "bench/split_bn_cost.py", "--models", "smallcnn", "--batch", "16", "--splits", "4",
+               "--rounds", "2", "--warmup", "0", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "smallcnn" and row["splits"] == 4 and row["plain_ms"] > 0 and row["split_ms"] > 0
+    assert row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
+    assert "| smallcnn |" in done.stdout.splitlines()[-1]

@@ -67,6 +67,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         assert row.test_auroc_mean == pytest.approx(sum(c.data.metrics["test_auroc"] for c in cited) / len(cited))
     ssl = pd.read_csv(out / "week4_ssl_pretraining.csv")
     assert ssl.final_ssl_loss[0] == pytest.approx(runs[ssl.run_id[0]].data.metrics["ssl_loss"])
+    assert dict(zip(ssl.method, ssl.bn_splits.astype(str))) == {"moco": "8", "simclr": "—"}
 
     for name in ("week2_baselines", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune"):
         assert "\\toprule" in (out / f"{name}.tex").read_text() and "|---|" in (out / f"{name}.md").read_text()
@@ -74,6 +75,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert not list(out.glob(".*tmp*"))
     draft = (out / "draft.md").read_text()
     assert "## Reproducibility checklist" in draft and "smallcnn" in draft and "50%" in draft
+    assert "queue 64, shuffling BN over 8 chunks" in draft
     assert "\\begin{document}" in (out / "draft.tex").read_text()
 
     compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")

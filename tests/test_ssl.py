@@ -17,7 +17,8 @@ from pipeline.features import knn_monitor, knn_predict
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import pretrain, warmup_cosine
 from pipeline.runtime import seed_everything
-from pipeline.ssl import MoCo, SimCLR, SplitBatchNorm, build_ssl, info_nce, key_order, nt_xent, split_batch_norm
+from pipeline.ssl import (MoCo, SimCLR, SplitBatchNorm, build_ssl, chunkwise_batch_norm, folded_batch_norm, info_nce, key_order,
+                          nt_xent, split_batch_norm)
 
 
 def reference_nt_xent(z1, z2, t):
@@ -160,6 +161,38 @@ def test_split_batch_norm_normalises_each_group_on_its_own(shape):
         assert split.train()(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(16, 6, 5, 5), (16, 6)])
+def test_folded_batch_norm_equals_one_batch_norm_per_chunk(shape):
+    # the GPU path (one batch norm over chunks folded into channels) against the CPU path
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 2 + 1
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(6, requires_grad=True), torch.rand(6, requires_grad=True)
+    start_means, start_variances = torch.rand(4, 6), torch.rand(4, 6) + 0.5
+    results = []
+    for normalise in (chunkwise_batch_norm, folded_batch_norm):
+        inputs = x.clone().requires_grad_(True)
+        means, variances = start_means.clone(), start_variances.clone()
+        out = normalise(inputs, 4, means, variances, weight, bias, 0.1, 1e-5)
+        grads = torch.autograd.grad((out * torch.arange(out.numel()).view(out.shape).sin()).sum(), (inputs, weight, bias))
+        results.append((out, means, variances, *grads))
+    for chunked, folded in zip(*results):
+        assert torch.allclose(chunked, folded, atol=1e-5)
+    assert not torch.allclose(results[0][1], start_means)  # the running statistics moved
+
+
+def test_split_batch_norm_without_momentum_keeps_a_cumulative_average():
+    bn = split_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, momentum=None)), 2)[0]
+    batches = [torch.randn(8, 3) + i for i in range(3)]
+    for batch in batches:
+        bn(batch)
+    chunk_means = [batch[k * 4:k * 4 + 4].mean(dim=0) for batch in batches for k in range(2)]
+    assert torch.allclose(bn.running_mean, torch.stack(chunk_means).mean(dim=0), atol=1e-5)
+    untracked = split_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False)), 2)[0]
+    assert not isinstance(untracked, SplitBatchNorm)  # nothing to average: left as it is
+
+
 def test_split_batch_norm_keeps_parameters_and_checkpoint_keys():
     model = build_classifier(ModelSpec("smallcnn"))
     keys = model.state_dict().keys()
@@ -170,10 +203,14 @@ def test_split_batch_norm_keeps_parameters_and_checkpoint_keys():
 
 
 def test_key_order_puts_most_keys_in_another_group_than_their_query():
-    order = key_order(64, 8)
-    assert sorted(order.tolist()) == list(range(64))
-    same_group = (torch.arange(64) // 8 == order // 8).float().mean().item()  # position's chunk vs sample's chunk
-    assert same_group == pytest.approx(1 / 8)  # as a random shuffle across 8 devices would give
+    order = key_order(256, 8)
+    assert sorted(order.tolist()) == list(range(256))
+    # samples shared by query chunk a (sample // 32) and key chunk c (position // 32): every key chunk
+    # draws 4 of its 32 samples from each query chunk, as a shuffle across 8 devices does on average
+    shared = torch.zeros(8, 8, dtype=torch.long)
+    for position, sample in enumerate(order.tolist()):
+        shared[sample // 32, position // 32] += 1
+    assert torch.equal(shared, torch.full((8, 8), 4))
     assert torch.equal(key_order(60, 8), torch.arange(60)) and torch.equal(key_order(64, 1), torch.arange(64))
 
 
