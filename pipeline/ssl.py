@@ -33,7 +33,7 @@ class SplitBatchNorm:
     model.
 
     Two computations of the same result: on the CPU one batch norm per chunk (keeps channels_last,
-    about 7% of a MoCo step); elsewhere the chunks folded into the channel dimension, one batch norm
+    about 5% of a smallcnn MoCo step, bench/split_bn_cost.py); elsewhere the chunks folded into the channel dimension, one batch norm
     for the whole batch (a GPU at 28 px is bound by the number of kernels, not their size)."""
 
     splits: int = 1
