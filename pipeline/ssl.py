@@ -32,9 +32,10 @@ class SplitBatchNorm:
     state_dict keys are those of the batch norm it replaces, so checkpoints load into the plain
     model.
 
-    Two computations of the same result: on the CPU one batch norm per chunk (keeps channels_last,
-    about 5% of a smallcnn MoCo step, bench/split_bn_cost.py); elsewhere the chunks folded into the channel dimension, one batch norm
-    for the whole batch (a GPU at 28 px is bound by the number of kernels, not their size)."""
+    Two computations of the same result: on the CPU one batch norm per chunk (keeps channels_last;
+    about 5% of a smallcnn MoCo step, bench/split_bn_cost.py); elsewhere the chunks folded into the
+    channel dimension, one batch norm for the whole batch (a GPU at 28 px is bound by the number of
+    kernels, not their size)."""
 
     splits: int = 1
 
