@@ -38,7 +38,7 @@ from pipeline.data import load_splits, to_float  # noqa: E402
 from pipeline.errors import DivergenceError  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import prepare_model, seed_everything  # noqa: E402
-from pipeline.ssl import MoCo  # noqa: E402
+from pipeline.ssl import build_ssl  # noqa: E402
 from pipeline.train import predict_logits, train_classifier  # noqa: E402
 
 TOLERANCE = {"loss_rel": 0.02, "auroc_abs": 0.01, "logit_abs": 1e-3}
@@ -80,9 +80,8 @@ def moco_split_bn_checks(dataset: str, device: torch.device) -> list[tuple[str, 
     """MoCo with shuffling BN (8 chunks) from the same weights and views: the CPU computes one batch
     norm per chunk, CUDA one over the chunks folded into channels; loss and gradients must agree."""
     seed_everything(0)
-    cfg = config.resolve("ssl_pretrain", dataset, {"queue_size": 512})
-    cpu_module = MoCo(build_classifier(ModelSpec("smallcnn")), cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"],
-                      cfg["proj_hidden_dim"], cfg["proj_dim"], bn_splits=8)
+    cfg = config.resolve("ssl_pretrain", dataset, {"method": "moco", "queue_size": 512, "bn_splits": 8})
+    cpu_module = build_ssl("moco", build_classifier(ModelSpec("smallcnn")), cfg)
     modules = [(torch.device("cpu"), cpu_module), (device, prepare_model(copy.deepcopy(cpu_module), device, {"channels_last": True}))]
     data = load_splits(dataset, 28, "", torch.device("cpu"))
     x = to_float(data.train.images[:256])

@@ -23,24 +23,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from perf import sync  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import autocast, configure_speed, prepare_model, resolve_device  # noqa: E402
-from pipeline.ssl import MoCo  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a step's wall time is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from pipeline.ssl import MoCo, build_ssl  # noqa: E402
 
 
 def moco(model: str, splits: int, device: torch.device, cfg: dict) -> tuple[MoCo, torch.optim.Optimizer]:
     """A MoCo module with the ssl_pretrain defaults but `bn_splits`, prepared as the pipeline prepares it."""
     torch.manual_seed(0)
-    module = MoCo(build_classifier(ModelSpec(model)), cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"],
-                  cfg["proj_hidden_dim"], cfg["proj_dim"], splits)
-    module = prepare_model(module, device, cfg)
+    module = prepare_model(build_ssl("moco", build_classifier(ModelSpec(model)), {**cfg, "bn_splits": splits}), device, cfg)
     return module, torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg["lr"])
 
 

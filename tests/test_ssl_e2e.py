@@ -161,6 +161,24 @@ def test_mlflow_run_chain_by_latest(synthetic_root, tracking_uri, tmp_path):
     assert parent.data.params["ssl_run_id"] == "latest"
 
 
+def interrupted_pretraining(monkeypatch, args, epoch):
+    """Run ssl_pretrain with a Ctrl-C at the start of `epoch`; returns the SystemExit it ends with."""
+    import pipeline.pretrain as loop
+
+    real_epoch = loop.pretrain_epoch
+
+    def interrupt(module, data, optimizer, scheduler, cfg, current, scaler):
+        if current == epoch:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_epoch(module, data, optimizer, scheduler, cfg, current, scaler)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "pretrain_epoch", interrupt)
+        with pytest.raises(SystemExit) as exit_info:
+            main(ssl_pretrain.command, args)
+    return exit_info.value
+
+
 def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text("epochs: 4\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
@@ -168,22 +186,9 @@ def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_u
     main(ssl_pretrain.command, args)
     (reference,) = all_runs(tracking_uri)
 
-    import pipeline.pretrain as loop
-
-    real_epoch = loop.pretrain_epoch
-
-    def interrupt_in_epoch_three(module, data, optimizer, scheduler, cfg, epoch, scaler):
-        if epoch == 3:
-            raise KeyboardInterrupt("simulated Ctrl-C")
-        return real_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
-
-    monkeypatch.setattr(loop, "pretrain_epoch", interrupt_in_epoch_three)
-    with pytest.raises(SystemExit) as exit_info:
-        main(ssl_pretrain.command, args)
-    assert exit_info.value.code == 130
+    assert interrupted_pretraining(monkeypatch, args, epoch=3).code == 130
     interrupted = all_runs(tracking_uri)[0]
     assert interrupted.info.status == "KILLED"
-    monkeypatch.setattr(loop, "pretrain_epoch", real_epoch)
 
     main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", interrupted.info.run_id])
     client = mlflow.MlflowClient(tracking_uri)
@@ -197,22 +202,11 @@ def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_u
 
 
 def test_moco_checkpointed_before_bn_splits_resumes_with_plain_batch_norm(data_env, tracking_uri, monkeypatch, tmp_path):
-    import pipeline.pretrain as loop
     import pipeline.ssl as ssl
 
     config = tmp_path / "short.yaml"
     config.write_text("epochs: 2\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
-    real_epoch = loop.pretrain_epoch
-
-    def interrupt_in_epoch_two(module, data, optimizer, scheduler, cfg, epoch, scaler):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated Ctrl-C")
-        return real_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
-
-    monkeypatch.setattr(loop, "pretrain_epoch", interrupt_in_epoch_two)
-    with pytest.raises(SystemExit):
-        main(ssl_pretrain.command, ["--dataset", "breastmnist", "--config", str(config)])
-    monkeypatch.setattr(loop, "pretrain_epoch", real_epoch)
+    interrupted_pretraining(monkeypatch, ["--dataset", "breastmnist", "--config", str(config)], epoch=2)
     (run,) = all_runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     local = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
