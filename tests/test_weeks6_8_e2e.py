@@ -229,6 +229,7 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
     finite = np.isfinite(cuts)
     youden = cuts[finite][np.argmax((tpr - fpr)[finite])]
     assert float(table["threshold"][1]) == pytest.approx(youden, rel=1e-6)
+    check_rules_on_validation(table, val_p, val_y)
     m = run.data.metrics
     for k, key in enumerate(table["key"]):
         if table["status"][k] != "ok":
@@ -250,6 +251,35 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
     assert sorted(errors["index"].astype(int).tolist()) == expected_errors.tolist()
     if len(expected_errors):
         assert list(errors) == ["index", "true", "predicted", "prob", "note"] and set(errors["note"]) == {""}
+
+
+def val_rates(probs: np.ndarray, labels: np.ndarray, cut: float) -> tuple[float, float, float]:
+    """TPR, FPR and F1 of `probs >= cut`, counted directly."""
+    called = probs >= cut
+    tp, fp = np.sum(called & (labels == 1)), np.sum(called & (labels == 0))
+    fn = np.sum(~called & (labels == 1))
+    return tp / np.sum(labels == 1), fp / np.sum(labels == 0), 2 * tp / (2 * tp + fp + fn)
+
+
+def check_rules_on_validation(table: dict[str, np.ndarray], val_p: np.ndarray, val_y: np.ndarray) -> None:
+    """Max F1, target TPR and target FPR cuts are the rules' choices among every validation score,
+    and the table's val_tpr/val_fpr are the rates they reach there."""
+    cuts = np.unique(val_p)
+    rates = np.array([val_rates(val_p, val_y, c) for c in cuts])
+    row = {key: k for k, key in enumerate(table["key"])}
+    assert {table["status"][row[k]] for k in ("max_f1", "tpr90", "fpr10")} == {"ok"}
+    logged = {key: float(table["threshold"][row[key]]) for key in ("max_f1", "tpr90", "fpr10")}
+    # each cut is a validation score; snap to it so a last-bit sigmoid difference cannot flip `>=`
+    chosen = {key: cuts[np.argmin(np.abs(cuts - cut))] for key, cut in logged.items()}
+    assert all(chosen[key] == pytest.approx(cut, abs=1e-12) for key, cut in logged.items())
+    for key, cut in chosen.items():
+        tpr, fpr, _ = val_rates(val_p, val_y, cut)
+        assert float(table["val_tpr"][row[key]]) == pytest.approx(tpr) and float(table["val_fpr"][row[key]]) == pytest.approx(fpr)
+    assert val_rates(val_p, val_y, chosen["max_f1"])[2] == pytest.approx(rates[:, 2].max())
+    assert val_rates(val_p, val_y, chosen["tpr90"])[0] >= 0.9
+    assert np.all(rates[cuts > chosen["tpr90"], 0] < 0.9)  # no stricter cut still reaches TPR 0.9
+    assert val_rates(val_p, val_y, chosen["fpr10"])[1] <= 0.1
+    assert np.all(rates[cuts < chosen["fpr10"], 1] > 0.1)  # no looser cut still keeps FPR within 0.1
 
 
 def test_robustness_end_to_end(store, tmp_path, capsys):
