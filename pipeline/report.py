@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 
 from pipeline import tables, tracking
+from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
 
 
@@ -34,6 +35,7 @@ class Table:
     records: list[dict[str, Any]] = field(default_factory=list)
     missing: str = ""
     figure: Figure | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # logged config the methods text cites
 
     @property
     def csv_columns(self) -> list[str]:
@@ -47,6 +49,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     except (TypeError, ValueError):
         return "—"
     return "—" if number != number else f"{number:.{digits}f}"
+
+
+def plural(count: Any, word: str) -> str:
+    """`1 epoch`, `15 epochs`."""
+    return f"{count} {word}{'' if str(count) == '1' else 's'}"
 
 
 def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
@@ -89,10 +96,37 @@ def ssl_table(dataset: str) -> Table:
         splits = p.get("cfg.bn_splits", "1") if method == "moco" else "—"  # runs from before the key: plain BN
         record = {"method": method, "model": p.get("cfg.model"), "stem": p.get("cfg.stem"), "temperature": p.get("cfg.temperature"),
                   "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "bn_splits": splits, "epochs": p.get("cfg.epochs"),
-                  "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
+                  "seed": p.get("cfg.seed"), "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
         table.records.append(record)
         table.rows.append([method, record["model"], record["temperature"], record["batch_size"], queue, splits, record["epochs"],
                            fmt(m.get("ssl_loss")), fmt(m.get("knn_val_auroc")), run.info.run_id[:8]])
+    return table
+
+
+def ablation_table(dataset: str) -> Table:
+    """Week 3: the newest augmentation ablation, its children per variant, mean ± std over seeds."""
+    header = ["augmentation", "n", "val AUROC", "test acc", "test AUROC", "test ECE"]
+    parents = tracking.stage_parents(dataset, "augment_ablation")
+    if not parents:
+        return _missing("week3_augment_ablation", "Augmentation ablation", header, "augment_ablation", dataset)
+    parent = parents[0]
+    p = parent.data.params
+    rows = [{"augment": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **run.data.metrics,
+             "run_id": run.info.run_id}
+            for run in tracking.child_runs(parent.info.run_id, dataset) if "test_auroc" in run.data.metrics]
+    order = p.get("cfg.variants", "").split(",")
+    summary = tables.aggregate(rows, ("augment",), ("val_auroc", "test_acc", "test_auroc", "test_ece"))
+    summary.sort(key=lambda r: order.index(r["augment"]) if r["augment"] in order else len(order))
+    title = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
+    table = Table("week3_augment_ablation", title, header,
+                  settings={k: p.get(f"cfg.{k}", "") for k in ("model", "epochs", "variants", "seeds")})
+    for row in summary:
+        mine = [r for r in rows if r["augment"] == row["augment"]]
+        row.update(seeds=" ".join(sorted(str(r["seed"]) for r in mine)), run_ids=" ".join(r["run_id"] for r in mine),
+                   parent_run_id=parent.info.run_id)
+        table.records.append(row)
+        table.rows.append([row["augment"], row["n"], tables.mean_std(row, "val_auroc"), tables.mean_std(row, "test_acc"),
+                           tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
     return table
 
 
@@ -117,7 +151,8 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     summary.sort(key=lambda r: (r["method"], r["label_fraction"]))
     table = Table(name, title, header)
     for row in summary:
-        row["run_ids"] = " ".join(r["run_id"] for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"]))
+        mine = [r for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"])]
+        row.update(seeds=" ".join(sorted(str(r["seed"]) for r in mine)), run_ids=" ".join(r["run_id"] for r in mine))
         table.records.append(row)
         table.rows.append([METHOD_LABELS.get(row["method"], row["method"]), f"{row['label_fraction']:.0%}", row["n"],
                            tables.mean_std(row, "test_acc"), tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
@@ -133,14 +168,17 @@ def label_efficiency_table(dataset: str) -> Table:
     for run in runs:
         newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
     rows: list[dict[str, Any]] = []
+    settings = {k: runs[0].data.params.get(f"cfg.{k}", "") for k in ("seeds", "probe_cs")}
     for run in runs:  # supervised-only and ImageNet rows: from the newest grid that trained them
         rows = [r for r in child_rows(run, dataset) if r["method"] != "ssl_probe"]
         if rows:
+            settings.update({k: run.data.params.get(f"cfg.{k}", "") for k in ("supervised_epochs", "supervised_augment")})
             break
     for ssl_method, parent in newest.items():
         probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
         rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]
     table = grouped_table("week5_label_efficiency", "Label efficiency: test metrics, mean ± std over seeds", rows)
+    table.settings = settings
     grid = [r for r in table.records if r["n"]]
     table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")
     return table
@@ -158,6 +196,7 @@ def week6_table(dataset: str) -> Table:
     if probes:
         rows += child_rows(probes[0], dataset)
     table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]})", rows)
+    table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "lr", "encoder_lr_scale", "augment", "seeds")}
     if not probes:
         table.missing = f"missing: no FINISHED linear_probe run for SSL run {source}"
     return table
@@ -173,7 +212,9 @@ def artifact_table(dataset: str, stage: str, artifact: str, name: str, title: st
     text = tracking.download_artifact(run.info.run_id, artifact).read_text()
     records = list(csv.DictReader(io.StringIO(text)))
     source = run.data.tags.get("source_run_id", "")
-    table = Table(name, f"{title} (run {run.info.run_id[:8]}, source {source[:8]})", columns)
+    settings = {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
+    table = Table(name, f"{title} (run {run.info.run_id[:8]}, source {source[:8]})", columns,
+                  settings={**settings, "source_run_id": source})
     for record in records:
         table.records.append({**record, "run_id": run.info.run_id, "source_run_id": source})
         table.rows.append([fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns])
@@ -214,7 +255,8 @@ def extra_tables() -> list[Callable[[str], Table]]:
 
 def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] | None = None) -> list[Table]:
     """Every cross-week table for a dataset, in study order."""
-    builders = [baselines_table, ssl_table, label_efficiency_table, week6_table, *(extra_tables() if extra is None else extra)]
+    builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table,
+                *(extra_tables() if extra is None else extra)]
     return [build(dataset) for build in builders]
 
 
@@ -287,25 +329,78 @@ def moco_text(record: Mapping[str, Any]) -> str:
     return f", queue {record['queue_size']}, {norm}"
 
 
+def listed(value: str) -> str:
+    """A logged list param (`0,1,2`) as prose (`0, 1, 2`)."""
+    return ", ".join(v for v in str(value).split(",") if v)
+
+
+def seeds_text(value: str) -> str:
+    """`seed 0` or `seeds 0, 1, 2` from a logged seeds param."""
+    return f"seed{'s' if ',' in str(value) else ''} {listed(value)}"
+
+
 def methods_text(dataset: str, built: list[Table]) -> str:
-    """A methods paragraph filled in from the logged configurations."""
+    """A methods paragraph filled in from the logged configurations: models, epochs, augmentations,
+    SSL settings, label fractions and seeds of the runs the tables cite."""
     by_name = {t.name: t for t in built}
     parts = [f"We study the binary MedMNIST2D dataset `{dataset}` with its official train/validation/test split."]
     base = by_name.get("week2_baselines")
     if base and base.records:
-        models = sorted({f"{r['model']} ({r['finetune']}, {r['epochs']} epochs)" for r in base.records})
+        models = sorted({f"{r['model']} ({r['finetune']}{', ImageNet weights' if r['weights'] == 'imagenet' else ''}, "
+                         f"{plural(r['epochs'], 'epoch')}, augmentation {r['augment']}, seed {r['seed']})" for r in base.records})
         parts.append(f"Supervised baselines: {', '.join(models)}; the checkpoint with the best validation AUROC is evaluated once on test.")
+    ablation = by_name.get("week3_augment_ablation")
+    if ablation and ablation.records:
+        a = ablation.settings
+        parts.append(f"Augmentation ablation: {a['model']} trained for {plural(a['epochs'], 'epoch')} with each preset of "
+                     f"{listed(a['variants'])} (`none` is the control), {seeds_text(a['seeds'])}.")
     ssl = by_name.get("week4_ssl_pretraining")
     if ssl and ssl.records:
-        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, {r['epochs']} epochs)"
-                       for r in ssl.records})
-        parts.append(f"Self-supervised pretraining: {', '.join(runs)}.")
+        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, "
+                       f"{plural(r['epochs'], 'epoch')}, seed {r['seed']})" for r in ssl.records})
+        parts.append(f"Self-supervised pretraining: {', '.join(runs)}; each view: {SSL_VIEW_DESCRIPTION}.")
     eff = by_name.get("week5_label_efficiency")
     if eff and eff.records:
+        e = eff.settings
         fractions = sorted({r["label_fraction"] for r in eff.records})
-        parts.append("Label efficiency: linear probes and supervised-only models at "
-                     f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels (stratified, several seeds).")
-    return " ".join(parts)
+        supervised = (f" and supervised-only models (the encoder's architecture from scratch, "
+                      f"{plural(e['supervised_epochs'], 'epoch')}, augmentation {e['supervised_augment']})"
+                      if "supervised_epochs" in e else "")
+        parts.append("Label efficiency: linear probes (L2 logistic regression on frozen, standardised features, C chosen "
+                     f"on validation AUROC from {listed(e['probe_cs'])}){supervised} at "
+                     f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels "
+                     f"(stratified subsets, {seeds_text(e['seeds'])}).")
+    week6 = by_name.get("week6_probe_vs_finetune")
+    if week6 and week6.records and week6.settings:
+        f = week6.settings
+        parts.append(f"SSL fine-tuning: the pretrained encoder with a new linear head, {plural(f['epochs'], 'epoch')}, "
+                     f"head lr {f['lr']}, encoder lr × {f['encoder_lr_scale']}, augmentation {f['augment']}, "
+                     f"{seeds_text(f['seeds'])}.")
+    return " ".join(parts + posthoc_text(by_name))
+
+
+CALIBRATOR_NAMES = {"temperature": "temperature scaling", "platt": "Platt scaling", "isotonic": "isotonic regression"}
+
+
+def posthoc_text(by_name: Mapping[str, Table]) -> list[str]:
+    """Methods sentences for the calibration, threshold and robustness analyses that have a run."""
+    parts = []
+    cal, thr, rob = (by_name.get(n) for n in ("week6_calibration", "week7_thresholds", "week8_robustness"))
+    if cal and cal.records:
+        methods = ", ".join(CALIBRATOR_NAMES.get(m, m) for m in listed(cal.settings.get("methods", "")).split(", "))
+        parts.append(f"Calibration of classifier run {cal.settings['source_run_id'][:8]}: {methods} "
+                     f"fitted on the validation predictions and applied to test; ECE over {cal.settings.get('ece_bins')} "
+                     "equal-width bins of the top-label confidence.")
+    if thr and thr.records:
+        parts.append(f"Decision thresholds for run {thr.settings['source_run_id'][:8]}: default 0.5, Youden's J, max F1, "
+                     f"target TPR {listed(thr.settings.get('target_tprs', ''))} and target FPR "
+                     f"{listed(thr.settings.get('target_fprs', ''))}, each chosen on validation and applied unchanged to test "
+                     f"(bootstrap 95% CIs, {thr.settings.get('bootstrap')} resamples).")
+    if rob and rob.records:
+        parts.append(f"Robustness of run {rob.settings['source_run_id'][:8]}: test images under "
+                     f"{listed(rob.settings.get('corruptions', ''))} at severities {listed(rob.settings.get('severities', ''))}; "
+                     f"MC dropout with {rob.settings.get('mc_passes')} passes.")
+    return parts
 
 
 def draft_markdown(dataset: str, built: list[Table]) -> str:

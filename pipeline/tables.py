@@ -67,9 +67,11 @@ def rows_to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> st
 
 
 def latex_escape(value: Any) -> str:
-    """Text safe inside LaTeX: ±, τ, _, %, & and — rendered as LaTeX."""
-    replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#",
-                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$"}
+    """Text safe inside LaTeX, in ASCII: its special characters escaped, the Unicode symbols our
+    tables and methods text use (±, τ, ×, →, —) written as LaTeX."""
+    replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$",
+                    "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$", "→": "$\\to$"}
     return "".join(replacements.get(ch, ch) for ch in str(value))
 
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from entrypoints import baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
+from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
 from pipeline import report, tables
 from tests.conftest import all_runs, artifact_paths
@@ -16,12 +16,12 @@ TINY = ["--epochs", "1", "--batch-size", "32"]
 def test_empty_store_reports_every_table_missing(tracking_uri, tmp_path, capsys):
     main(compare.command, ["--dataset", "pneumoniamnist", "--out", str(tmp_path / "reports")])
     out = capsys.readouterr().out
-    assert out.count("MISSING") == 7
+    assert out.count("MISSING") == 8
     text = (tmp_path / "reports" / "pneumoniamnist" / "week2_baselines.md").read_text()
     assert "missing: no FINISHED baseline run for pneumoniamnist" in text
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "compare"
-    assert run.data.metrics["tables_missing"] == 7
+    assert run.data.metrics["tables_missing"] == 8
 
 
 def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch):
@@ -31,6 +31,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     main(baseline.command, ["--dataset", "breastmnist", *TINY])
     # a newer baseline that barely trains: the export must still pick the older one, best on validation
     main(baseline.command, ["--dataset", "breastmnist", *TINY, "--lr", "1e-7", "--seed", "1"])
+    main(augment_ablation.command, ["--dataset", "breastmnist", "--variants", "none,flip", "--seeds", "0,1", *TINY])
     main(ssl_pretrain.command, ["--dataset", "breastmnist", *TINY])
     main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", "--label-fractions", "0.5,1",
                                 "--seeds", "0,1", *TINY])
@@ -65,17 +66,30 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         parents = {runs[c.data.tags["mlflow.parentRunId"]] for c in cited}
         assert {p.data.tags["source_run_id"] for p in parents} == {encoder}, row.method  # not the newer moco probes
         assert row.test_auroc_mean == pytest.approx(sum(c.data.metrics["test_auroc"] for c in cited) / len(cited))
+    ablation = pd.read_csv(out / "week3_augment_ablation.csv")
+    assert list(ablation.augment) == ["none", "flip"] and set(ablation.n) == {2} and set(ablation.seeds) == {"0 1"}
+    for _, row in ablation.iterrows():
+        cited = [runs[i] for i in row.run_ids.split()]
+        assert {c.data.tags["augment"] for c in cited} == {row.augment}
+        assert {c.data.tags["mlflow.parentRunId"] for c in cited} == {row.parent_run_id}
+        for key in ("val_auroc", "test_acc", "test_auroc", "test_ece"):
+            values = [c.data.metrics[key] for c in cited]
+            assert row[f"{key}_mean"] == pytest.approx(sum(values) / 2)
+            assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     ssl = pd.read_csv(out / "week4_ssl_pretraining.csv")
     assert ssl.final_ssl_loss[0] == pytest.approx(runs[ssl.run_id[0]].data.metrics["ssl_loss"])
     assert dict(zip(ssl.method, ssl.bn_splits.astype(str))) == {"moco": "8", "simclr": "—"}
 
-    for name in ("week2_baselines", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune"):
+    for name in ("week2_baselines", "week3_augment_ablation", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune"):
         assert "\\toprule" in (out / f"{name}.tex").read_text() and "|---|" in (out / f"{name}.md").read_text()
     assert (out / "week5_label_efficiency.png").stat().st_size > 0
     assert not list(out.glob(".*tmp*"))
     draft = (out / "draft.md").read_text()
     assert "## Reproducibility checklist" in draft and "smallcnn" in draft and "50%" in draft
     assert "queue 64, shuffling BN over 8 chunks" in draft
+    assert "smallcnn trained for 1 epoch with each preset of none, flip (`none` is the control), seeds 0, 1." in draft
+    assert "1 epochs" not in draft and "encoder lr × 0.1, augmentation flip, seed 0." in draft  # the fine-tuning settings
+    assert "(stratified subsets, seeds 0, 1)" in draft and "random_resized_crop" in draft
     assert "\\begin{document}" in (out / "draft.tex").read_text()
 
     compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")
@@ -101,3 +115,4 @@ def test_latex_escapes_and_mean_std_formatting():
     row = tables.aggregate([{"m": "a", "x": 1.0}, {"m": "a", "x": 3.0}], ("m",), ("x",))[0]
     assert tables.mean_std(row, "x") == "2.000 ± 1.414" and row["n"] == 2
     assert tables.latex_escape("a_b 50% ± τ") == "a\\_b 50\\% $\\pm$ $\\tau$"
+    assert tables.latex_escape("{x}$ ~^ → ×") == "\\{x\\}\\$ \\textasciitilde{}\\textasciicircum{} $\\to$ $\\times$"

@@ -46,9 +46,16 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
     assert steps["calibrate"].data.tags["source_run_id"] == steps["baseline_0_smallcnn_all"].info.run_id
     assert steps["linear_probe_simclr"].data.tags["source_run_id"] == steps["ssl_pretrain_simclr"].info.run_id
     reports = tmp_path / "reports" / "breastmnist"
-    for name in ("week2_baselines", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune",
+    for name in ("week2_baselines", "week3_augment_ablation", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune",
                  "week6_calibration", "week7_thresholds", "week8_robustness"):
         assert "missing" not in (reports / f"{name}.md").read_text(), name
+    for tex in reports.glob("*.tex"):  # ASCII, so any LaTeX engine and input encoding compiles it
+        assert tex.read_text().isascii(), tex.name
+    methods = (reports / "draft.md").read_text().split("## Results")[0]
+    for fragment in ("Augmentation ablation:", "Self-supervised pretraining:", "Label efficiency:", "SSL fine-tuning:",
+                     "temperature scaling fitted on the validation predictions", "Decision thresholds for run",
+                     "Robustness of run"):
+        assert fragment in methods, fragment
     capsys.readouterr()
 
     main(study.command, study_env)
