@@ -1,7 +1,7 @@
 """Week 3 augmentation ablation: one parent run, one nested supervised classifier per (variant × seed).
 
 Each child is a full classifier run (`pipeline.baseline.train_supervised`, stage `augment_ablation`,
-tags `augment` and `seed`). The parent aggregates the children's val/test AUROC and accuracy per
+tags `augment` and `seed`). The parent aggregates the children's val/test AUROC, accuracy and test ECE per
 variant (mean ± sample std over seeds) into `ablation.csv`, `ablation.md`, a plot and metrics. A
 child that fails does not stop the others; the parent then ends FAILED naming the failed children.
 """
@@ -21,7 +21,7 @@ from pipeline.data import load_splits
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_speed, resolve_device
 
-METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc")
+METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc", "test_ece")
 
 
 def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 
-from pipeline import tables, tracking
+from pipeline import ablation, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
 
@@ -104,29 +104,31 @@ def ssl_table(dataset: str) -> Table:
 
 
 def ablation_table(dataset: str) -> Table:
-    """Week 3: the newest augmentation ablation, its children per variant, mean ± std over seeds."""
+    """Week 3: the newest augmentation ablation, its children per variant (mean ± std over seeds,
+    as the ablation's own table), with the per-variant error-bar figure."""
     header = ["augmentation", "n", "val AUROC", "test acc", "test AUROC", "test ECE"]
     parents = tracking.stage_parents(dataset, "augment_ablation")
     if not parents:
         return _missing("week3_augment_ablation", "Augmentation ablation", header, "augment_ablation", dataset)
     parent = parents[0]
     p = parent.data.params
-    rows = [{"augment": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **run.data.metrics,
+    rows = [{"variant": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **run.data.metrics,
              "run_id": run.info.run_id}
-            for run in tracking.child_runs(parent.info.run_id, dataset) if "test_auroc" in run.data.metrics]
-    order = p.get("cfg.variants", "").split(",")
-    summary = tables.aggregate(rows, ("augment",), ("val_auroc", "test_acc", "test_auroc", "test_ece"))
-    summary.sort(key=lambda r: order.index(r["augment"]) if r["augment"] in order else len(order))
+            for run in tracking.child_runs(parent.info.run_id, dataset) if set(ablation.METRICS) <= set(run.data.metrics)]
+    variants = list(dict.fromkeys([*p.get("cfg.variants", "").split(","), *(r["variant"] for r in rows)]))
+    summary = ablation.aggregate(rows, variants)
     title = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
     table = Table("week3_augment_ablation", title, header,
                   settings={k: p.get(f"cfg.{k}", "") for k in ("model", "epochs", "variants", "seeds")})
-    for row in summary:
-        mine = [r for r in rows if r["augment"] == row["augment"]]
-        row.update(seeds=" ".join(sorted(str(r["seed"]) for r in mine)), run_ids=" ".join(r["run_id"] for r in mine),
-                   parent_run_id=parent.info.run_id)
-        table.records.append(row)
-        table.rows.append([row["augment"], row["n"], tables.mean_std(row, "val_auroc"), tables.mean_std(row, "test_acc"),
-                           tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
+    for entry in summary:
+        mine = [r for r in rows if r["variant"] == entry["variant"]]
+        table.records.append({**{k: v for k, v in entry.items() if not k.endswith("_values")},
+                              "seeds": " ".join(sorted(str(r["seed"]) for r in mine)),
+                              "run_ids": " ".join(r["run_id"] for r in mine), "parent_run_id": parent.info.run_id})
+        table.rows.append([entry["variant"], entry["n"], *(ablation.mean_std(entry, m) for m in
+                                                           ("val_auroc", "test_acc", "test_auroc", "test_ece"))])
+    if summary:
+        table.figure = plots.ablation_errorbars(summary, "test_auroc", f"{dataset}: {title}")
     return table
 
 
@@ -424,6 +426,10 @@ def draft_latex(dataset: str, built: list[Table]) -> str:
     body = [f"\\section{{Methods}}\n{tables.latex_escape(methods_text(dataset, built).replace('`', ''))}", "\\section{Results}"]
     for table in built:
         body.append(tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}")
+        if table.figure is not None:
+            body.append("\\begin{figure}[t]\n\\centering\n"
+                        f"\\includegraphics[width=0.7\\linewidth]{{{table.name}.png}}\n"
+                        f"\\caption{{{tables.latex_escape(table.title)}}}\n\\end{{figure}}")
     return ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n"
             f"\\title{{{tables.latex_escape(dataset)}: supervised vs.\\ self-supervised pretraining}}\n\\maketitle\n"
             + "\n\n".join(body) + "\n\\end{document}\n")

@@ -27,7 +27,7 @@ def fast_config(tmp_path):
 
 
 def row(variant, seed, value):
-    return {"variant": variant, "seed": seed, "val_auroc": value, "val_acc": 0.5, "test_auroc": value + 0.1, "test_acc": 0.5}
+    return {"variant": variant, "seed": seed, "val_auroc": value, "val_acc": 0.5, "test_auroc": value + 0.1, "test_acc": 0.5, "test_ece": 0.1}
 
 
 def test_aggregate_mean_and_sample_std_per_variant():

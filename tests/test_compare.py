@@ -67,10 +67,10 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         assert {p.data.tags["source_run_id"] for p in parents} == {encoder}, row.method  # not the newer moco probes
         assert row.test_auroc_mean == pytest.approx(sum(c.data.metrics["test_auroc"] for c in cited) / len(cited))
     ablation = pd.read_csv(out / "week3_augment_ablation.csv")
-    assert list(ablation.augment) == ["none", "flip"] and set(ablation.n) == {2} and set(ablation.seeds) == {"0 1"}
+    assert list(ablation.variant) == ["none", "flip"] and set(ablation.n) == {2} and set(ablation.seeds) == {"0 1"}
     for _, row in ablation.iterrows():
         cited = [runs[i] for i in row.run_ids.split()]
-        assert {c.data.tags["augment"] for c in cited} == {row.augment}
+        assert {c.data.tags["augment"] for c in cited} == {row.variant}
         assert {c.data.tags["mlflow.parentRunId"] for c in cited} == {row.parent_run_id}
         for key in ("val_auroc", "test_acc", "test_auroc", "test_ece"):
             values = [c.data.metrics[key] for c in cited]
@@ -82,7 +82,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
 
     for name in ("week2_baselines", "week3_augment_ablation", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune"):
         assert "\\toprule" in (out / f"{name}.tex").read_text() and "|---|" in (out / f"{name}.md").read_text()
-    assert (out / "week5_label_efficiency.png").stat().st_size > 0
+    assert (out / "week5_label_efficiency.png").stat().st_size > 0 and (out / "week3_augment_ablation.png").stat().st_size > 0
     assert not list(out.glob(".*tmp*"))
     draft = (out / "draft.md").read_text()
     assert "## Reproducibility checklist" in draft and "smallcnn" in draft and "50%" in draft
@@ -90,7 +90,9 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert "smallcnn trained for 1 epoch with each preset of none, flip (`none` is the control), seeds 0, 1." in draft
     assert "1 epochs" not in draft and "encoder lr × 0.1, augmentation flip, seed 0." in draft  # the fine-tuning settings
     assert "(stratified subsets, seeds 0, 1)" in draft and "random_resized_crop" in draft
-    assert "\\begin{document}" in (out / "draft.tex").read_text()
+    latex = (out / "draft.tex").read_text()
+    assert "\\begin{document}" in latex and "\\includegraphics[width=0.7\\linewidth]{week3_augment_ablation.png}" in latex
+    assert "![Augmentation ablation (smallcnn, 1 epoch, run" in draft
 
     compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")
     assert {"reports/week2_baselines.md", "reports/draft.md"} <= artifact_paths(tracking_uri, compare_run.info.run_id)
