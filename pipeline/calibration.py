@@ -2,8 +2,9 @@
 
 Every calibrator is fitted on the validation split only and applied unchanged to test. Temperature
 scaling divides the logit by one scalar T > 0 chosen to minimise validation NLL (Guo et al.,
-2017); it is monotone, so it never changes the ranking (AUROC) nor, for a binary logit, the
-prediction at threshold 0.5 (accuracy). Platt scaling (a·logit + b) and isotonic regression are
+2017); it is monotone, so it never changes the ranking (AUROC, computed from the scaled logits, so
+probabilities that round to 0 or 1 cannot tie) nor, for a binary logit, the prediction at
+threshold 0.5 (accuracy). Platt scaling (a·logit + b) and isotonic regression are
 optional comparisons; isotonic may merge scores into ties and so can change AUROC.
 """
 
@@ -31,8 +32,7 @@ SUFFIX = {"uncalibrated": "before", "temperature": "after", "platt": "platt", "i
 
 def nll_at_temperature(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean binary cross-entropy of sigmoid(logit / T), computed stably from the logits."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return float(np.mean(np.logaddexp(0.0, z) - np.asarray(labels) * z))
+    return metrics.nll_from_logits(np.asarray(logits, dtype=np.float64) / temperature, labels)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -58,11 +58,13 @@ def at_bound(temperature: float) -> bool:
 
 @dataclass(frozen=True)
 class Calibrator:
-    """A fitted map from logits to calibrated p(class 1), with its fitted parameters."""
+    """A fitted map from logits to calibrated p(class 1), with its fitted parameters; `logit` maps
+    to calibrated logits where the method has them (temperature, Platt), for exact AUROC and NLL."""
 
     name: str
     apply: Callable[[np.ndarray], np.ndarray]
     params: dict[str, float] = field(default_factory=dict)
+    logit: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def fit_calibrator(name: str, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
@@ -70,46 +72,57 @@ def fit_calibrator(name: str, logits: np.ndarray, labels: np.ndarray) -> Calibra
     logits = np.asarray(logits, dtype=np.float64)
     if name == "temperature":
         t = fit_temperature(logits, labels)
-        return Calibrator(name, lambda z: metrics.sigmoid(np.asarray(z) / t), {"temperature": t})
+        return Calibrator(name, lambda z: metrics.sigmoid(np.asarray(z) / t), {"temperature": t}, lambda z: np.asarray(z) / t)
     if name == "platt":
         model = LogisticRegression(C=1e6, max_iter=1000).fit(logits.reshape(-1, 1), labels)
         params = {"platt_slope": float(model.coef_[0, 0]), "platt_intercept": float(model.intercept_[0])}
-        return Calibrator(name, lambda z: model.predict_proba(np.asarray(z).reshape(-1, 1))[:, 1], params)
+        return Calibrator(name, lambda z: model.predict_proba(np.asarray(z).reshape(-1, 1))[:, 1], params,
+                          lambda z: model.decision_function(np.asarray(z).reshape(-1, 1)))
     if name == "isotonic":
         model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(logits, labels)
         return Calibrator(name, lambda z: model.predict(np.asarray(z, dtype=np.float64)))
     raise UserError(f"calibration method {name!r} is unknown; choose from {', '.join(METHODS)}")
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int, logits: np.ndarray | None = None) -> dict[str, float]:
     """Calibration and discrimination metrics of p(class 1): ECE (equal width and frequency),
-    MCE, Brier, NLL, accuracy at 0.5 and AUROC."""
+    MCE, Brier, NLL, accuracy at 0.5 and AUROC. With `logits`, NLL and AUROC come from them:
+    exact where probabilities round to 0 or 1 (a small temperature), which would tie ranks and clip the loss."""
     probs = np.asarray(probs, dtype=np.float64)
     return {
         "ece": metrics.ece(probs, labels, n_bins, "uniform"),
         "ece_eqfreq": metrics.ece(probs, labels, n_bins, "quantile"),
         "mce": metrics.mce(probs, labels, n_bins),
         "brier": metrics.brier(probs, labels),
-        "nll": metrics.nll(probs, labels),
+        "nll": metrics.nll(probs, labels) if logits is None else metrics.nll_from_logits(logits, labels),
         "acc": float(np.mean((probs >= 0.5) == np.asarray(labels))),
-        "auroc": metrics.auroc(probs, labels),
+        "auroc": metrics.auroc(probs if logits is None else logits, labels),
     }
 
 
-def calibrated_probs(source: SourceRun, calibrators: Sequence[Calibrator]) -> dict[str, dict[str, np.ndarray]]:
-    """p(class 1) per method (`uncalibrated` first) and split."""
-    out = {"uncalibrated": {"val": source.val.probs, "test": source.test.probs}}
+def calibrated_scores(
+    source: SourceRun, calibrators: Sequence[Calibrator]
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    """p(class 1) per method (`uncalibrated` first) and split, and the calibrated logits of the
+    methods that have them."""
+    probs = {"uncalibrated": {"val": source.val.probs, "test": source.test.probs}}
+    logits = {"uncalibrated": {"val": source.val.logits, "test": source.test.logits}}
     for calibrator in calibrators:
-        out[calibrator.name] = {"val": calibrator.apply(source.val.logits), "test": calibrator.apply(source.test.logits)}
-    return out
+        probs[calibrator.name] = {"val": calibrator.apply(source.val.logits), "test": calibrator.apply(source.test.logits)}
+        if calibrator.logit is not None:
+            logits[calibrator.name] = {"val": calibrator.logit(source.val.logits), "test": calibrator.logit(source.test.logits)}
+    return probs, logits
 
 
 def calibration_rows(
-    probs: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray], n_bins: int
+    probs: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray], n_bins: int,
+    logits: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One table row per method and split with every metric in METRICS."""
+    """One table row per method and split with every metric in METRICS (from logits where given)."""
+    logits = logits or {}
     return [
-        {"method": method, "split": split, **evaluate(by_split[split], labels[split], n_bins)}
+        {"method": method, "split": split,
+         **evaluate(by_split[split], labels[split], n_bins, logits.get(method, {}).get(split))}
         for method, by_split in probs.items()
         for split in ("val", "test")
     ]
@@ -148,9 +161,9 @@ def run_calibrate(cfg: Mapping[str, Any], run_id: str = "latest") -> dict[str, f
     """Fit the calibrators on a classifier run's validation logits, evaluate on test, log it all."""
     source = load_source(cfg["source_stages"], cfg["dataset"], run_id)
     calibrators = [fit_calibrator(name, source.val.logits, source.val.labels) for name in cfg["methods"]]
-    probs = calibrated_probs(source, calibrators)
+    probs, logits = calibrated_scores(source, calibrators)
     labels = {"val": source.val.labels, "test": source.test.labels}
-    rows = calibration_rows(probs, labels, cfg["ece_bins"])
+    rows = calibration_rows(probs, labels, cfg["ece_bins"], logits)
     fitted = {k: v for calibrator in calibrators for k, v in calibrator.params.items()}
     values = {**metric_values(rows), **fitted}
     temperature = fitted["temperature"]

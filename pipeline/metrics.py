@@ -49,7 +49,8 @@ def _confidence_and_outcome(probs: np.ndarray, labels: np.ndarray, confidence: s
 def calibration_bins(
     probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, strategy: str = "uniform", confidence: str = "top_label"
 ) -> Bins:
-    """Group samples into bins by confidence: equal-width (`uniform`) or equal-count (`quantile`)."""
+    """Group samples into bins by confidence: equal-width (`uniform`) or equal-count (`quantile`;
+    equal up to ties, which stay together)."""
     conf, outcome = _confidence_and_outcome(probs, labels, confidence)
     if strategy == "uniform":
         edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -57,7 +58,11 @@ def calibration_bins(
         groups = [np.flatnonzero(which == b) for b in range(n_bins)]
         lower, upper = edges[:-1], edges[1:]
     elif strategy == "quantile":
-        groups = np.array_split(np.argsort(conf, kind="stable"), n_bins)
+        # edges at the confidence quantiles, as sklearn's calibration_curve: tied confidences share
+        # a bin, so the result does not depend on row order (isotonic outputs are full of ties)
+        edges = np.quantile(conf, np.linspace(0.0, 1.0, n_bins + 1))
+        which = np.searchsorted(edges[1:-1], conf)
+        groups = [np.flatnonzero(which == b) for b in range(n_bins)]
         lower = np.array([conf[g].min() if len(g) else np.nan for g in groups])
         upper = np.array([conf[g].max() if len(g) else np.nan for g in groups])
     else:
@@ -91,10 +96,17 @@ def brier(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean binary cross-entropy (natural log), probabilities clipped to [1e-7, 1 − 1e-7]."""
+    """Mean binary cross-entropy (natural log) of probabilities clipped to [1e-7, 1 − 1e-7]; for
+    scores that have logits use `nll_from_logits`, which is exact (clipping caps a wrong answer at 16 nats)."""
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
     y = np.asarray(labels)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def nll_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(logit), computed stably from the logits (no clipping)."""
+    z = np.asarray(logits, dtype=np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - np.asarray(labels) * z))
 
 
 def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -107,14 +119,15 @@ def _auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present."""
+    """Area under the ROC curve of any score that ranks class 1 higher (probabilities or logits);
+    NaN when only one class is present."""
     return float(_auroc_rows(np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64)))
 
 
 def bootstrap_auroc_ci(
     probs: np.ndarray, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the AUROC (resamples with a single class are skipped)."""
+    """Percentile bootstrap CI of the AUROC of a score (resamples with a single class are skipped)."""
     if n_resamples == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -131,21 +144,24 @@ def bootstrap_auroc_ci(
 
 
 def classification_metrics(
-    probs: np.ndarray,
+    logits: np.ndarray,
     labels: np.ndarray,
     threshold: float = 0.5,
     n_bins: int = 10,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
-    """The DESIGN's final metric set for one split (keys without the `val_`/`test_` prefix)."""
-    probs = np.asarray(probs, dtype=np.float64)
+    """The DESIGN's final metric set for one split (keys without the `val_`/`test_` prefix), from
+    class-1 logits: AUROC ranks and NLL use the logits themselves, so probabilities that round to
+    1.0 (logit > ~37) neither tie in the ranking nor cap the loss."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = sigmoid(logits)
     labels = np.asarray(labels).astype(int)
     predicted = (probs >= threshold).astype(int)
-    low, high = bootstrap_auroc_ci(probs, labels, n_bootstrap, seed)
+    low, high = bootstrap_auroc_ci(logits, labels, n_bootstrap, seed)
     return {
         "acc": float(np.mean(predicted == labels)),
-        "auroc": auroc(probs, labels),
+        "auroc": auroc(logits, labels),
         "precision": float(precision_score(labels, predicted, zero_division=0)),
         "recall": float(recall_score(labels, predicted, zero_division=0)),
         "f1": float(f1_score(labels, predicted, zero_division=0)),
@@ -153,7 +169,7 @@ def classification_metrics(
         "ece_eqfreq": ece(probs, labels, n_bins, "quantile"),
         "mce": mce(probs, labels, n_bins),
         "brier": brier(probs, labels),
-        "nll": nll(probs, labels),
+        "nll": nll_from_logits(logits, labels),
         "auroc_ci_low": low,
         "auroc_ci_high": high,
     }

@@ -39,7 +39,7 @@ def fit_linear_head(
         model = LogisticRegression(C=c, max_iter=5000, random_state=seed).fit((train_x - mean) / std, train_y)
         weight = model.coef_[0] / std
         head = LinearHead(weight, float(model.intercept_[0] - np.dot(weight, mean)), c)
-        score = metrics.auroc(metrics.sigmoid(head.logits(val_x)), val_y)
+        score = metrics.auroc(head.logits(val_x), val_y)
         if best is None or score > best_score:
             best, best_score = head, score
     return best

@@ -48,7 +48,7 @@ def final_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], 
     out: dict[str, float] = {}
     for split in ("val", "test"):
         values = metrics.classification_metrics(
-            metrics.sigmoid(logits[split]), labels[split], n_bins=cfg["ece_bins"], n_bootstrap=cfg["bootstrap"], seed=cfg["seed"]
+            logits[split], labels[split], n_bins=cfg["ece_bins"], n_bootstrap=cfg["bootstrap"], seed=cfg["seed"]
         )
         out.update({f"{split}_{k}": v for k, v in values.items()})
     return out

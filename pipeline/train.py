@@ -89,9 +89,9 @@ def epoch_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[s
     """The per-epoch validation metrics: loss, accuracy, AUROC and ECE."""
     probs = metrics.sigmoid(logits)
     return {
-        "val_loss": metrics.nll(probs, labels),
+        "val_loss": metrics.nll_from_logits(logits, labels),
         "val_acc": float(np.mean((probs >= 0.5) == labels)),
-        "val_auroc": metrics.auroc(probs, labels),
+        "val_auroc": metrics.auroc(logits, labels),
         "val_ece": metrics.ece(probs, labels, n_bins),
     }
 

@@ -73,3 +73,32 @@ def test_metric_keys_name_before_and_after():
             for m in ("uncalibrated", "temperature") for s in ("val", "test")]
     keys = set(calibration.metric_values(rows))
     assert {"val_nll_before", "val_nll_after", "test_ece_before", "test_ece_after", "test_auroc_after"} <= keys
+
+
+def test_a_small_temperature_keeps_test_auroc_and_reports_the_exact_nll():
+    # separable validation pushes T to its lower bound; on test, z / T exceeds 37, where
+    # probabilities round to 1.0: the table must rank and score by the logits
+    rng = np.random.default_rng(5)
+    val_labels = np.repeat([0, 1], 40)
+    val_logits = np.where(val_labels == 1, 1.0, -1.0) + rng.normal(0, 0.1, 80)
+    test_labels = rng.integers(0, 2, 200)
+    test_logits = (2 * test_labels - 1) * 0.8 + rng.normal(0, 1.0, 200)
+    calibrator = calibration.fit_calibrator("temperature", val_logits, val_labels)
+    assert calibration.at_bound(calibrator.params["temperature"])
+    probs = calibrator.apply(test_logits)
+    assert len(np.unique(probs)) < len(test_logits)  # saturated: ties that a probability ranking would see
+    before = calibration.evaluate(1 / (1 + np.exp(-test_logits)), test_labels, 10, test_logits)
+    after = calibration.evaluate(probs, test_labels, 10, calibrator.logit(test_logits))
+    assert after["auroc"] == before["auroc"] == pytest.approx(roc_auc_score(test_labels, test_logits))
+    exact = calibration.nll_at_temperature(test_logits, test_labels, calibrator.params["temperature"])
+    assert after["nll"] == pytest.approx(exact)
+    assert calibration.evaluate(probs, test_labels, 10)["nll"] < exact - 1  # clipped probabilities understate it
+
+
+def test_platt_logits_match_its_probabilities():
+    val_logits, val_labels = overconfident(3.0, n=400, seed=6)
+    calibrator = calibration.fit_calibrator("platt", val_logits, val_labels)
+    z = np.linspace(-10, 10, 21)
+    assert 1 / (1 + np.exp(-calibrator.logit(z))) == pytest.approx(calibrator.apply(z))
+    a, b = calibrator.params["platt_slope"], calibrator.params["platt_intercept"]
+    assert calibrator.logit(z) == pytest.approx(a * z + b)

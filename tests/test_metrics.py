@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
 from pipeline import metrics
@@ -33,10 +34,17 @@ def reference_ece(probs, labels, n_bins):
 
 
 def reference_eqfreq_ece(probs, labels, n_bins):
+    """Equal-frequency bins as sklearn's calibration_curve(strategy="quantile") draws them."""
     conf = np.maximum(probs, 1 - probs)
-    correct = (probs >= 0.5) == labels
-    groups = np.array_split(np.argsort(conf, kind="stable"), n_bins)
-    return sum(len(g) / len(probs) * abs(correct[g].mean() - conf[g].mean()) for g in groups)
+    correct = ((probs >= 0.5) == labels).astype(int)
+    prob_true, prob_pred = calibration_curve(correct, conf, n_bins=n_bins, strategy="quantile")
+    edges = np.percentile(conf, np.linspace(0, 100, n_bins + 1))
+    counts = np.bincount(np.searchsorted(edges[1:-1], conf), minlength=n_bins)
+    return float(np.sum(counts[counts > 0] / len(conf) * np.abs(prob_true - prob_pred)))
+
+
+def logit(probs):
+    return np.log(probs) - np.log1p(-probs)
 
 
 def reference_bootstrap_ci(probs, labels, n, seed, level):
@@ -49,7 +57,7 @@ def reference_bootstrap_ci(probs, labels, n, seed, level):
 def test_scores_match_sklearn(scored):
     probs, labels = scored
     predicted = (probs >= 0.5).astype(int)
-    values = metrics.classification_metrics(probs, labels, n_bootstrap=200)
+    values = metrics.classification_metrics(logit(probs), labels, n_bootstrap=200)
     assert values["auroc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-12)
     assert values["acc"] == pytest.approx(np.mean(predicted == labels))
     assert values["precision"] == pytest.approx(precision_score(labels, predicted))
@@ -70,10 +78,37 @@ def test_logged_ece_and_equal_frequency_ece_are_not_swapped():
     rng = np.random.default_rng(1)
     probs = rng.uniform(0, 1, 300)
     labels = (rng.uniform(0, 1, 300) < probs).astype(int)
-    values = metrics.classification_metrics(probs, labels, n_bootstrap=0)
+    values = metrics.classification_metrics(logit(probs), labels, n_bootstrap=0)
     assert values["ece"] == pytest.approx(reference_ece(probs, labels, 10))
     assert values["ece_eqfreq"] == pytest.approx(reference_eqfreq_ece(probs, labels, 10))
     assert abs(values["ece"] - values["ece_eqfreq"]) > 1e-3
+
+
+def test_equal_frequency_bins_keep_ties_together_whatever_the_row_order():
+    # perfectly calibrated but tied: 100 images at 0.7 (70 right), 100 at 0.9 (90 right)
+    probs = np.repeat([0.7, 0.9], 100)
+    labels = np.concatenate([np.repeat([1, 0], [70, 30]), np.repeat([1, 0], [90, 10])])
+    assert metrics.ece(probs, labels, 10, "quantile") == pytest.approx(0.0, abs=1e-12)
+    order = np.random.default_rng(0).permutation(200)
+    assert metrics.ece(probs[order], labels[order], 10, "quantile") == pytest.approx(0.0, abs=1e-12)
+    rng = np.random.default_rng(2)
+    rounded = np.round(rng.uniform(0.05, 0.95, 300), 1)  # isotonic-like: a few distinct values
+    outcome = (rng.uniform(0, 1, 300) < rounded).astype(int)
+    shuffled = rng.permutation(300)
+    value = metrics.ece(rounded, outcome, 10, "quantile")
+    assert value == pytest.approx(metrics.ece(rounded[shuffled], outcome[shuffled], 10, "quantile"), abs=1e-12)
+    assert value == pytest.approx(reference_eqfreq_ece(rounded, outcome, 10))
+
+
+def test_metrics_from_logits_do_not_saturate():
+    # p = sigmoid(40), sigmoid(45), sigmoid(50) all round to 1.0: ranked as probabilities they tie
+    logits = np.array([40.0, 45.0, 50.0, -3.0])
+    labels = np.array([1, 0, 1, 0])
+    values = metrics.classification_metrics(logits, labels, n_bootstrap=0)
+    assert values["auroc"] == pytest.approx(roc_auc_score(labels, logits)) == pytest.approx(0.75)
+    exact = np.mean([np.log1p(np.exp(-40.0)), 45.0 + np.log1p(np.exp(-45.0)), np.log1p(np.exp(-50.0)), np.log1p(np.exp(-3.0))])
+    assert values["nll"] == pytest.approx(exact)  # clipped probabilities would cap the wrong answer at 16 nats
+    assert metrics.nll(metrics.sigmoid(logits), labels) < values["nll"] - 5
 
 
 def test_auroc_handles_ties_like_sklearn():

@@ -310,6 +310,11 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
         assert m["mc_error_auroc_entropy"] == pytest.approx(roc_auc_score(error, entropy), abs=1e-9)
     note = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/robustness/week8_note.md")
     assert f"AUROC {m['clean_test_auroc']:.3f}" in note and source_id in note
+    ece = floats(table["ece"])
+    k = 1 + int(np.argmax(ece[1:]))  # the note cites the highest corrupted ECE, not the lowest-AUROC row's
+    expected = (f"up to {ece[k]:.3f} under {table['corruption'][k]} at severity {table['severity'][k]}" if ece[k] > ece[0]
+                else f"at most {ece[k]:.3f} corrupted")
+    assert expected in note
 
 
 def assert_one_clear_line(exit_info, stderr: str, step: str, fragment: str) -> None:
