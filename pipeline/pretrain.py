@@ -1,7 +1,9 @@
 """The SSL pretraining loop: two augmented views per image, batched on the device, labels unused.
 
-Per-step learning rate: linear warm-up, then cosine decay. Shuffling, augmentation and dropout
-depend on (seed, epoch) only, so a run resumed from `last.pt` continues as if never stopped.
+Per-step learning rate: linear warm-up, then cosine decay. Before each kNN monitor (and so in the
+saved encoder) the encoder's batch-norm statistics are recomputed over the training images.
+Shuffling, augmentation and dropout depend on (seed, epoch) only, so a run resumed from `last.pt`
+continues as if never stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.augment import two_views
+from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.data import DatasetSplits, batch_indices, to_float
 from pipeline.errors import DivergenceError
 from pipeline.features import knn_monitor
@@ -107,6 +110,7 @@ def pretrain(
         lr = optimizer.param_groups[0]["lr"]
         loss = pretrain_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
         row = {"epoch": epoch, "ssl_loss": loss, "lr": lr}
+        recompute_bn_statistics(module.backbone, data.train.images, cfg["eval_batch_size"], cfg["amp"])
         row.update(knn_monitor(module.backbone, data.train, data.val, cfg["knn_k"], cfg["eval_batch_size"], cfg["amp"]))
         history.append(row)
         tqdm.write(

@@ -1,7 +1,8 @@
 """Supervised training of a binary classifier on device-resident splits.
 
 One epoch = one seeded permutation of the training split, batches augmented on the device, loss
-accumulated on the device (no host sync per step). Validation runs every epoch; the model with the
+accumulated on the device (no host sync per step). Validation runs every epoch, after the
+batch-norm statistics are recomputed over the training images (`pipeline.batchnorm`); the model with the
 best validation AUROC is kept as a detached copy (never an alias of the live weights), and the test
 split is only touched by the caller, once, with that model.
 """
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics
 from pipeline.augment import Augment, identity
+from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.data import Split, batch_indices, to_float
 from pipeline.errors import DivergenceError
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
@@ -171,6 +173,7 @@ def train_classifier(
             f"epoch {epoch}/{cfg['epochs']}", scaler,
         )
         scheduler.step()
+        recompute_bn_statistics(model, train.images, cfg["eval_batch_size"], amp)
         logits = predict_logits(model, val, cfg["eval_batch_size"], amp)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, **epoch_metrics(logits, val_labels, cfg["ece_bins"])}
         history.append(row)

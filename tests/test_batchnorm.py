@@ -1,0 +1,102 @@
+"""Exact batch-norm statistics before evaluation: computed right, wired into both training loops."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import config
+from pipeline.batchnorm import recompute_bn_statistics
+from pipeline.data import load_splits, stratified_subset, to_float
+from pipeline.models import ModelSpec, build_classifier
+from pipeline.pretrain import pretrain
+from pipeline.runtime import seed_everything
+from pipeline.ssl import build_ssl
+from pipeline.train import train_classifier
+
+
+def first_bn(model: nn.Module) -> nn.modules.batchnorm._BatchNorm:
+    return next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def first_bn_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the first batch-norm layer receives (it does not depend on any batch-norm statistics)."""
+    seen = []
+    hook = first_bn(model).register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].double()))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(to_float(images))
+    model.train(was_training)
+    hook.remove()
+    return seen[0]
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_statistics_are_the_mean_and_variance_over_the_images():
+    seed_everything(0)
+    model = build_classifier(ModelSpec("smallcnn")).eval()
+    images = random_images(40)
+    bn = first_bn(model)
+    recompute_bn_statistics(model, images, batch_size=1024)
+    out = first_bn_input(model, images)
+    assert bn.running_mean.double() == pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    assert bn.running_var.double() == pytest.approx(out.var(dim=(0, 2, 3), unbiased=True).numpy(), rel=1e-4)
+    assert not model.training and bn.momentum == 0.1  # mode and momentum restored
+
+
+def test_several_batches_give_the_average_of_their_statistics():
+    seed_everything(1)
+    model = build_classifier(ModelSpec("smallcnn"))
+    images = random_images(30, seed=1)
+    bn = first_bn(model)
+    recompute_bn_statistics(model, images, batch_size=10)
+    means = [first_bn_input(model, chunk).mean(dim=(0, 2, 3)) for chunk in images.split(10)]
+    assert bn.running_mean.double() == pytest.approx(torch.stack(means).mean(dim=0).numpy(), abs=1e-5)
+    assert model.training
+
+
+def test_a_frozen_encoder_keeps_its_statistics():
+    seed_everything(2)
+    model = build_classifier(ModelSpec("smallcnn"), finetune="head")
+    bn = first_bn(model)
+    bn.running_mean.fill_(0.25)
+    recompute_bn_statistics(model, random_images(20, seed=2))
+    assert torch.all(bn.running_mean == 0.25)
+
+
+@pytest.fixture()
+def splits(synthetic_root):
+    return load_splits("breastmnist", 28, str(synthetic_root), torch.device("cpu"))
+
+
+def test_supervised_training_evaluates_with_the_training_images_statistics(splits):
+    # 10% of the labels in batches of 128: one optimizer step per epoch, so the running averages
+    # alone would still be mostly their initial 0 mean / 1 variance after three epochs
+    train = splits.train.subset(stratified_subset(splits.train.labels.numpy(), 0.1, 0))
+    cfg = {**config.resolve("baseline", "breastmnist", {}), "epochs": 3, "bootstrap": 0}
+    seed_everything(0)
+    model = build_classifier(ModelSpec("smallcnn"))
+    train_classifier(model, train, splits.val, cfg)
+    bn = first_bn(model)
+    out = first_bn_input(model, train.images)
+    assert bn.running_mean.double() == pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    assert bn.running_var.double() == pytest.approx(out.var(dim=(0, 2, 3), unbiased=True).numpy(), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_pretraining_monitors_and_saves_the_encoder_with_the_training_images_statistics(method, splits):
+    cfg = {**config.resolve("ssl_pretrain", "breastmnist", {}), "method": method, "epochs": 2, "batch_size": 32,
+           "warmup_epochs": 1, "queue_size": 64}
+    seed_everything(0)
+    module = build_ssl(method, build_classifier(ModelSpec("smallcnn")), cfg)
+    pretrain(module, splits, cfg)
+    bn = first_bn(module.backbone)
+    out = first_bn_input(module.backbone, splits.train.images)
+    assert bn.running_mean.double() == pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    if method == "simclr":  # MoCo's split BN averages the chunks' variances: the same in expectation only
+        assert bn.running_var.double() == pytest.approx(out.var(dim=(0, 2, 3), unbiased=True).numpy(), rel=1e-4)
+    assert np.isfinite(bn.running_var.numpy()).all()
