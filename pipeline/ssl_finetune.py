@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from mlflow.entities import Run
 
 from pipeline import config, tables, tracking
 from pipeline.checkpoint import load_classifier
@@ -23,19 +24,29 @@ from pipeline.supervised import fit_and_log
 TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
 
 
-def baseline_label(tags: Mapping[str, str]) -> str:
-    """How a baseline run is named in the week-6 table, e.g. `baseline resnet18 (head)`."""
-    return f"baseline {tags.get('model', '?')} ({tags.get('finetune', 'all')})"
+def baseline_label(run: Run) -> str:
+    """How a baseline run is named in the week-6 table: everything but the seed that sets its
+    training, e.g. `baseline resnet18/cifar (all, 50 epochs, augment none)`, so runs of other
+    recipes are never averaged as if they were seeds."""
+    tags, params = run.data.tags, run.data.params
+    model = tags.get("model", "?")
+    stem = f"/{params.get('cfg.stem', '?')}" if model == "resnet18" else ""
+    weights = ", ImageNet weights" if params.get("cfg.weights") == "imagenet" else ""
+    return (f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {params.get('cfg.epochs', '?')} epochs, "
+            f"augment {params.get('cfg.augment', '?')})")
 
 
-def run_rows(runs: list, label: Callable[[Mapping[str, str]], str] = lambda tags: tags.get("method", "?")) -> list[dict[str, Any]]:
-    """Result rows (method label, label_fraction, test metrics, run_id) from classifier runs."""
-    rows = []
+def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data.tags.get("method", "?")) -> list[dict[str, Any]]:
+    """Result rows (method label, label_fraction, seed, test metrics, run_id) from classifier runs
+    (newest first); of runs with the same label, fraction and seed only the newest counts."""
+    rows, seen = [], set()
     for run in runs:
         tags, values = run.data.tags, run.data.metrics
-        if not all(k in values for k in TABLE_KEYS):
+        key = (label(run), float(tags.get("label_fraction", 1.0)), tags.get("seed"))
+        if not all(k in values for k in TABLE_KEYS) or key in seen:
             continue
-        rows.append({"method": label(tags), "label_fraction": float(tags.get("label_fraction", 1.0)),
+        seen.add(key)
+        rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2],
                      **{k: values[k] for k in TABLE_KEYS}, "run_id": run.info.run_id})
     return rows
 

@@ -12,6 +12,7 @@ from torchvision.models import ResNet18_Weights
 
 from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
+from pipeline import ssl_finetune as pipeline_ssl_finetune
 from pipeline.data import load_arrays, stratified_subset
 from pipeline.models import ModelSpec, build_classifier
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
@@ -221,3 +222,33 @@ def test_moco_checkpointed_before_bn_splits_resumes_with_plain_batch_norm(data_e
     main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert set(splits) == {1}
+
+
+def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.create_experiment("week6-baselines")
+
+    started = []
+
+    def baseline_run(stem: str, weights: str, seed: str, auroc: float) -> str:
+        started.append(1_700_000_000_000 + 1000 * len(started))  # distinct start times: a definite newest
+        run = client.create_run(experiment, start_time=started[-1], tags={
+            "dataset": "breastmnist", "stage": "baseline", "kind": "classifier", "model": "resnet18", "finetune": "all",
+            "seed": seed})
+        for key, value in {"cfg.stem": stem, "cfg.weights": weights, "cfg.epochs": "50", "cfg.augment": "none"}.items():
+            client.log_param(run.info.run_id, key, value)
+        for key in ("test_acc", "test_auroc", "test_ece"):
+            client.log_metric(run.info.run_id, key, auroc)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    baseline_run("cifar", "none", "0", 0.80)
+    imagenet = baseline_run("imagenet", "imagenet", "0", 0.95)
+    rerun = baseline_run("cifar", "none", "0", 0.82)  # the same recipe and seed again: only the newest counts
+    other_seed = baseline_run("cifar", "none", "1", 0.84)
+    rows, _ = pipeline_ssl_finetune.comparison_rows("breastmnist", "no-such-ssl-run")
+    by_label = {}
+    for row in rows:
+        by_label.setdefault(row["method"], []).append(row["run_id"])
+    assert by_label == {"baseline resnet18/cifar (all, 50 epochs, augment none)": [other_seed, rerun],
+                        "baseline resnet18/imagenet, ImageNet weights (all, 50 epochs, augment none)": [imagenet]}
