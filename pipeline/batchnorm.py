@@ -1,4 +1,4 @@
-"""Exact batch-norm statistics for evaluation (PreciseBN, Wu & Johnson 2021).
+"""Batch-norm statistics recomputed for evaluation (PreciseBN, Wu & Johnson 2021).
 
 A batch-norm layer evaluates with running averages (momentum 0.1) that lag the weights. With a few
 optimizer steps per epoch (1–10% of the labels: one step per epoch; BreastMNIST SSL: two) the
@@ -19,21 +19,27 @@ from pipeline.runtime import autocast
 
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, amp: bool = False) -> None:
-    """Replace the running mean and variance of every batch-norm layer that trains (frozen,
-    eval-mode layers keep theirs) by their average over `images` (uint8 NCHW) in batches of
-    `batch_size`, one train-mode pass without gradients; restores the model's mode."""
-    was_training = model.training
+    """Replace the running mean and variance of the batch-norm layers that train by their averages
+    over `images` (uint8 NCHW), one train-mode pass without gradients in batches of `batch_size`,
+    each batch weighted by its size: exact in one batch; over several, the mean is exact and the
+    variance is the average within-batch variance. A layer counts as training if it is in training
+    mode after `model.train()` (a `Classifier` keeps a frozen encoder in eval mode, so its statistics
+    stay). Every module's mode is restored afterwards."""
+    modes = {module: module.training for module in model.modules()}
     model.train()
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
               and m.track_running_stats]
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
-        layer.momentum = None  # cumulative average over the batches of this pass
-    if layers:
-        for chunk in images.split(batch_size):
-            with autocast(images.device, amp):
-                model(to_float(chunk))
+    seen = 0
+    for chunk in images.split(batch_size) if layers else ():
+        seen += len(chunk)
+        for layer in layers:
+            layer.momentum = len(chunk) / seen  # running average weighted by batch size
+        with autocast(images.device, amp):
+            model(to_float(chunk))
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
-    model.train(was_training)
+    for module, training in modes.items():
+        module.training = training

@@ -109,15 +109,16 @@ def _point_label(row: Mapping) -> str:
     return f"{row['rule']} (t={row['threshold']:.3f}): TPR {row['tpr']:.2f}, FPR {row['fpr']:.2f}"
 
 
-def roc_with_points(probs: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping]) -> Figure:
-    """Test ROC curve with the operating points (thresholds chosen on validation) marked."""
+def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping]) -> Figure:
+    """Test ROC curve of class-1 scores (logits: they rank without the ties of saturated
+    probabilities) with the operating points (thresholds chosen on validation) marked."""
     from sklearn.metrics import roc_curve
 
     from pipeline.metrics import auroc
 
-    fpr, tpr, _ = roc_curve(labels, probs)
+    fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
-    ax.plot(fpr, tpr, color="black", label=f"ROC (test), AUROC = {auroc(probs, labels):.3f}")
+    ax.plot(fpr, tpr, color="black", label=f"ROC (test), AUROC = {auroc(scores, labels):.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     for marker, row in zip("osD^v<>ph*", _ok_points(rows)):
         ax.plot(row["fpr"], row["tpr"], marker, markersize=8, label=_point_label(row))
@@ -128,15 +129,16 @@ def roc_with_points(probs: np.ndarray, labels: np.ndarray, rows: Sequence[Mappin
     return fig
 
 
-def pr_with_points(probs: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive_name: str) -> Figure:
-    """Test precision–recall curve of the positive class with average precision and operating points."""
+def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive_name: str) -> Figure:
+    """Test precision–recall curve of the positive class (class-1 scores, e.g. logits) with average
+    precision and operating points."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    precision, recall, _ = precision_recall_curve(labels, probs)
+    precision, recall, _ = precision_recall_curve(labels, scores)
     prevalence = float(np.mean(labels))
     fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
     ax.step(recall, precision, where="post", color="black",
-            label=f"PR (test), AP = {average_precision_score(labels, probs):.3f}")
+            label=f"PR (test), AP = {average_precision_score(labels, scores):.3f}")
     ax.axhline(prevalence, linestyle=":", color="grey", label=f"prevalence = {prevalence:.3f}")
     for marker, row in zip("osD^v<>ph*", _ok_points(rows)):
         ax.plot(row["tpr"], row["precision"], marker, markersize=8,

@@ -170,7 +170,7 @@ def label_efficiency_table(dataset: str) -> Table:
     for run in runs:
         newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
     rows: list[dict[str, Any]] = []
-    settings = {k: runs[0].data.params.get(f"cfg.{k}", "") for k in ("seeds", "probe_cs")}
+    settings: dict[str, str] = {}
     for run in runs:  # supervised-only and ImageNet rows: from the newest grid that trained them
         rows = [r for r in child_rows(run, dataset) if r["method"] != "ssl_probe"]
         if rows:
@@ -180,6 +180,10 @@ def label_efficiency_table(dataset: str) -> Table:
         probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
         rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]
     table = grouped_table("week5_label_efficiency", "Label efficiency: test metrics, mean ± std over seeds", rows)
+    # the settings of the grids the rows came from (the newest grid of each SSL method)
+    grids = dict.fromkeys(parent.data.params.get("cfg.probe_cs", "") for parent in newest.values())
+    seeds = sorted({str(r["seed"]) for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    settings.update(seeds=",".join(seeds), probe_cs=" / ".join(grids))
     table.settings = settings
     grid = [r for r in table.records if r["n"]]
     table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")

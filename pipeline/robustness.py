@@ -193,7 +193,8 @@ def mc_summary(mc_logits: np.ndarray, clean_logits: np.ndarray, labels: np.ndarr
         **{f"mc_test_{k}": v for k, v in summary(u["prob"], labels, n_bins).items()},
         "mc_error_auroc_entropy": error_detection_auroc(u["entropy"], errors),
         "mc_error_auroc_mutual_info": error_detection_auroc(u["mutual_info"], errors),
-        "error_auroc_confidence": error_detection_auroc(1 - np.maximum(det_probs, 1 - det_probs), det_errors),
+        # −|logit| ranks as 1 − confidence does, without the ties of saturated probabilities
+        "error_auroc_confidence": error_detection_auroc(-np.abs(clean_logits), det_errors),
         "mc_errors": float(errors.sum()),
         "mc_mean_entropy_correct": float(u["entropy"][~errors].mean()) if (~errors).any() else math.nan,
         "mc_mean_entropy_error": float(u["entropy"][errors].mean()) if errors.any() else math.nan,

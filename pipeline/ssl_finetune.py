@@ -24,16 +24,23 @@ from pipeline.supervised import fit_and_log
 TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
 
 
+# Config keys that do not change what a baseline learns (or are columns of the table themselves).
+NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_last", "compile", "checkpoint_every",
+              "checkpoint_min_seconds", "eval_batch_size", "bootstrap", "ece_bins"}
+
+
 def baseline_label(run: Run) -> str:
-    """How a baseline run is named in the week-6 table: everything but the seed that sets its
-    training, e.g. `baseline resnet18/cifar (all, 50 epochs, augment none)`, so runs of other
-    recipes are never averaged as if they were seeds."""
+    """How a baseline run is named in the week-6 table: its model, stem, weights, fine-tuning, epochs
+    and augmentation, plus a hash of every other setting that shapes training (lr, optimizer, size,
+    ...), so runs of different recipes are never averaged as if they were seeds."""
     tags, params = run.data.tags, run.data.params
+    settings = {k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")}
+    recipe = config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
     model = tags.get("model", "?")
-    stem = f"/{params.get('cfg.stem', '?')}" if model == "resnet18" else ""
-    weights = ", ImageNet weights" if params.get("cfg.weights") == "imagenet" else ""
-    return (f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {params.get('cfg.epochs', '?')} epochs, "
-            f"augment {params.get('cfg.augment', '?')})")
+    stem = f"/{settings.get('stem', '?')}" if model == "resnet18" else ""
+    weights = ", ImageNet weights" if settings.get("weights") == "imagenet" else ""
+    return (f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {settings.get('epochs', '?')} epochs, "
+            f"augment {settings.get('augment', '?')}; recipe {recipe})")
 
 
 def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data.tags.get("method", "?")) -> list[dict[str, Any]]:

@@ -48,15 +48,24 @@ def test_statistics_are_the_mean_and_variance_over_the_images():
     assert not model.training and bn.momentum == 0.1  # mode and momentum restored
 
 
-def test_several_batches_give_the_average_of_their_statistics():
+def test_batches_of_unequal_size_are_weighted_by_their_size():
     seed_everything(1)
     model = build_classifier(ModelSpec("smallcnn"))
-    images = random_images(30, seed=1)
+    images = random_images(25, seed=1)
     bn = first_bn(model)
-    recompute_bn_statistics(model, images, batch_size=10)
-    means = [first_bn_input(model, chunk).mean(dim=(0, 2, 3)) for chunk in images.split(10)]
-    assert bn.running_mean.double() == pytest.approx(torch.stack(means).mean(dim=0).numpy(), abs=1e-5)
+    recompute_bn_statistics(model, images, batch_size=12)  # 12 + 12 + 1 images
+    assert bn.running_mean.double() == pytest.approx(first_bn_input(model, images).mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    chunks = images.split(12)
+    variances = [len(c) * first_bn_input(model, c).var(dim=(0, 2, 3), unbiased=True) for c in chunks]
+    assert bn.running_var.double() == pytest.approx((sum(variances) / 25).numpy(), rel=1e-4)
     assert model.training
+
+
+def test_modules_keep_the_modes_they_had():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    model[2].eval()
+    recompute_bn_statistics(model, random_images(8))
+    assert model.training and model[1].training and not model[2].training
 
 
 def test_a_frozen_encoder_keeps_its_statistics():

@@ -227,28 +227,33 @@ def test_moco_checkpointed_before_bn_splits_resumes_with_plain_batch_norm(data_e
 def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(tracking_uri):
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.create_experiment("week6-baselines")
-
     started = []
 
-    def baseline_run(stem: str, weights: str, seed: str, auroc: float) -> str:
+    def baseline_run(seed: str, auroc: float, **settings: str) -> str:
         started.append(1_700_000_000_000 + 1000 * len(started))  # distinct start times: a definite newest
         run = client.create_run(experiment, start_time=started[-1], tags={
             "dataset": "breastmnist", "stage": "baseline", "kind": "classifier", "model": "resnet18", "finetune": "all",
             "seed": seed})
-        for key, value in {"cfg.stem": stem, "cfg.weights": weights, "cfg.epochs": "50", "cfg.augment": "none"}.items():
-            client.log_param(run.info.run_id, key, value)
+        recipe = {"stem": "cifar", "weights": "none", "epochs": "50", "augment": "none", "lr": "0.001", "size": "28",
+                  "seed": seed, "device": "cpu", **settings}
+        for key, value in recipe.items():
+            client.log_param(run.info.run_id, f"cfg.{key}", value)
         for key in ("test_acc", "test_auroc", "test_ece"):
             client.log_metric(run.info.run_id, key, auroc)
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
-    baseline_run("cifar", "none", "0", 0.80)
-    imagenet = baseline_run("imagenet", "imagenet", "0", 0.95)
-    rerun = baseline_run("cifar", "none", "0", 0.82)  # the same recipe and seed again: only the newest counts
-    other_seed = baseline_run("cifar", "none", "1", 0.84)
+    baseline_run("0", 0.80)
+    imagenet = baseline_run("0", 0.95, stem="imagenet", weights="imagenet")
+    tiny_lr = baseline_run("1", 0.50, lr="1e-07")  # another recipe that reads the same but for its lr
+    rerun = baseline_run("0", 0.82, device="cuda")  # the same recipe and seed again: only the newest counts
+    other_seed = baseline_run("1", 0.84)
     rows, _ = pipeline_ssl_finetune.comparison_rows("breastmnist", "no-such-ssl-run")
-    by_label = {}
+    groups = {}
     for row in rows:
-        by_label.setdefault(row["method"], []).append(row["run_id"])
-    assert by_label == {"baseline resnet18/cifar (all, 50 epochs, augment none)": [other_seed, rerun],
-                        "baseline resnet18/imagenet, ImageNet weights (all, 50 epochs, augment none)": [imagenet]}
+        groups.setdefault(row["method"], []).append(row["run_id"])
+    assert sorted(groups.values()) == sorted([[other_seed, rerun], [tiny_lr], [imagenet]])
+    labels = {run_ids[0]: label for label, run_ids in groups.items()}
+    assert labels[other_seed].startswith("baseline resnet18/cifar (all, 50 epochs, augment none; recipe ")
+    assert labels[imagenet].startswith("baseline resnet18/imagenet, ImageNet weights (all, 50 epochs, augment none; recipe ")
+    assert labels[tiny_lr] != labels[other_seed]

@@ -18,7 +18,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, log_loss, roc_auc_score, roc_curve
 
 from entrypoints import calibrate, robustness, thresholds
 from entrypoints.common import main
@@ -231,6 +231,7 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
     assert float(table["threshold"][1]) == pytest.approx(youden, rel=1e-6)
     check_rules_on_validation(table, val_p, val_y)
     m = run.data.metrics
+    assert m["test_average_precision"] == pytest.approx(average_precision_score(test_y, test_p), abs=1e-9)
     for k, key in enumerate(table["key"]):
         if table["status"][k] != "ok":
             assert np.isnan(m[f"threshold_{key}"]) and table["threshold"][k] == "" and table["note"][k]
@@ -308,6 +309,9 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
     assert np.array_equal(error, ((prob >= 0.5) != test_y).astype(int))
     if 0 < error.sum() < len(error):
         assert m["mc_error_auroc_entropy"] == pytest.approx(roc_auc_score(error, entropy), abs=1e-9)
+    wrong = (test_p >= 0.5) != test_y
+    if 0 < wrong.sum() < len(wrong):
+        assert m["error_auroc_confidence"] == pytest.approx(roc_auc_score(wrong, 1 - np.maximum(test_p, 1 - test_p)), abs=1e-9)
     note = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/robustness/week8_note.md")
     assert f"AUROC {m['clean_test_auroc']:.3f}" in note and source_id in note
     ece = floats(table["ece"])
