@@ -107,8 +107,8 @@ def train_on(device: torch.device, spec: ModelSpec, dataset: str, epochs: int, a
     model = prepare_model(build_classifier(spec), device, cfg)
     result = train_classifier(model, data.train, data.val, cfg)
     model.load_state_dict(result.best_state)
-    probs = metrics.sigmoid(predict_logits(model, data.test, 1024))
-    return {"history": result.history, "test_auroc": metrics.auroc(probs, data.test.labels.cpu().numpy()),
+    logits = predict_logits(model, data.test, 1024)
+    return {"history": result.history, "test_auroc": metrics.auroc(logits, data.test.labels.cpu().numpy()),
             "model": model.cpu(), "best_epoch": result.best_epoch}
 
 
