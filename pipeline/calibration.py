@@ -58,13 +58,18 @@ def at_bound(temperature: float) -> bool:
 
 @dataclass(frozen=True)
 class Calibrator:
-    """A fitted map from logits to calibrated p(class 1), with its fitted parameters; `logit` maps
-    to calibrated logits where the method has them (temperature, Platt), for exact AUROC and NLL."""
+    """A fitted map from logits to calibrated p(class 1), with its fitted parameters: `logit` maps to
+    calibrated logits where the method has them (temperature, Platt; exact AUROC and NLL), `prob`
+    straight to probabilities where it has not (isotonic)."""
 
     name: str
-    apply: Callable[[np.ndarray], np.ndarray]
     params: dict[str, float] = field(default_factory=dict)
     logit: Callable[[np.ndarray], np.ndarray] | None = None
+    prob: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated p(class 1) of raw logits."""
+        return metrics.sigmoid(self.logit(logits)) if self.logit is not None else self.prob(logits)
 
 
 def fit_calibrator(name: str, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
@@ -72,15 +77,14 @@ def fit_calibrator(name: str, logits: np.ndarray, labels: np.ndarray) -> Calibra
     logits = np.asarray(logits, dtype=np.float64)
     if name == "temperature":
         t = fit_temperature(logits, labels)
-        return Calibrator(name, lambda z: metrics.sigmoid(np.asarray(z) / t), {"temperature": t}, lambda z: np.asarray(z) / t)
+        return Calibrator(name, {"temperature": t}, logit=lambda z: np.asarray(z) / t)
     if name == "platt":
         model = LogisticRegression(C=1e6, max_iter=1000).fit(logits.reshape(-1, 1), labels)
         params = {"platt_slope": float(model.coef_[0, 0]), "platt_intercept": float(model.intercept_[0])}
-        return Calibrator(name, lambda z: model.predict_proba(np.asarray(z).reshape(-1, 1))[:, 1], params,
-                          lambda z: model.decision_function(np.asarray(z).reshape(-1, 1)))
+        return Calibrator(name, params, logit=lambda z: model.decision_function(np.asarray(z).reshape(-1, 1)))
     if name == "isotonic":
         model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(logits, labels)
-        return Calibrator(name, lambda z: model.predict(np.asarray(z, dtype=np.float64)))
+        return Calibrator(name, prob=lambda z: model.predict(np.asarray(z, dtype=np.float64)))
     raise UserError(f"calibration method {name!r} is unknown; choose from {', '.join(METHODS)}")
 
 

@@ -56,6 +56,12 @@ def plural(count: Any, word: str) -> str:
     return f"{count} {word}{'' if str(count) == '1' else 's'}"
 
 
+def seed_list(rows: Iterable[Mapping[str, Any]], sep: str = " ") -> str:
+    """The distinct seeds of some rows, in numeric order (`0 1 2`)."""
+    seeds = {str(r["seed"]) for r in rows}
+    return sep.join(sorted(seeds, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)))
+
+
 def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
     hint = f"missing: no FINISHED {stage} run for {dataset} (run `mlflow run . -e {stage} -P dataset={dataset} --env-manager local`)"
     return Table(name, title, header, missing=hint)
@@ -123,7 +129,7 @@ def ablation_table(dataset: str) -> Table:
     for entry in summary:
         mine = [r for r in rows if r["variant"] == entry["variant"]]
         table.records.append({**{k: v for k, v in entry.items() if not k.endswith("_values")},
-                              "seeds": " ".join(sorted(str(r["seed"]) for r in mine)),
+                              "seeds": seed_list(mine),
                               "run_ids": " ".join(r["run_id"] for r in mine), "parent_run_id": parent.info.run_id})
         table.rows.append([entry["variant"], entry["n"], *(ablation.mean_std(entry, m) for m in
                                                            ("val_auroc", "test_acc", "test_auroc", "test_ece"))])
@@ -154,7 +160,7 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(name, title, header)
     for row in summary:
         mine = [r for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"])]
-        row.update(seeds=" ".join(sorted(str(r["seed"]) for r in mine)), run_ids=" ".join(r["run_id"] for r in mine))
+        row.update(seeds=seed_list(mine), run_ids=" ".join(r["run_id"] for r in mine))
         table.records.append(row)
         table.rows.append([METHOD_LABELS.get(row["method"], row["method"]), f"{row['label_fraction']:.0%}", row["n"],
                            tables.mean_std(row, "test_acc"), tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
@@ -182,8 +188,7 @@ def label_efficiency_table(dataset: str) -> Table:
     table = grouped_table("week5_label_efficiency", "Label efficiency: test metrics, mean ± std over seeds", rows)
     # the settings of the grids the rows came from (the newest grid of each SSL method)
     grids = dict.fromkeys(parent.data.params.get("cfg.probe_cs", "") for parent in newest.values())
-    seeds = sorted({str(r["seed"]) for r in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-    settings.update(seeds=",".join(seeds), probe_cs=" / ".join(grids))
+    settings.update(seeds=seed_list(rows, ","), probe_cs=" / ".join(grids))
     table.settings = settings
     grid = [r for r in table.records if r["n"]]
     table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")

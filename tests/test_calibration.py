@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
 from pipeline import calibration
@@ -99,6 +100,8 @@ def test_platt_logits_match_its_probabilities():
     val_logits, val_labels = overconfident(3.0, n=400, seed=6)
     calibrator = calibration.fit_calibrator("platt", val_logits, val_labels)
     z = np.linspace(-10, 10, 21)
+    reference = LogisticRegression(C=1e6, max_iter=1000).fit(val_logits.reshape(-1, 1), val_labels)
+    assert calibrator.apply(z) == pytest.approx(reference.predict_proba(z.reshape(-1, 1))[:, 1])
     assert 1 / (1 + np.exp(-calibrator.logit(z))) == pytest.approx(calibrator.apply(z))
     a, b = calibrator.params["platt_slope"], calibrator.params["platt_intercept"]
     assert calibrator.logit(z) == pytest.approx(a * z + b)
