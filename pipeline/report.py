@@ -22,6 +22,7 @@ from mlflow.entities import Run
 from pipeline import ablation, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
+from pipeline.ssl_finetune import run_rows
 
 
 @dataclass
@@ -138,18 +139,9 @@ def ablation_table(dataset: str) -> Table:
     return table
 
 
-def child_rows(parent: Run, dataset: str, label: Callable[[Mapping[str, str]], str] | None = None) -> list[dict[str, Any]]:
+def child_rows(parent: Run, dataset: str) -> list[dict[str, Any]]:
     """(method, fraction, seed, test metrics, run id) of a parent's FINISHED classifier children."""
-    rows = []
-    for run in tracking.child_runs(parent.info.run_id, dataset):
-        tags, m = run.data.tags, run.data.metrics
-        if "test_auroc" not in m:
-            continue
-        rows.append({"method": label(tags) if label else tags.get("method", "?"),
-                     "label_fraction": float(tags.get("label_fraction", 1.0)), "seed": tags.get("seed"),
-                     "test_acc": m.get("test_acc"), "test_auroc": m.get("test_auroc"), "test_ece": m.get("test_ece"),
-                     "run_id": run.info.run_id})
-    return rows
+    return run_rows(tracking.child_runs(parent.info.run_id, dataset))
 
 
 def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
