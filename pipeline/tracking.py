@@ -239,15 +239,8 @@ def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[st
                 f"pass a FINISHED classifier run, or run_id=latest"
             )
         return run
-    experiments = [e.experiment_id for e in client.search_experiments()]
     for candidate in stages:
-        runs = client.search_runs(
-            experiment_ids=experiments,
-            filter_string=f"tags.stage = '{candidate}' and tags.dataset = '{dataset}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1 if not require else 200,
-        )
-        for run in runs:
+        for run in finished_runs(dataset, f"tags.stage = '{candidate}'"):
             if not require or has_artifacts(run.info.run_id, require):
                 return run
     needs = f" with {' and '.join(require)}" if require else ""
@@ -259,23 +252,22 @@ def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[st
 
 def finished_runs(dataset: str, where: str = "") -> list[Run]:
     """FINISHED runs of a dataset in any experiment, newest first; `where` adds filter clauses."""
-    client = MlflowClient()
     clauses = [f"tags.dataset = '{dataset}'", "attributes.status = 'FINISHED'"] + ([where] if where else [])
-    return client.search_runs(
-        experiment_ids=[e.experiment_id for e in client.search_experiments()],
-        filter_string=" and ".join(clauses),
-        order_by=["attributes.start_time DESC"],
-    )
+    return all_runs(" and ".join(clauses))
+
+
+def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC") -> list[Run]:
+    """Every run of every active experiment that matches the filter. MLflow's fluent search pages
+    through the store (up to its default 100,000 runs); one `MlflowClient.search_runs` call stops at
+    1000 runs, which a team store passes."""
+    return mlflow.search_runs(filter_string=filter_string, order_by=[order_by], search_all_experiments=True,
+                              output_format="list")
 
 
 def stage_parents(dataset: str, stage: str, where: str = "") -> list[Run]:
     """FINISHED runs of a stage that are not nested in another run of the same stage, newest first:
     a grid's parent counts, its children do not; a step nested in a `study` run counts."""
-    client = MlflowClient()
-    same_stage = client.search_runs(
-        experiment_ids=[e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.dataset = '{dataset}' and tags.stage = '{stage}'",
-    )
+    same_stage = all_runs(f"tags.dataset = '{dataset}' and tags.stage = '{stage}'")
     ids = {r.info.run_id for r in same_stage}
     clauses = " and ".join([f"tags.stage = '{stage}'", *([where] if where else [])])
     return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId") not in ids]
@@ -358,27 +350,11 @@ def stale_reason(run: Run, older_than_s: float | None, now: float) -> str | None
     return None
 
 
-def _running_runs() -> Iterator[Run]:
-    """Every RUNNING run of every experiment, page by page."""
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    token = None
-    while experiments:
-        page = client.search_runs(
-            experiments, "attributes.status = 'RUNNING'", max_results=1000, page_token=token,
-            order_by=["attributes.start_time ASC"],
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
 def find_stale_runs(older_than_s: float | None = None) -> list[StaleRun]:
     """RUNNING runs whose process is gone (this host) or that are older than `older_than_s`."""
     now = time.time()
     found = []
-    for run in _running_runs():
+    for run in all_runs("attributes.status = 'RUNNING'", "attributes.start_time ASC"):
         reason = stale_reason(run, older_than_s, now)
         if reason:
             tags = run.data.tags
