@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.ablation import METRICS, mean_std, run_augment_ablation
+from pipeline.ablation import METRICS, run_augment_ablation
+from pipeline.tables import mean_std
 
 
 @click.command("augment_ablation")

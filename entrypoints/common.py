@@ -12,7 +12,7 @@ import click
 from pipeline import config
 from pipeline.data import check_dataset
 from pipeline.errors import PipelineError
-from pipeline.tracking import fail_adopted_run
+from pipeline.tracking import fail_adopted_run, record_command
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -62,6 +62,7 @@ def resolve(stage: str, dataset: str, config_file: str = "", profile: str = "", 
 def main(command: click.Command, args: list[str] | None = None) -> None:
     """Run a click command; user mistakes and pipeline failures print one line and exit non-zero."""
     prefix = command.name if command.name == "medmnist-ssl" else f"medmnist-ssl {command.name}"
+    record_command([*prefix.split(), *(sys.argv[1:] if args is None else args)])
     try:
         command.main(args=args, standalone_mode=False)
     except click.exceptions.Exit as done:

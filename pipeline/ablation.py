@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline import plots, tracking
+from pipeline import plots, tables, tracking
 from pipeline.baseline import train_supervised
 from pipeline.config import config_hash
 from pipeline.data import load_splits
@@ -50,12 +50,6 @@ def aggregate(rows: list[Mapping[str, Any]], variants: list[str]) -> list[dict[s
     return summary
 
 
-def mean_std(entry: Mapping[str, Any], metric: str) -> str:
-    """`0.812 ± 0.014`, or just the mean when there is one seed."""
-    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
 def summary_csv(summary: list[Mapping[str, Any]]) -> str:
     """ablation.csv: variant, n, then mean and std of each metric."""
     header = ["variant", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
@@ -70,7 +64,7 @@ def summary_markdown(summary: list[Mapping[str, Any]], title: str) -> str:
     lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for entry in summary:
-        lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(mean_std(entry, m) for m in METRICS) + " |")
+        lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(tables.mean_std(entry, m) for m in METRICS) + " |")
     return "\n".join(lines) + "\n\nmean ± sample std (ddof=1) over seeds; n = finished child runs.\n"
 
 

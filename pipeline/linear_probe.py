@@ -97,7 +97,7 @@ def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: s
     for method in dict.fromkeys(row["method"] for row in summary):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["label_fraction"])
         ax.errorbar([r["label_fraction"] for r in rows], [r[f"{metric}_mean"] for r in rows],
-                    yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3,
+                    yerr=np.nan_to_num([r[f"{metric}_std"] for r in rows]), marker="o", capsize=3,
                     label=METHOD_LABELS.get(method, method))
     fractions = sorted({r["label_fraction"] for r in summary})
     ax.set_xscale("log")
@@ -126,7 +126,7 @@ def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str],
              tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_auroc"), tables.mean_std(r, "test_ece")]
             for r in summary]
     note = "".join(f"\n{METHOD_LABELS.get(m, m)}: not run ({reason}).\n" for m, reason in not_run.items())
-    tracking.log_text(f"# {title}\n\nmean ± std over seeds; test split.\n\n" + tables.rows_to_markdown(body, header) + note,
+    tracking.log_text(f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header) + note,
                       "label_efficiency.md")
     ran = [r for r in summary if r["n"]]
     tracking.log_figure(label_efficiency_figure(ran, "test_acc", f"{title}: accuracy"), "plots/label_efficiency_acc.png")

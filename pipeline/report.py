@@ -21,8 +21,9 @@ from mlflow.entities import Run
 
 from pipeline import ablation, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
+from pipeline.errors import UserError
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
-from pipeline.ssl_finetune import run_rows
+from pipeline.ssl_finetune import recipe_hash, run_rows
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Table:
     @property
     def csv_columns(self) -> list[str]:
         return list(dict.fromkeys(k for record in self.records for k in record)) or ["status"]
+
+
+SPREAD = "mean ± sample std (ddof 1) over seeds"
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -70,7 +74,8 @@ def _missing(name: str, title: str, header: list[str], stage: str, dataset: str)
 
 def baselines_table(dataset: str) -> Table:
     """Week 2: every FINISHED baseline classifier (model, fine-tuning, labels) with val/test metrics."""
-    header = ["model", "finetune", "weights", "augment", "labels", "seed", "val acc", "test acc", "test AUROC", "test ECE", "run"]
+    header = ["model", "finetune", "weights", "augment", "epochs", "lr", "recipe", "labels", "seed", "val acc", "test acc",
+              "test AUROC", "test ECE", "run"]
     runs = tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'")
     if not runs:
         return _missing("week2_baselines", "Supervised baselines", header, "baseline", dataset)
@@ -79,12 +84,13 @@ def baselines_table(dataset: str) -> Table:
         tags, params, m = run.data.tags, run.data.params, run.data.metrics
         record = {"model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
                   "augment": params.get("cfg.augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
-                  "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "val_acc": m.get("val_acc"), "val_auroc": m.get("val_auroc"),
+                  "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "lr": params.get("cfg.lr", ""),
+                  "batch_size": params.get("cfg.batch_size", ""), "recipe": recipe_hash(run), "val_acc": m.get("val_acc"), "val_auroc": m.get("val_auroc"),
                   "test_acc": m.get("test_acc"), "test_auroc": m.get("test_auroc"), "test_ece": m.get("test_ece"),
                   "run_id": run.info.run_id}
         table.records.append(record)
-        table.rows.append([record["model"], record["finetune"], record["weights"], record["augment"],
-                           f"{float(record['label_fraction']):.0%}", record["seed"], fmt(m.get("val_acc")),
+        table.rows.append([record["model"], record["finetune"], record["weights"], record["augment"], record["epochs"],
+                           record["lr"], record["recipe"], f"{float(record['label_fraction']):.0%}", record["seed"], fmt(m.get("val_acc")),
                            fmt(m.get("test_acc")), fmt(m.get("test_auroc")), fmt(m.get("test_ece")), run.info.run_id[:8]])
     return table
 
@@ -124,7 +130,8 @@ def ablation_table(dataset: str) -> Table:
             for run in tracking.child_runs(parent.info.run_id, dataset) if set(ablation.METRICS) <= set(run.data.metrics)]
     variants = list(dict.fromkeys([*p.get("cfg.variants", "").split(","), *(r["variant"] for r in rows)]))
     summary = ablation.aggregate(rows, variants)
-    title = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
+    what = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
+    title = f"{what}, {SPREAD}"
     table = Table("week3_augment_ablation", title, header,
                   settings={k: p.get(f"cfg.{k}", "") for k in ("model", "epochs", "variants", "seeds")})
     for entry in summary:
@@ -132,10 +139,10 @@ def ablation_table(dataset: str) -> Table:
         table.records.append({**{k: v for k, v in entry.items() if not k.endswith("_values")},
                               "seeds": seed_list(mine),
                               "run_ids": " ".join(r["run_id"] for r in mine), "parent_run_id": parent.info.run_id})
-        table.rows.append([entry["variant"], entry["n"], *(ablation.mean_std(entry, m) for m in
+        table.rows.append([entry["variant"], entry["n"], *(tables.mean_std(entry, m) for m in
                                                            ("val_auroc", "test_acc", "test_auroc", "test_ece"))])
     if summary:
-        table.figure = plots.ablation_errorbars(summary, "test_auroc", f"{dataset}: {title}")
+        table.figure = plots.ablation_errorbars(summary, "test_auroc", f"{dataset}: {what}")
     return table
 
 
@@ -177,7 +184,7 @@ def label_efficiency_table(dataset: str) -> Table:
     for ssl_method, parent in newest.items():
         probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
         rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]
-    table = grouped_table("week5_label_efficiency", "Label efficiency: test metrics, mean ± std over seeds", rows)
+    table = grouped_table("week5_label_efficiency", f"Label efficiency: test metrics, {SPREAD}", rows)
     # the settings of the grids the rows came from (the newest grid of each SSL method)
     grids = dict.fromkeys(parent.data.params.get("cfg.probe_cs", "") for parent in newest.values())
     settings.update(seeds=seed_list(rows, ","), probe_cs=" / ".join(grids))
@@ -198,7 +205,7 @@ def week6_table(dataset: str) -> Table:
     probes = [r for r in tracking.stage_parents(dataset, "linear_probe") if r.data.tags.get("source_run_id") == source]
     if probes:
         rows += child_rows(probes[0], dataset)
-    table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]})", rows)
+    table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]}), {SPREAD}", rows)
     table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "lr", "encoder_lr_scale", "augment", "seeds")}
     if not probes:
         table.missing = f"missing: no FINISHED linear_probe run for SSL run {source}"
@@ -260,7 +267,11 @@ def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] | None = 
     """Every cross-week table for a dataset, in study order."""
     builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table,
                 *(extra_tables() if extra is None else extra)]
-    return [build(dataset) for build in builders]
+    built = [build(dataset) for build in builders]
+    for table in built:
+        if not table.rows and not table.missing:  # a run whose results were deleted or never finished
+            table.missing = "missing: the newest FINISHED run of this stage has no FINISHED results"
+    return built
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -284,8 +295,9 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     write_atomic(paths[0], markdown(table))
     write_atomic(paths[1], tables.to_csv(table.records, table.csv_columns) if table.records else f"status\n{table.missing}\n")
     write_atomic(paths[2], tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}\n")
+    figure_path = out_dir / f"{table.name}.png"
+    figure_path.unlink(missing_ok=True)  # a figure from an earlier compare must not outlive its table
     if table.figure is not None:
-        figure_path = out_dir / f"{table.name}.png"
         tmp = figure_path.with_name(f".{figure_path.name}.tmp.png")
         table.figure.savefig(tmp, dpi=120, bbox_inches="tight")
         plt.close(table.figure)
@@ -300,27 +312,60 @@ WEEK_OF_TABLE = {"week2_baselines": 2, "week3_augment_ablation": 3, "week4_ssl_p
 
 
 def environment_lines() -> list[str]:
-    """Versions and platform for the reproducibility checklist."""
+    """The versions `compare` ran with (the cited runs' own code and commits are listed apart)."""
     import platform
 
     import mlflow
     import torch
 
-    return [f"Python {platform.python_version()} on {platform.platform()}", f"torch {torch.__version__}, mlflow {mlflow.__version__}",
-            f"code version {tracking.code_version()}"]
+    return [f"compare ran with Python {platform.python_version()} on {platform.platform()}, torch {torch.__version__}, "
+            f"mlflow {mlflow.__version__}, code version {tracking.code_version()}"]
 
 
-def commands_of(dataset: str) -> list[str]:
-    """The `mlflow run` command of each FINISHED top-level run, rebuilt from its `-P` params."""
-    lines = []
-    for run in tracking.finished_runs(dataset):
-        tags = run.data.tags
-        entry = tags.get("mlflow.project.entryPoint")
-        if not entry:
-            continue
+def cited_run_ids(built: list[Table]) -> list[str]:
+    """Every run id the tables cite (result runs, grid parents, analysed sources), in table order."""
+    ids: list[str] = []
+    for table in built:
+        for record in table.records:
+            ids += [str(record[k]) for k in ("run_id", "parent_run_id", "source_run_id") if record.get(k)]
+            ids += str(record.get("run_ids", "")).split()
+    return list(dict.fromkeys(ids))
+
+
+def run_command(run: Run) -> str:
+    """The command that started a top-level run: `mlflow run` rebuilt from its `-P` params, else
+    the command line it recorded."""
+    tags = run.data.tags
+    if entry := tags.get("mlflow.project.entryPoint"):
         params = " ".join(f"-P {k}={v}" for k, v in sorted(run.data.params.items()) if not k.startswith("cfg.") and v not in ("", "''"))
-        lines.append(f"mlflow run . -e {entry} {params} --env-manager local   # run {run.info.run_id[:8]}")
-    return list(dict.fromkeys(lines))
+        return f"mlflow run . -e {entry} {params} --env-manager local"
+    return tags.get("command", f"(not recorded: a {tags.get('stage', '?')} run from before commands were tagged)")
+
+
+def counted(values: list[str]) -> str:
+    """`a (3 runs), b (1 run)` for the distinct values of a list, most common first."""
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return ", ".join(f"{v} ({plural(n, 'run')})" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def checklist_lines(built: list[Table]) -> tuple[list[str], list[str]]:
+    """Checklist bullets (code versions, git commits, seeds of the cited runs) and the command of
+    each top-level run they came from (a `study` run, or each step run on its own)."""
+    runs = [tracking.get_run(run_id) for run_id in cited_run_ids(built)]
+    if not runs:
+        return ["No run is cited: every table is missing."], []
+    tags = [run.data.tags for run in runs]
+    roots = {root.info.run_id: root for root in map(tracking.root_run, runs)}
+    seeds = {seed for t in tags for seed in t.get("seed", "-").split(",") if seed not in ("-", "")}
+    lines = [f"Runs cited by the tables: {len(runs)}, from {plural(len(roots), 'top-level run')}.",
+             f"Code version (hash of pipeline/ and configs/): {counted([t.get('code_version', 'unknown') for t in tags])}.",
+             f"Git commit: {counted([t.get('mlflow.source.git.commit', 'not recorded')[:12] for t in tags])}.",
+             f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded."]
+    commands = [f"{run_command(root)}   # run {run_id[:8]}"
+                for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].info.start_time)]
+    return lines, commands
 
 
 def moco_text(record: Mapping[str, Any]) -> str:
@@ -349,8 +394,11 @@ def methods_text(dataset: str, built: list[Table]) -> str:
     parts = [f"We study the binary MedMNIST2D dataset `{dataset}` with its official train/validation/test split."]
     base = by_name.get("week2_baselines")
     if base and base.records:
-        models = sorted({f"{r['model']} ({r['finetune']}{', ImageNet weights' if r['weights'] == 'imagenet' else ''}, "
-                         f"{plural(r['epochs'], 'epoch')}, augmentation {r['augment']}, seed {r['seed']})" for r in base.records})
+        recipes = {r["recipe"]: r for r in base.records}
+        models = [f"{r['model']} ({r['finetune']}{', ImageNet weights' if r['weights'] == 'imagenet' else ''}, "
+                  f"{plural(r['epochs'], 'epoch')}, lr {r['lr']}, batch {r['batch_size']}, augmentation {r['augment']}, "
+                  f"{seeds_text(seed_list((x for x in base.records if x['recipe'] == recipe), ','))}; recipe {recipe})"
+                  for recipe, r in sorted(recipes.items(), key=lambda kv: (kv[1]["model"], kv[0]))]
         parts.append(f"Supervised baselines: {', '.join(models)}; the checkpoint with the best validation AUROC is evaluated once on test.")
     ablation = by_name.get("week3_augment_ablation")
     if ablation and ablation.records:
@@ -415,10 +463,10 @@ def draft_markdown(dataset: str, built: list[Table]) -> str:
         sections.append(markdown(table))
         if table.figure is not None or (table.records and table.name == "week5_label_efficiency"):
             sections.append(f"![{table.title}]({table.name}.png)\n")
-    sections += ["## Reproducibility checklist\n", *[f"- {line}" for line in environment_lines()],
-                 "- Seeds: every run's `seed` tag; label subsets are stratified and seeded.",
-                 "- Test split: used once per run, with the checkpoint selected on validation.", "", "Commands:", "```",
-                 *commands_of(dataset), "```", ""]
+    lines, commands = checklist_lines(built)
+    sections += ["## Reproducibility checklist\n", *[f"- {line}" for line in lines + environment_lines()],
+                 "- Test split: used once per run, with the checkpoint selected on validation.", "",
+                 "Commands (one per top-level run the tables cite, oldest first):", "```", *commands, "```", ""]
     return "\n".join(sections)
 
 
@@ -431,7 +479,7 @@ def draft_latex(dataset: str, built: list[Table]) -> str:
             body.append("\\begin{figure}[t]\n\\centering\n"
                         f"\\includegraphics[width=0.7\\linewidth]{{{table.name}.png}}\n"
                         f"\\caption{{{tables.latex_escape(table.title)}}}\n\\end{{figure}}")
-    return ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n"
+    return ("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\begin{document}\n"
             f"\\title{{{tables.latex_escape(dataset)}: supervised vs.\\ self-supervised pretraining}}\n\\maketitle\n"
             + "\n\n".join(body) + "\n\\end{document}\n")
 
@@ -448,21 +496,36 @@ def best_on_validation(records: list[dict[str, Any]]) -> dict[str, Any]:
     return max(records, key=validation_auroc)
 
 
-def export_results(built: list[Table], out_dir: Path, results_root: Path, name: str, dataset: str) -> list[Path]:
-    """Copy each week's tables into `results/weekX/<dataset>/<name>/` with its metrics JSON, the
-    plots of the baseline with the best validation AUROC (week 2), and a short README with the numbers."""
-    written = []
+def export_targets(built: list[Table], results_root: Path, name: str, dataset: str) -> dict[int, Path]:
+    """`results/weekX/<dataset>/<name>/` of each week that has a table."""
+    weeks = sorted({WEEK_OF_TABLE[t.name] for t in built if t.name in WEEK_OF_TABLE})
+    return {week: results_root / f"week{week}" / dataset / name for week in weeks}
+
+
+def check_export_is_new(built: list[Table], results_root: Path, name: str, dataset: str) -> None:
+    """An export never replaces an earlier one (its README or tables may hold the student's edits)."""
+    taken = [str(p) for p in export_targets(built, results_root, name, dataset).values() if p.exists()]
+    if taken:
+        raise UserError(f"results export {name!r} already exists ({taken[0]}); choose another --export-results name "
+                        "or remove those folders")
+
+
+def export_results(built: list[Table], written: Mapping[str, list[Path]], results_root: Path, name: str,
+                   dataset: str) -> list[Path]:
+    """Copy each week's tables (the files `write_table` wrote) into `results/weekX/<dataset>/<name>/`
+    with its metrics JSON, the plots of the baseline with the best validation AUROC (week 2), and a
+    short README per week with the numbers."""
+    targets = export_targets(built, results_root, name, dataset)
+    readmes = {week: f"# Week {week} — {dataset} ({name})\n\n" for week in targets}
     for table in built:
         week = WEEK_OF_TABLE.get(table.name)
         if week is None:
             continue
-        target = results_root / f"week{week}" / dataset / name
+        target = targets[week]
         target.mkdir(parents=True, exist_ok=True)
-        for source in out_dir.glob(f"{table.name}.*"):
+        for source in written[table.name]:
             shutil.copy2(source, target / source.name)
         write_atomic(target / f"{table.name}_metrics.json", json.dumps(table.records, indent=2, default=str))
-        readme = target / "README.md"
-        existing = readme.read_text() if readme.exists() else f"# Week {week} — {dataset} ({name})\n\n"
         note = ""
         if table.name == "week2_baselines" and table.records:
             best = best_on_validation(table.records)
@@ -473,18 +536,22 @@ def export_results(built: list[Table], out_dir: Path, results_root: Path, name: 
                       else "the newest run (no baseline has a validation AUROC)")
             note = (f"`best_baseline_*`: run {best['run_id']} ({best['model']}, {best['finetune']}), {chosen}; "
                     "chosen without looking at the test split.\n\n")
-        write_atomic(readme, existing + markdown(table) + "\n" + note)
-        written.append(target)
-    return sorted(set(written))
+        readmes[week] += markdown(table) + "\n" + note
+    for week, text in readmes.items():
+        write_atomic(targets[week] / "README.md", text)
+    return sorted(targets.values())
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
                 extra: Iterable[Callable[[str], Table]] | None = None) -> tuple[list[Table], Path]:
     """Build every table, write them under `<out_root>/<dataset>/`, log them to a `compare` run."""
     built = build_tables(dataset, extra)
+    if export_name:
+        check_export_is_new(built, Path(results_root), export_name, dataset)
     out_dir = Path(out_root) / dataset
     with tracking.tracked_run("compare", dataset, {"model": "-", "seed": "-"}, run_name=f"compare-{dataset}"):
-        paths = [p for table in built for p in write_table(table, out_dir)]
+        written = {table.name: write_table(table, out_dir) for table in built}
+        paths = [p for table_paths in written.values() for p in table_paths]
         for name, text in (("draft.md", draft_markdown(dataset, built)), ("draft.tex", draft_latex(dataset, built))):
             write_atomic(out_dir / name, text)
             paths.append(out_dir / name)
@@ -494,5 +561,5 @@ def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", 
         tracking.set_tags({"missing_tables": ",".join(missing) or "none"})
         tracking.log_metrics({"tables_complete": len(built) - len(missing), "tables_missing": len(missing)})
         if export_name:
-            export_results(built, out_dir, Path(results_root), export_name, dataset)
+            export_results(built, written, Path(results_root), export_name, dataset)
     return built, out_dir

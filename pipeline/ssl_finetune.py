@@ -29,13 +29,20 @@ NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_la
               "checkpoint_min_seconds", "eval_batch_size", "bootstrap", "ece_bins"}
 
 
+def recipe_hash(run: Run) -> str:
+    """A short hash of every logged setting that shapes what a classifier learns (lr, optimizer,
+    size, epochs, ...): runs with the same recipe differ only by seed."""
+    settings = {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
+    return config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
+
+
 def baseline_label(run: Run) -> str:
     """How a baseline run is named in the week-6 table: its model, stem, weights, fine-tuning, epochs
-    and augmentation, plus a hash of every other setting that shapes training (lr, optimizer, size,
-    ...), so runs of different recipes are never averaged as if they were seeds."""
+    and augmentation, plus its recipe hash, so runs of different recipes are never averaged as if
+    they were seeds."""
     tags, params = run.data.tags, run.data.params
     settings = {k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")}
-    recipe = config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
+    recipe = recipe_hash(run)
     model = tags.get("model", "?")
     stem = f"/{settings.get('stem', '?')}" if model == "resnet18" else ""
     weights = ", ImageNet weights" if settings.get("weights") == "imagenet" else ""
@@ -86,7 +93,7 @@ def log_week6_table(finetune_rows: list[dict[str, Any]], ssl_run_id: str, datase
              tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_auroc"), tables.mean_std(r, "test_ece")]
             for r in summary]
     text = (f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
-            "mean ± std over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
+            "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
             + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
     tracking.log_text(text, "week6_comparison.md")
     grid = [r for r in summary if r["method"] in METHOD_LABELS]

@@ -11,7 +11,8 @@ import numpy as np
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]], by: Sequence[str], values: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per group of `by`: `<value>_mean`, `<value>_std` (sample std, 0 for n=1) and `n`."""
+    """One row per group of `by`: `<value>_mean`, `<value>_std` (sample std, ddof 1; NaN for one
+    value, where no spread is measured) and `n`."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in by), []).append(row)
@@ -22,18 +23,18 @@ def aggregate(rows: Iterable[Mapping[str, Any]], by: Sequence[str], values: Sequ
             numbers = np.array([float(m[name]) for m in members if m.get(name) is not None], dtype=float)
             numbers = numbers[np.isfinite(numbers)]
             summary[f"{name}_mean"] = float(numbers.mean()) if len(numbers) else math.nan
-            summary[f"{name}_std"] = float(numbers.std(ddof=1)) if len(numbers) > 1 else 0.0 if len(numbers) else math.nan
+            summary[f"{name}_std"] = float(numbers.std(ddof=1)) if len(numbers) > 1 else math.nan
         summary["n"] = len(members)
         out.append(summary)
     return out
 
 
 def mean_std(row: Mapping[str, Any], name: str, digits: int = 3) -> str:
-    """`0.912 ± 0.013`, or `—` when the value is missing."""
-    mean = row.get(f"{name}_mean", math.nan)
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    """`0.912 ± 0.013`, the mean alone when one value has no spread, or `—` when it is missing."""
+    mean, std = (row.get(f"{name}_{part}") for part in ("mean", "std"))
+    if mean is None or math.isnan(mean):
         return "—"
-    return f"{mean:.{digits}f} ± {row.get(f'{name}_std', 0.0):.{digits}f}"
+    return f"{mean:.{digits}f}" if std is None or math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _cell(value: Any, digits: int) -> str:

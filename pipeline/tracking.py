@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ import mlflow
 import psutil
 import yaml
 from matplotlib.figure import Figure
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -115,7 +117,10 @@ def tracked_run(
         if resume_run_id and "failure_reason" in mlflow.get_run(resume_run_id).data.tags:
             MlflowClient().delete_tag(resume_run_id, "failure_reason")
         week = contract()["weeks"].get(stage, "")
-        set_tags({"stage": stage, "dataset": dataset, "week": week, "code_version": code_version(), **tags, **process_tags()})
+        started_here = not (nested or resume_run_id or under_mlflow_run())  # else the command is the parent's or mlflow's
+        command = {"command": _command_line or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])} if started_here else {}
+        set_tags({"stage": stage, "dataset": dataset, "week": week, "code_version": code_version(), **tags, **command,
+                  **process_tags()})
         yield run
     except KeyboardInterrupt:
         mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
@@ -131,6 +136,16 @@ def tracked_run(
         if not nested:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+_command_line = ""
+
+
+def record_command(words: list[str]) -> None:
+    """The command line a CLI call was given, tagged `command` on the runs it starts (the draft's
+    reproducibility checklist lists it)."""
+    global _command_line
+    _command_line = shlex.join(words)
 
 
 def under_mlflow_run() -> bool:
@@ -256,21 +271,20 @@ def finished_runs(dataset: str, where: str = "") -> list[Run]:
     return all_runs(" and ".join(clauses))
 
 
-def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC") -> list[Run]:
+def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", view: int = ViewType.ACTIVE_ONLY) -> list[Run]:
     """Every run of every active experiment that matches the filter. MLflow's fluent search pages
     through the store (up to its default 100,000 runs); one `MlflowClient.search_runs` call stops at
     1000 runs, which a team store passes."""
     return mlflow.search_runs(filter_string=filter_string, order_by=[order_by], search_all_experiments=True,
-                              output_format="list")
+                              output_format="list", run_view_type=view)
 
 
 def stage_parents(dataset: str, stage: str, where: str = "") -> list[Run]:
-    """FINISHED runs of a stage that are not nested in another run of the same stage, newest first:
-    a grid's parent counts, its children do not; a step nested in a `study` run counts."""
-    same_stage = all_runs(f"tags.dataset = '{dataset}' and tags.stage = '{stage}'")
-    ids = {r.info.run_id for r in same_stage}
+    """FINISHED runs of a stage that stand alone or are steps of a `study` run, newest first: a grid's
+    parent counts; its children never do, even after the parent was deleted."""
+    studies = {r.info.run_id for r in all_runs(f"tags.dataset = '{dataset}' and tags.stage = 'study'", view=ViewType.ALL)}
     clauses = " and ".join([f"tags.stage = '{stage}'", *([where] if where else [])])
-    return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId") not in ids]
+    return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId", "") in studies | {""}]
 
 
 def child_runs(parent_run_id: str, dataset: str) -> list[Run]:
@@ -295,6 +309,23 @@ def find_latest(stage: str, dataset: str, tags: Mapping[str, str]) -> Run:
             f"{mlflow.get_tracking_uri()}; run `mlflow run . -e {stage} -P dataset={dataset} {wanted} --env-manager local` first"
         )
     return runs[0]
+
+
+def get_run(run_id: str) -> Run:
+    """One run by id."""
+    return MlflowClient().get_run(run_id)
+
+
+def root_run(run: Run) -> Run:
+    """The top-level run a run is nested in (itself when it stands alone; the highest ancestor
+    still in the store when one was deleted for good)."""
+    client = MlflowClient()
+    while parent_id := run.data.tags.get("mlflow.parentRunId"):
+        try:
+            run = client.get_run(parent_id)
+        except MlflowException:
+            break
+    return run
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:

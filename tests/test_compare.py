@@ -1,13 +1,15 @@
 """`compare`: tables read back from real runs, missing stages reported, atomic files, exports."""
 
 import json
+import math
 
 import pandas as pd
+from mlflow import MlflowClient
 import pytest
 
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import report, tables
+from pipeline import report, tables, tracking
 from tests.conftest import all_runs, artifact_paths
 
 TINY = ["--epochs", "1", "--batch-size", "32"]
@@ -24,7 +26,7 @@ def test_empty_store_reports_every_table_missing(tracking_uri, tmp_path, capsys)
     assert run.data.metrics["tables_missing"] == 8
 
 
-def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch):
+def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
@@ -50,6 +52,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert len(base) == 2 and all(base.test_auroc == [runs[i].data.metrics["test_auroc"] for i in base.run_id])
     older = base.run_id[1]  # rows are newest first
     assert base.val_auroc[1] > base.val_auroc[0]
+    assert base.recipe[0] != base.recipe[1] and list(base.lr.astype(str)) == ["1e-07", "0.001"]  # two recipes, told apart
     eff = pd.read_csv(out / "week5_label_efficiency.csv")
     assert len(eff) == 6 and set(eff.n) == {2}  # 2 fractions × (simclr probe, moco probe, supervised)
     for _, row in eff.iterrows():
@@ -87,6 +90,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     draft = (out / "draft.md").read_text()
     assert "## Reproducibility checklist" in draft and "smallcnn" in draft and "50%" in draft
     assert "queue 64, shuffling BN over 8 chunks" in draft
+    assert f"lr 1e-07, batch 32, augmentation none, seed 1; recipe {base.recipe[0]})" in draft
     assert "smallcnn trained for 1 epoch with each preset of none, flip (`none` is the control), seeds 0, 1." in draft
     assert "1 epochs" not in draft and "encoder lr × 0.1, augmentation flip, seed 0." in draft  # the fine-tuning settings
     assert "(stratified subsets, seeds 0, 1)" in draft and "random_resized_crop" in draft
@@ -103,6 +107,25 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert f"run {older} " in (week2 / "README.md").read_text()  # which run best_baseline_* came from
     exported = json.loads((week2 / "best_baseline_test_metrics.json").read_text())
     assert exported["auroc"] == pytest.approx(runs[older].data.metrics["test_auroc"])
+    week6_readme = (results_root / "week6" / "breastmnist" / "v1" / "README.md").read_text()
+    assert week6_readme.count("## SSL fine-tune vs. probe") == 1 and week6_readme.count("## Calibration") == 1
+
+    # the checklist: every top-level run the tables cite, with its command, code version and seeds
+    roots = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags and r.data.tags["stage"] != "compare"]
+    commands = draft.split("Commands (one per top-level run the tables cite, oldest first):\n```\n")[1].split("```")[0]
+    assert sorted(line.rsplit("# run ", 1)[1] for line in commands.splitlines()) == sorted(r.info.run_id[:8] for r in roots)
+    cited = set(report.cited_run_ids(report.build_tables("breastmnist")))
+    assert f"Runs cited by the tables: {len(cited)}, from {len(roots)} top-level runs." in draft
+    assert f"Code version (hash of pipeline/ and configs/): {tracking.code_version()} ({len(cited)} runs)." in draft
+    assert "- Seeds: 0 1; label subsets" in draft
+
+    # exporting under a used name again is refused before anything is written or logged
+    before = {p: p.read_bytes() for p in results_root.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1",
+                               "--results-root", str(results_root)])
+    assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in results_root.rglob("*") if p.is_file()}
 
 
 def test_exported_best_baseline_is_chosen_on_validation_not_test():
@@ -116,5 +139,20 @@ def test_exported_best_baseline_is_chosen_on_validation_not_test():
 def test_latex_escapes_and_mean_std_formatting():
     row = tables.aggregate([{"m": "a", "x": 1.0}, {"m": "a", "x": 3.0}], ("m",), ("x",))[0]
     assert tables.mean_std(row, "x") == "2.000 ± 1.414" and row["n"] == 2
+    single = tables.aggregate([{"m": "a", "x": 1.0}], ("m",), ("x",))[0]
+    assert tables.mean_std(single, "x") == "1.000" and math.isnan(single["x_std"])  # one run measures no spread
     assert tables.latex_escape("a_b 50% ± τ") == "a\\_b 50\\% $\\pm$ $\\tau$"
     assert tables.latex_escape("{x}$ ~^ → ×") == "\\{x\\}\\$ \\textasciitilde{}\\textasciicircum{} $\\to$ $\\times$"
+
+
+def test_a_grid_without_results_is_missing_and_its_stale_figure_goes(tracking_uri, tmp_path):
+    client = MlflowClient()
+    run = client.create_run("0", tags={"dataset": "breastmnist", "stage": "augment_ablation"})
+    client.set_terminated(run.info.run_id, "FINISHED")  # its children were deleted
+    out = tmp_path / "reports"
+    (out / "breastmnist").mkdir(parents=True)
+    (out / "breastmnist" / "week3_augment_ablation.png").write_bytes(b"an earlier compare's figure")
+    built, _ = report.run_compare("breastmnist", str(out))
+    ablation = next(t for t in built if t.name == "week3_augment_ablation")
+    assert not ablation.rows and ablation.missing.startswith("missing: the newest FINISHED run of this stage")
+    assert not (out / "breastmnist" / "week3_augment_ablation.png").exists()

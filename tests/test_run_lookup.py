@@ -26,3 +26,25 @@ def test_lookups_page_past_one_thousand_runs(tracking_uri):
     assert {r.info.run_id for r in tracking.child_runs(parent, "breastmnist")} == children
     assert len(tracking.finished_runs("breastmnist")) == CHILDREN + 1
     assert [r.info.run_id for r in tracking.all_runs("attributes.status = 'RUNNING'")] == [stale]
+
+
+def test_a_deleted_grid_leaves_no_parents_and_study_steps_count(tracking_uri):
+    client = MlflowClient()
+    experiment = client.create_experiment("grids")
+
+    def finished(stage: str, parent: str = "") -> str:
+        tags = {"dataset": "breastmnist", "stage": stage, **({"mlflow.parentRunId": parent} if parent else {})}
+        run = client.create_run(experiment, tags=tags)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    study = finished("study")
+    step = finished("augment_ablation", study)
+    grid = finished("augment_ablation")
+    children = [finished("augment_ablation", grid) for _ in range(2)]
+    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, grid}
+    assert {r.info.run_id for r in tracking.child_runs(grid, "breastmnist")} == set(children)
+
+    client.delete_run(grid)  # the MLflow UI deletes a parent and leaves its children
+    client.delete_run(study)
+    assert [r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")] == [step]
