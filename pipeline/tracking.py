@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -113,29 +114,95 @@ def tracked_run(
         # raise KeyboardInterrupt so the run ends KILLED.
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested)
+    _open_runs.append(run.info.run_id)
+    outcome: BaseException | None = None
     try:
-        if resume_run_id and "failure_reason" in mlflow.get_run(resume_run_id).data.tags:
-            MlflowClient().delete_tag(resume_run_id, "failure_reason")
         week = contract()["weeks"].get(stage, "")
         started_here = not (nested or resume_run_id or under_mlflow_run())  # else the command is the parent's or mlflow's
         command = {"command": _command_line or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])} if started_here else {}
-        set_tags({"stage": stage, "dataset": dataset, "week": week, "code_version": code_version(), **tags, **command,
-                  **process_tags()})
+        versions = _resumed_versions(resume_run_id) if resume_run_id else {"code_version": code_version()}
+        set_tags({"stage": stage, "dataset": dataset, "week": week, **versions, **tags, **command, **process_tags()})
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
     except BaseException as exc:
-        mlflow.set_tag("failure_reason", _one_line(exc))
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        outcome = exc
         raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     finally:
-        if not nested:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        try:
+            _close(run.info.run_id, outcome)
+        finally:
+            if not nested:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+
+_open_runs: list[str] = []  # the runs tracked_run opened and has not closed, innermost last
+
+
+def _resumed_versions(run_id: str) -> dict[str, str]:
+    """A resumed run keeps the code version it started with (the study reuses runs by it) and
+    records the one that finished it when they differ; an old failure reason is dropped."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if "failure_reason" in tags:
+        client.delete_tag(run_id, "failure_reason")
+    started = tags.get("code_version", code_version())
+    return {"code_version": started, **({"resumed_code_version": code_version()} if started != code_version() else {})}
+
+
+def _close(run_id: str, outcome: BaseException | None) -> None:
+    """End a run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, with its failure reason, also when
+    a second signal arrives meanwhile (deferred until the run is closed) or the store is briefly
+    locked (retried). Runs opened inside it that failed to close are closed with it."""
+    status = "FINISHED" if outcome is None else "KILLED" if isinstance(outcome, KeyboardInterrupt) else "FAILED"
+    client = MlflowClient()
+
+    def write(call: Any) -> None:
+        try:
+            _retried(call)
+        except Exception as exc:
+            if outcome is None:  # a FINISHED run that cannot be marked so is this process's failure
+                raise
+            print(f"warning: run {run_id} could not be marked {status} ({_one_line(exc)}); "
+                  "`medmnist-ssl runs clean-stale` marks it KILLED later", file=sys.stderr)
+
+    with _signals_deferred():
+        if outcome is not None:
+            reason = "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED" else _one_line(outcome)
+            write(lambda: client.set_tag(run_id, "failure_reason", reason))
+        while run_id in _open_runs:
+            inner = _open_runs.pop()
+            with contextlib.suppress(Exception):  # pops MLflow's active-run stack before it calls the store
+                mlflow.end_run(status)
+            write(lambda: client.set_terminated(inner, status))
+
+
+def _retried(call: Any, attempts: int = 4) -> None:
+    """Call a store write, retrying a locked or unreachable store with backoff (0.5, 1, 2 s)."""
+    for attempt in range(attempts):
+        try:
+            call()
+            return
+        except Exception:  # SQLite 'database is locked', a server hiccup
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a run is being closed; one that arrived is raised afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt(f"signal {caught[0]} while closing a run")
 
 
 _command_line = ""

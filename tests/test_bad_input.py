@@ -6,11 +6,15 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 from medmnist.info import INFO
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from entrypoints import baseline, ssl_pretrain
 from entrypoints.common import main
+from pipeline import tracking
 from tests.conftest import all_runs, cli_env, mlflow_run, run_step
 
 ROWS = [
@@ -129,3 +133,28 @@ def test_moco_batch_that_bn_splits_cannot_chunk(batch, synthetic_root, tracking_
     assert exit_info.value.code == 2 and len(lines) == 1
     assert f"bn_splits=8 must divide batch_size={batch} into chunks of at least 2 images" in lines[0]
     assert all_runs(tracking_uri) == []
+
+
+@pytest.mark.parametrize("trouble", ["second Ctrl-C", "locked store"])
+def test_a_nested_run_and_its_parent_close_when_closing_is_disturbed(trouble, tracking_uri, monkeypatch):
+    real_set_tag = MlflowClient.set_tag
+    shots = [1]
+
+    def disturbed(self, run_id, key, value, *args, **kwargs):
+        if key == "failure_reason" and shots:
+            shots.pop()
+            if trouble == "second Ctrl-C":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise MlflowException("database is locked")
+        return real_set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", disturbed)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}):
+            with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}):
+                raise KeyboardInterrupt
+    assert mlflow.active_run() is None
+    runs = {r.data.tags["stage"]: r for r in all_runs(tracking_uri)}
+    assert {stage: r.info.status for stage, r in runs.items()} == {"study": "KILLED", "baseline": "KILLED"}
+    assert all("interrupted" in r.data.tags["failure_reason"] for r in runs.values())

@@ -155,3 +155,16 @@ def test_resume_refuses_runs_that_are_not_resumable(synthetic_root, tracking_uri
     with pytest.raises(SystemExit):
         main(baseline.command, ["--resume", next(iter(cases)), "--epochs", "3"])
     assert "drop --epochs" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_code_version_it_started_with(tracking_uri, monkeypatch):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run:
+            raise KeyboardInterrupt
+    started = tracking.code_version()
+    monkeypatch.setattr(tracking, "code_version", lambda: "edited0000aa")
+    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}, resume_run_id=run.info.run_id):
+        pass
+    resumed = mlflow.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
+    assert resumed.data.tags["code_version"] == started and resumed.data.tags["resumed_code_version"] == "edited0000aa"
