@@ -7,9 +7,11 @@ PneumoniaMNIST split at 28×28 is under 4 MB, so it lives on the GPU next to the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -78,6 +80,24 @@ def ensure_file(name: str, size: int, root: Path) -> Path:
             f"the folder that holds it"
         ) from None
     return path
+
+
+def fingerprint(name: str, size: int, data_root: str = "") -> str:
+    """The MD5 of the npz file a step reads at `size` (what the study's reuse key and tags record,
+    so a run on other data is never taken for this one)."""
+    path = ensure_file(name, size, resolve_root(data_root))
+    stat = path.stat()
+    return _file_md5(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _file_md5(path: str, size: int, mtime_ns: int) -> str:
+    """MD5 of a file, computed once per (path, size, modification time)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

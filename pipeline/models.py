@@ -61,6 +61,11 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
+def imagenet_weights_cached() -> bool:
+    """Whether torchvision's ResNet-18 ImageNet weights file is in the torch hub cache."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name).exists()
+
+
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
     """ResNet-18 ImageNet weights through torchvision's weights API (cached under torch hub)."""
     weights = ResNet18_Weights.IMAGENET1K_V1

@@ -2,8 +2,8 @@
 
 Order: eda → baselines → augment ablation → SSL pretraining (each method) → linear probe → SSL
 fine-tune → calibrate → thresholds → robustness → compare. A step's configuration (its resolved
-config, including the run ids it consumes) is hashed; a FINISHED step run with the same hash and
-code version is reused instead of recomputed, so an interrupted study continues where it stopped
+config, the run ids it consumes and the MD5 of the data file it reads) is hashed; a FINISHED step
+run with the same hash and code version is reused instead of recomputed, so an interrupted study continues where it stopped
 and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
 interpreter start-up is paid per step.
 """
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipeline import config, tables, tracking
+from pipeline.data import fingerprint
 from pipeline.errors import UserError
+from pipeline.models import imagenet_weights_cached
 
 Runner = Callable[[dict[str, Any], str, dict[str, str]], None]
 
@@ -118,11 +120,24 @@ def newest_step_run(study_run_id: str, dataset: str, stage: str, since_ms: int) 
     return runs[0].info.run_id
 
 
+def uses_imagenet_probe(step: Step, cfg: Mapping[str, Any]) -> bool:
+    """A linear-probe step that fits an ImageNet probe when the weights are available."""
+    return step.stage == "linear_probe" and "imagenet_probe" in cfg.get("methods", [])
+
+
+def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], data_md5: str, imagenet_weights: bool) -> str:
+    """What makes two runs of a step interchangeable: its resolved config, the run ids it consumes,
+    the data file it reads and, for a probe step, whether it could fit the ImageNet probe."""
+    extra = {"imagenet_weights": imagenet_weights} if uses_imagenet_probe(step, cfg) else {}
+    return config.config_hash({**cfg, **inputs, "study_step": step.name, "data_md5": data_md5, **extra})
+
+
 def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
              dataset: str, study_run_id: str) -> Outcome:
-    """Reuse a FINISHED run with the same config hash and code version, else run the step."""
-    key = config.config_hash({**cfg, **inputs, "study_step": step.name})
+    """Reuse a FINISHED run with the same reuse key and code version, else run the step."""
+    data_md5 = "" if step.stage in ("calibrate", "compare") else fingerprint(dataset, int(cfg.get("size", 28)), data_root)
     if step.stage != "compare":
+        key = reuse_key(step, cfg, inputs, data_md5, imagenet_weights_cached())
         reusable = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
         if reusable:
             return Outcome(step.name, step.stage, "reused", reusable[0].info.run_id, 0.0)
@@ -134,7 +149,9 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
             raise
         return Outcome(step.name, step.stage, "skipped", "", time.time() - start, str(exc))
     run_id = newest_step_run(study_run_id, dataset, step.stage, int(start * 1000) - 1)
-    tracking.tag_run(run_id, {"study_config": key, "study_step": step.name})
+    fitted_imagenet = "imagenet_probe_status" not in tracking.get_run(run_id).data.tags  # what this run could do
+    tracking.tag_run(run_id, {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet),
+                              "study_step": step.name, **({"data_md5": data_md5} if data_md5 else {})})
     return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)
 
 

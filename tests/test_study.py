@@ -5,8 +5,11 @@ import pytest
 
 from entrypoints import study
 from entrypoints.common import main
+import pipeline.study
 from pipeline import config, tracking
+from pipeline.data import fingerprint
 from pipeline.study import Step, plan, run_step
+from pipeline.synthetic import write_synthetic
 from tests.conftest import all_runs
 
 STEPS = ["eda", "baseline_0_smallcnn_all", "augment_ablation", "ssl_pretrain_simclr", "linear_probe_simclr",
@@ -91,7 +94,9 @@ def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri,
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-def test_a_step_is_reused_only_with_the_same_config_inputs_and_code(tracking_uri, monkeypatch):
+def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthetic_root, tracking_uri, tmp_path, monkeypatch):
+    other_data = tmp_path / "other-data"
+    write_synthetic(other_data, "breastmnist", seed=7)  # same name and shapes, other images
     calls = []
 
     def runner(cfg, data_root, inputs):
@@ -101,14 +106,38 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_and_code(tracking_uri
 
     step = Step("eda", "eda")
     with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
-        def status(cfg, inputs):
-            return run_step(step, cfg, inputs, "", runner, "breastmnist", parent.info.run_id).status
+        def status(cfg, inputs, root=str(synthetic_root)):
+            return run_step(step, cfg, inputs, root, runner, "breastmnist", parent.info.run_id).status
 
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"
         assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
         assert status({"epochs": 2}, {"run_id": "a"}) == "ran"  # another config
         assert status({"epochs": 1}, {"run_id": "b"}) == "ran"  # another input run (e.g. a newer baseline)
+        assert status({"epochs": 1}, {"run_id": "a"}, str(other_data)) == "ran"  # another data file
+        assert status({"epochs": 1}, {"run_id": "a"}, str(other_data)) == "reused"
         monkeypatch.setattr(tracking, "code_version", lambda: "changed-code")
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"  # the code changed since
         assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
-    assert calls == [1, 2, 1, 1]
+    assert calls == [1, 2, 1, 1, 1]
+    md5s = {r.data.tags.get("data_md5") for r in all_runs(tracking_uri) if r.data.tags["stage"] == "eda"}
+    assert md5s == {fingerprint("breastmnist", 28, str(synthetic_root)), fingerprint("breastmnist", 28, str(other_data))}
+
+
+def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthetic_root, tracking_uri, monkeypatch):
+    weights = [False]
+    monkeypatch.setattr(pipeline.study, "imagenet_weights_cached", lambda: weights[0])
+
+    def runner(cfg, data_root, inputs):
+        with tracking.tracked_run("linear_probe", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
+            if not weights[0]:
+                tracking.set_tags({"imagenet_probe_status": "not run: no weights"})
+
+    step = Step("linear_probe_simclr", "linear_probe")
+    cfg = {"methods": ["ssl_probe", "imagenet_probe"]}
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+        def status():
+            return run_step(step, cfg, {}, str(synthetic_root), runner, "breastmnist", parent.info.run_id).status
+
+        assert [status(), status()] == ["ran", "reused"]  # still no weights: the probe-less run stands
+        weights[0] = True
+        assert [status(), status()] == ["ran", "reused"]  # weights placed: the ImageNet probe is fitted once
