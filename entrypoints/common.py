@@ -12,7 +12,7 @@ import click
 from pipeline import config
 from pipeline.data import check_dataset
 from pipeline.errors import PipelineError
-from pipeline.tracking import fail_adopted_run, record_command
+from pipeline.tracking import fail_adopted_run, record_command, under_mlflow_run
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -69,13 +69,14 @@ def main(command: click.Command, args: list[str] | None = None) -> None:
         sys.exit(done.exit_code)
     except click.ClickException as exc:
         message = exc.format_message()
-        fail_adopted_run(message)
+        fail_adopted_run(message, command.name)
         click.echo(f"{prefix}: error: {message} (see --help)", err=True)
         sys.exit(2)
     except PipelineError as exc:
-        fail_adopted_run(str(exc))
+        fail_adopted_run(str(exc), command.name)
         click.echo(f"{prefix}: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.Abort):
-        click.echo(f"{prefix}: interrupted; the run is marked KILLED", err=True)
+        after = " (`mlflow run` then marks it FAILED; failure_reason says interrupted)" if under_mlflow_run() else ""
+        click.echo(f"{prefix}: interrupted; the run is marked KILLED{after}", err=True)
         sys.exit(130)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,7 +48,14 @@ def _unit_interval(value: Any) -> str | None:
 
 def _fractions(values: Any) -> str | None:
     bad = [v for v in values if not 0 < v <= 1]
-    return None if values and not bad else "must be a non-empty list of fractions in (0, 1]"
+    if not values or bad:
+        return "must be a non-empty list of fractions in (0, 1]"
+    return _distinct(values)
+
+
+def _distinct(values: Any) -> str | None:
+    """A repeated seed or fraction would be counted twice in a mean ± std as if independent."""
+    return None if len(set(values)) == len(values) else "must not repeat a value"
 
 
 def _positives(values: Any) -> str | None:
@@ -55,7 +63,9 @@ def _positives(values: Any) -> str | None:
 
 
 def _seeds(values: Any) -> str | None:
-    return None if values and all(v >= 0 for v in values) else "must be a non-empty list of seeds >= 0"
+    if not values or any(v < 0 for v in values):
+        return "must be a non-empty list of seeds >= 0"
+    return _distinct(values)
 
 
 def _subset(*allowed: Any, required: Any = "") -> Callable[[Any], str | None]:
@@ -162,7 +172,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Convert `value` (often a CLI string) to the type of `default`."""
+    """Convert `value` (often a CLI string) to the type of `default`; YAML booleans are not numbers
+    and numbers are not booleans, and a float must be finite."""
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
@@ -170,21 +181,29 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
                 if lowered not in {"true", "false", "1", "0", "yes", "no"}:
                     raise ValueError
                 return lowered in {"true", "1", "yes"}
-            return bool(value)
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(value, bool) and isinstance(default, (int, float)):
+            raise ValueError
         if isinstance(default, int):
             as_float = float(value)
             if not as_float.is_integer():
                 raise ValueError
             return int(as_float)
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if isinstance(default, list):
             items = [s for s in value.replace(",", " ").split()] if isinstance(value, str) else list(value)
             element = default[0] if default else ""
             return [_coerce(key, item, element) for item in items]
         return "" if value is None else str(value)
     except (TypeError, ValueError):
-        kind = type(default).__name__ if not isinstance(default, list) else "list"
+        kind = {bool: "bool (true/false)", float: "finite float"}.get(type(default), type(default).__name__)
+        kind = "list" if isinstance(default, list) else kind
         raise UserError(f"{key}={value!r} is not a valid {kind}") from None
 
 

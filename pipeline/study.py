@@ -165,6 +165,9 @@ def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: st
               echo: Callable[[str], None] = print) -> list[Outcome]:
     """Run every step of the study under one parent `study` run."""
     steps = plan(config.load_profile(profile_name))
+    planned = {step.name: "planned" for step in steps}
+    for step in steps:  # every profile value checked before any step runs (not after an hour of training)
+        step_config(step, dataset, profile_name, planned, out_root)
     runners = _stage_runners()
     outcomes: list[Outcome] = []
     run_ids: dict[str, str] = {}

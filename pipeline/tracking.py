@@ -220,15 +220,23 @@ def under_mlflow_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def fail_adopted_run(message: str) -> None:
-    """Under `mlflow run`, mark the pre-created run FAILED when we stop before opening it."""
+def fail_adopted_run(message: str, stage: str) -> None:
+    """Under `mlflow run`, mark the pre-created run FAILED when we stop before opening it, with the
+    DESIGN tags it would have had (dataset and seed as given by its `-P` params)."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
     client = MlflowClient()
     with contextlib.suppress(MlflowException):
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "failure_reason", message[:4000])
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
+            params = run.data.params
+            tags = {"stage": stage, "week": contract()["weeks"].get(stage, ""), "dataset": params.get("dataset", ""),
+                    "model": params.get("model", "").strip("'") or "-", "seed": params.get("seed", "").strip("'") or "-",
+                    "failure_reason": message[:4000]}
+            for key, value in tags.items():
+                if key not in run.data.tags:
+                    client.set_tag(run_id, key, str(value))
             client.set_terminated(run_id, "FAILED")
 
 

@@ -25,7 +25,7 @@ ROWS = [
     (["--epochs", "0"], "epochs=0 must be >= 1"),
     (["--batch-size", "0"], "batch_size=0 must be >= 1"),
     (["--lr", "0"], "lr=0.0 must be > 0"),
-    (["--lr", "abc"], "lr='abc' is not a valid float"),
+    (["--lr", "abc"], "lr='abc' is not a valid finite float"),
     (["--model", "vgg16"], "model='vgg16' must be one of smallcnn, resnet18"),
     (["--stem", "deep"], "stem='deep' must be one of cifar, imagenet"),
     (["--finetune", "half"], "finetune='half' must be one of head, all"),
@@ -83,6 +83,8 @@ def test_mistake_under_mlflow_run_marks_its_run_failed(synthetic_root, tracking_
     assert "medmnist-ssl baseline: error: epochs=0 must be >= 1" in result.stderr
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and "epochs=0" in run.data.tags["failure_reason"]
+    assert {k: run.data.tags.get(k) for k in ("stage", "week", "dataset", "seed")} == {
+        "stage": "baseline", "week": "2", "dataset": "breastmnist", "seed": "-"}  # DESIGN's tags, failed or not
 
 
 def wait_for_running_run(tracking_uri, proc, timeout=120):

@@ -29,7 +29,8 @@ def test_user_file_sits_between_dataset_and_cli(tmp_path):
         ({"batch_size": "0"}, "batch_size=0 must be >= 1"),
         ({"lr": "0"}, "lr=0.0 must be > 0"),
         ({"lr": "-1e-3"}, "must be > 0"),
-        ({"lr": "fast"}, "lr='fast' is not a valid float"),
+        ({"lr": "fast"}, "lr='fast' is not a valid finite float"),
+        ({"lr": "inf"}, "lr='inf' is not a valid finite float"),
         ({"epochs": "2.5"}, "epochs='2.5' is not a valid int"),
         ({"model": "vgg"}, "model='vgg' must be one of smallcnn, resnet18"),
         ({"stem": "wide"}, "stem='wide' must be one of cifar, imagenet"),
@@ -70,3 +71,21 @@ def test_hash_is_stable_and_sensitive():
 def test_probe_supervised_augment_is_checked_before_any_training():
     with pytest.raises(UserError, match="supervised_augment='rotate' must be one of none, flip"):
         config.resolve("linear_probe", "breastmnist", {"supervised_augment": "rotate"})
+
+
+@pytest.mark.parametrize(
+    "stage, text, fragment",
+    [
+        ("baseline", "epochs: true\n", "epochs=True is not a valid int"),  # YAML booleans are not numbers
+        ("baseline", "lr: .inf\n", "lr=inf is not a valid finite float"),
+        ("baseline", "amp: 5\n", "amp=5 is not a valid bool (true/false)"),
+        ("linear_probe", "seeds: [0, 0]\n", "seeds=[0, 0] must not repeat a value"),  # a fake spread over one seed
+        ("linear_probe", "label_fractions: [0.1, 0.1]\n", "label_fractions=[0.1, 0.1] must not repeat a value"),
+    ],
+)
+def test_yaml_values_of_the_wrong_kind_or_repeated(stage, text, fragment, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        config.resolve(stage, "breastmnist", {}, config_file=str(path))
+    assert fragment in str(info.value)

@@ -141,3 +141,13 @@ def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthe
         assert [status(), status()] == ["ran", "reused"]  # still no weights: the probe-less run stands
         weights[0] = True
         assert [status(), status()] == ["ran", "reused"]  # weights placed: the ImageNet probe is fitted once
+
+
+def test_a_bad_profile_value_stops_the_study_before_any_step(tracking_uri, monkeypatch, capsys):
+    smoke = config.load_profile("smoke")
+    broken = {**smoke, "ssl_finetune": {**smoke.get("ssl_finetune", {}), "label_fractions": [1.5]}}
+    monkeypatch.setattr(config, "load_profile", lambda name: broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(study.command, ["--dataset", "breastmnist", "--profile", "smoke"])
+    assert exit_info.value.code == 2 and "label_fractions=[1.5] must be" in capsys.readouterr().err
+    assert all_runs(tracking_uri) == []  # the last-but-four step's mistake cost no training
