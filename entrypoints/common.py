@@ -62,6 +62,7 @@ def resolve(stage: str, dataset: str, config_file: str = "", profile: str = "", 
 def main(command: click.Command, args: list[str] | None = None) -> None:
     """Run a click command; user mistakes and pipeline failures print one line and exit non-zero."""
     prefix = command.name if command.name == "medmnist-ssl" else f"medmnist-ssl {command.name}"
+    adopted = under_mlflow_run()  # closing the run unsets MLFLOW_RUN_ID
     record_command([*prefix.split(), *(sys.argv[1:] if args is None else args)])
     try:
         command.main(args=args, standalone_mode=False)
@@ -77,6 +78,8 @@ def main(command: click.Command, args: list[str] | None = None) -> None:
         click.echo(f"{prefix}: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.Abort):
-        after = " (`mlflow run` then marks it FAILED; failure_reason says interrupted)" if under_mlflow_run() else ""
+        after = " (`mlflow run` then marks it FAILED; failure_reason says interrupted)" if adopted else ""
         click.echo(f"{prefix}: interrupted; the run is marked KILLED{after}", err=True)
         sys.exit(130)
+    finally:
+        record_command([])

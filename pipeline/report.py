@@ -350,19 +350,36 @@ def counted(values: list[str]) -> str:
     return ", ".join(f"{v} ({plural(n, 'run')})" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def root_of(run: Run, known: Mapping[str, Run]) -> Run:
+    """The top-level run a run is nested in (itself when it stands alone; the highest ancestor still
+    in the store when one was purged)."""
+    while (parent := run.data.tags.get("mlflow.parentRunId")) in known:
+        run = known[parent]
+    return run
+
+
 def checklist_lines(built: list[Table]) -> tuple[list[str], list[str]]:
     """Checklist bullets (code versions, git commits, seeds of the cited runs) and the command of
     each top-level run they came from (a `study` run, or each step run on its own)."""
-    runs = [tracking.get_run(run_id) for run_id in cited_run_ids(built)]
+    cited = cited_run_ids(built)
+    known = tracking.runs_by_id(cited)
+    runs = [known[i] for i in cited if i in known]
     if not runs:
         return ["No run is cited: every table is missing."], []
+    gone = [i for i in cited if i not in known]
+    pending = {r.data.tags.get("mlflow.parentRunId") for r in runs} - set(known) - {None}
+    while pending:  # ancestors, one search per nesting level
+        found = tracking.runs_by_id(pending)
+        known.update(found)
+        pending = {r.data.tags.get("mlflow.parentRunId") for r in found.values()} - set(known) - {None}
     tags = [run.data.tags for run in runs]
-    roots = {root.info.run_id: root for root in map(tracking.root_run, runs)}
+    roots = {root.info.run_id: root for root in (root_of(run, known) for run in runs)}
     seeds = {seed for t in tags for seed in t.get("seed", "-").split(",") if seed not in ("-", "")}
     lines = [f"Runs cited by the tables: {len(runs)}, from {plural(len(roots), 'top-level run')}.",
              f"Code version (hash of pipeline/ and configs/): {counted([t.get('code_version', 'unknown') for t in tags])}.",
              f"Git commit: {counted([t.get('mlflow.source.git.commit', 'not recorded')[:12] for t in tags])}.",
-             f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded."]
+             f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded.",
+             *([f"Cited runs no longer in the store (purged): {', '.join(i[:8] for i in gone)}."] if gone else [])]
     commands = [f"{run_command(root)}   # run {run_id[:8]}"
                 for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].info.start_time)]
     return lines, commands

@@ -125,6 +125,15 @@ def uses_imagenet_probe(step: Step, cfg: Mapping[str, Any]) -> bool:
     return step.stage == "linear_probe" and "imagenet_probe" in cfg.get("methods", [])
 
 
+def data_size(cfg: Mapping[str, Any], inputs: Mapping[str, str]) -> int:
+    """The image size a step reads: that of the checkpoint it consumes (probe, fine-tune, post-hoc
+    steps), else its own."""
+    source = cfg.get("ssl_run_id") or inputs.get("run_id")
+    if source:
+        return int(tracking.get_run(source).data.params.get("cfg.size", 28))
+    return int(cfg.get("size", 28))
+
+
 def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], data_md5: str, imagenet_weights: bool) -> str:
     """What makes two runs of a step interchangeable: its resolved config, the run ids it consumes,
     the data file it reads and, for a probe step, whether it could fit the ImageNet probe."""
@@ -135,7 +144,7 @@ def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], dat
 def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
              dataset: str, study_run_id: str) -> Outcome:
     """Reuse a FINISHED run with the same reuse key and code version, else run the step."""
-    data_md5 = "" if step.stage in ("calibrate", "compare") else fingerprint(dataset, int(cfg.get("size", 28)), data_root)
+    data_md5 = "" if step.stage in ("calibrate", "compare") else fingerprint(dataset, data_size(cfg, inputs), data_root)
     if step.stage != "compare":
         key = reuse_key(step, cfg, inputs, data_md5, imagenet_weights_cached())
         reusable = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")

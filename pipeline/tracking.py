@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import mlflow
 import psutil
@@ -151,53 +152,63 @@ def _resumed_versions(run_id: str) -> dict[str, str]:
 
 def _close(run_id: str, outcome: BaseException | None) -> None:
     """End a run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, with its failure reason, also when
-    a second signal arrives meanwhile (deferred until the run is closed) or the store is briefly
-    locked (retried). Runs opened inside it that failed to close are closed with it."""
+    a signal arrives meanwhile (deferred until the run is closed; a second one abandons closing) or
+    the store is briefly locked (retried, until a signal arrives). Runs opened inside it that failed
+    to close are closed with it."""
     status = "FINISHED" if outcome is None else "KILLED" if isinstance(outcome, KeyboardInterrupt) else "FAILED"
     client = MlflowClient()
+    with _signals_deferred() as caught:
 
-    def write(call: Any) -> None:
-        try:
-            _retried(call)
-        except Exception as exc:
-            if outcome is None:  # a FINISHED run that cannot be marked so is this process's failure
-                raise
-            print(f"warning: run {run_id} could not be marked {status} ({_one_line(exc)}); "
-                  "`medmnist-ssl runs clean-stale` marks it KILLED later", file=sys.stderr)
+        def write(target: str, call: Any) -> None:
+            try:
+                _retried(call, give_up=lambda: bool(caught))
+            except Exception as exc:
+                if outcome is None:  # a FINISHED run that cannot be marked so is this process's failure
+                    raise
+                print(f"warning: run {target} could not be marked {status} ({_one_line(exc)}); "
+                      "`medmnist-ssl runs clean-stale` marks it KILLED later", file=sys.stderr)
 
-    with _signals_deferred():
         if outcome is not None:
             reason = "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED" else _one_line(outcome)
-            write(lambda: client.set_tag(run_id, "failure_reason", reason))
+            write(run_id, lambda: client.set_tag(run_id, "failure_reason", reason))
         while run_id in _open_runs:
             inner = _open_runs.pop()
-            with contextlib.suppress(Exception):  # pops MLflow's active-run stack before it calls the store
-                mlflow.end_run(status)
-            write(lambda: client.set_terminated(inner, status))
+            try:
+                mlflow.end_run(status)  # pops MLflow's active-run stack before it writes to the store
+            except Exception:
+                write(inner, lambda: client.set_terminated(inner, status))
 
 
-def _retried(call: Any, attempts: int = 4) -> None:
-    """Call a store write, retrying a locked or unreachable store with backoff (0.5, 1, 2 s)."""
+def _retried(call: Any, give_up: Any, attempts: int = 4) -> None:
+    """Call a store write, retrying a locked or unreachable store with backoff (0.5, 1, 2 s) unless
+    `give_up()` says to stop (a signal arrived: the user wants out)."""
     for attempt in range(attempts):
         try:
             call()
             return
         except Exception:  # SQLite 'database is locked', a server hiccup
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or give_up():
                 raise
             time.sleep(0.5 * 2**attempt)
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a run is being closed; one that arrived is raised afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _signals_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM while a run is being closed and raise the first afterwards; a second one
+    raises at once (the user insists)."""
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def defer(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt(f"signal {signum} while closing a run")
+
+    previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield caught
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -355,11 +366,12 @@ def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", v
 
 
 def stage_parents(dataset: str, stage: str, where: str = "") -> list[Run]:
-    """FINISHED runs of a stage that stand alone or are steps of a `study` run, newest first: a grid's
-    parent counts; its children never do, even after the parent was deleted."""
-    studies = {r.info.run_id for r in all_runs(f"tags.dataset = '{dataset}' and tags.stage = 'study'", view=ViewType.ALL)}
+    """FINISHED runs of a stage not nested in a run of the same stage, newest first: a grid's parent
+    counts (also as a step of a study or of a user's driver run); its children never do, even after
+    the parent was deleted (the MLflow UI deletes a parent and keeps its children)."""
+    same_stage = {r.info.run_id for r in all_runs(f"tags.dataset = '{dataset}' and tags.stage = '{stage}'", view=ViewType.ALL)}
     clauses = " and ".join([f"tags.stage = '{stage}'", *([where] if where else [])])
-    return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId", "") in studies | {""}]
+    return [r for r in finished_runs(dataset, clauses) if r.data.tags.get("mlflow.parentRunId") not in same_stage]
 
 
 def child_runs(parent_run_id: str, dataset: str) -> list[Run]:
@@ -391,16 +403,14 @@ def get_run(run_id: str) -> Run:
     return MlflowClient().get_run(run_id)
 
 
-def root_run(run: Run) -> Run:
-    """The top-level run a run is nested in (itself when it stands alone; the highest ancestor
-    still in the store when one was deleted for good)."""
-    client = MlflowClient()
-    while parent_id := run.data.tags.get("mlflow.parentRunId"):
-        try:
-            run = client.get_run(parent_id)
-        except MlflowException:
-            break
-    return run
+def runs_by_id(run_ids: Iterable[str]) -> dict[str, Run]:
+    """The runs with these ids, deleted ones included, in one search; an id no longer in the store
+    (purged by `mlflow gc`) is absent."""
+    ids = sorted({i for i in run_ids if re.fullmatch(r"[\w-]+", i)})
+    if not ids:
+        return {}
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    return {r.info.run_id: r for r in all_runs(f"attributes.run_id IN ({quoted})", view=ViewType.ALL)}
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:

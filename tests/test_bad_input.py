@@ -1,5 +1,6 @@
 """Every user mistake: one clear line on stderr, a non-zero exit, no traceback, no run left RUNNING."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -160,3 +161,31 @@ def test_a_nested_run_and_its_parent_close_when_closing_is_disturbed(trouble, tr
     runs = {r.data.tags["stage"]: r for r in all_runs(tracking_uri)}
     assert {stage: r.info.status for stage, r in runs.items()} == {"study": "KILLED", "baseline": "KILLED"}
     assert all("interrupted" in r.data.tags["failure_reason"] for r in runs.values())
+
+
+def test_closing_stops_retrying_once_a_signal_came_and_a_second_one_abandons_it():
+    calls = []
+
+    def locked():
+        calls.append(1)
+        raise MlflowException("database is locked")
+
+    with pytest.raises(MlflowException):
+        tracking._retried(locked, give_up=lambda: True)
+    assert len(calls) == 1  # no backoff while the user waits to get out
+    with pytest.raises(KeyboardInterrupt, match="while closing"):
+        with tracking._signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # the first signal waits for the run to close
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("a second signal must interrupt the closing")
+
+
+def test_a_command_line_is_tagged_only_on_the_runs_it_starts(tracking_uri, monkeypatch):
+    from entrypoints import eda
+
+    with contextlib.suppress(SystemExit):
+        main(eda.command, ["--dataset", "pneumoniamnist", "--help"])
+    monkeypatch.setattr(sys, "argv", ["medmnist-ssl", "baseline", "--epochs", "3"])
+    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run:
+        pass
+    assert mlflow.get_run(run.info.run_id).data.tags["command"] == "medmnist-ssl baseline --epochs 3"

@@ -3,7 +3,7 @@ of a ten-week study passes that, and a truncated search would turn old grids' ch
 
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import report, tracking
 
 CHILDREN = 1001
 
@@ -28,7 +28,7 @@ def test_lookups_page_past_one_thousand_runs(tracking_uri):
     assert [r.info.run_id for r in tracking.all_runs("attributes.status = 'RUNNING'")] == [stale]
 
 
-def test_a_deleted_grid_leaves_no_parents_and_study_steps_count(tracking_uri):
+def test_a_deleted_grid_leaves_no_parents_and_nested_steps_count(tracking_uri):
     client = MlflowClient()
     experiment = client.create_experiment("grids")
 
@@ -40,11 +40,27 @@ def test_a_deleted_grid_leaves_no_parents_and_study_steps_count(tracking_uri):
 
     study = finished("study")
     step = finished("augment_ablation", study)
+    driver = client.create_run(experiment).info.run_id  # a user's own driver run (MLflow's multistep_workflow)
+    driven = finished("augment_ablation", driver)
     grid = finished("augment_ablation")
     children = [finished("augment_ablation", grid) for _ in range(2)]
-    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, grid}
+    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven, grid}
     assert {r.info.run_id for r in tracking.child_runs(grid, "breastmnist")} == set(children)
 
     client.delete_run(grid)  # the MLflow UI deletes a parent and leaves its children
     client.delete_run(study)
-    assert [r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")] == [step]
+    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven}
+
+
+def test_checklist_reads_the_cited_runs_and_notes_purged_ones(tracking_uri):
+    client = MlflowClient()
+    experiment = client.create_experiment("cited")
+    parent = client.create_run(experiment, tags={"command": "medmnist-ssl linear_probe --seeds 0,1"}).info.run_id
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "seed": "1", "code_version": "abc"}).info.run_id
+    purged = "f" * 32
+    table = report.Table("t", "t", ["x"], records=[{"run_id": child}, {"run_id": purged, "parent_run_id": parent}])
+    lines, commands = report.checklist_lines([table])
+    assert lines[0] == "Runs cited by the tables: 2, from 1 top-level run."
+    assert f"Cited runs no longer in the store (purged): {purged[:8]}." in lines
+    assert commands == [f"medmnist-ssl linear_probe --seeds 0,1   # run {parent[:8]}"]
+    assert tracking.runs_by_id(["x' OR 1=1 --", purged]) == {}  # ids are checked before they reach a filter

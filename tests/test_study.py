@@ -1,7 +1,9 @@
 """`study`: every step a nested FINISHED run, tables written, finished steps reused, and an
 interrupted study completed without duplicating what had finished."""
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from entrypoints import study
 from entrypoints.common import main
@@ -105,8 +107,11 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
             pass
 
     step = Step("eda", "eda")
+    client = MlflowClient()
+    a, b = (client.create_run("0", tags={"dataset": "breastmnist", "stage": "baseline"}).info.run_id for _ in "ab")
     with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
         def status(cfg, inputs, root=str(synthetic_root)):
+            inputs = {k: {"a": a, "b": b}[v] for k, v in inputs.items()}
             return run_step(step, cfg, inputs, root, runner, "breastmnist", parent.info.run_id).status
 
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"
@@ -151,3 +156,22 @@ def test_a_bad_profile_value_stops_the_study_before_any_step(tracking_uri, monke
         main(study.command, ["--dataset", "breastmnist", "--profile", "smoke"])
     assert exit_info.value.code == 2 and "label_fractions=[1.5] must be" in capsys.readouterr().err
     assert all_runs(tracking_uri) == []  # the last-but-four step's mistake cost no training
+
+
+def test_a_step_that_reads_an_encoders_size_fingerprints_that_file(tracking_uri, tmp_path):
+    root = tmp_path / "only-64"
+    write_synthetic(root, "breastmnist", size=64)  # no 28-px file: the step must not ask for one
+    client = MlflowClient()
+    encoder = client.create_run("0", tags={"dataset": "breastmnist", "stage": "ssl_pretrain"})
+    client.log_param(encoder.info.run_id, "cfg.size", "64")
+
+    def runner(cfg, data_root, inputs):
+        with tracking.tracked_run("linear_probe", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
+            pass
+
+    step = Step("linear_probe_simclr", "linear_probe")
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+        outcome = run_step(step, {"ssl_run_id": encoder.info.run_id, "methods": ["ssl_probe"]}, {}, str(root), runner,
+                           "breastmnist", parent.info.run_id)
+    assert outcome.status == "ran"
+    assert mlflow.get_run(outcome.run_id).data.tags["data_md5"] == fingerprint("breastmnist", 64, str(root))
