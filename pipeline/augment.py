@@ -39,10 +39,10 @@ def hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> t
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def _warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample each image with its own 2×3 affine matrix (normalised coordinates, border padding)."""
+def _warp(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
+    """Resample each image with its own 2×3 affine matrix (normalised coordinates)."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def affine(
@@ -52,14 +52,34 @@ def affine(
     translate: float = 0.08,
     scale: tuple[float, float] = (0.9, 1.1),
 ) -> torch.Tensor:
-    """Small random rotation (±degrees), translation (± fraction of size) and zoom per image."""
+    """Small random rotation (±degrees), translation (± fraction of size) and zoom per image; what
+    comes into the frame is black, as with torchvision's RandomAffine (fill 0)."""
     n, device = images.shape[0], images.device
     angle = torch.deg2rad(_uniform(n, -degrees, degrees, generator, device))
     zoom = _uniform(n, scale[0], scale[1], generator, device)
     shift = _uniform(2 * n, -2 * translate, 2 * translate, generator, device).view(n, 2)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    return _warp(images, theta)
+    return _warp(images, theta, "zeros")
+
+
+CROP_TRIES = 10
+
+
+def crop_sizes(
+    n: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width and height (fractions of the frame) of n random crops, drawn as torchvision's
+    RandomResizedCrop draws them: up to 10 (area, log-uniform aspect) tries per crop, the first that
+    fits the frame is taken, the whole frame when none does (square images, a ratio range around 1)."""
+    area = _uniform(n * CROP_TRIES, scale[0], scale[1], generator, device).view(n, CROP_TRIES)
+    aspect = torch.exp(_uniform(n * CROP_TRIES, math.log(ratio[0]), math.log(ratio[1]), generator, device)).view(n, CROP_TRIES)
+    widths, heights = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    fits = (widths <= 1) & (heights <= 1)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    found, whole = fits.any(dim=1), torch.ones(n, device=device)
+    return (torch.where(found, widths.gather(1, first).squeeze(1), whole),
+            torch.where(found, heights.gather(1, first).squeeze(1), whole))
 
 
 def random_resized_crop(
@@ -68,18 +88,15 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.4, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
-    """Crop a random area fraction `scale` with aspect `ratio` and resize it back, per image."""
+    """Crop a random area fraction `scale` with aspect `ratio` (see `crop_sizes`) at a random place
+    in the frame and resize it back, per image."""
     n, device = images.shape[0], images.device
-    area = _uniform(n, scale[0], scale[1], generator, device)
-    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device)
-    aspect = torch.exp(log_ratio)
-    width = torch.sqrt(area * aspect).clamp(max=1.0)
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    width, height = crop_sizes(n, scale, ratio, generator, device)
     cx = (1 - width) * _uniform(n, -1, 1, generator, device)
     cy = (1 - height) * _uniform(n, -1, 1, generator, device)
     zeros = torch.zeros_like(width)
     theta = torch.stack([torch.stack([width, zeros, cx], 1), torch.stack([zeros, height, cy], 1)], 1)
-    return _warp(images, theta)
+    return _warp(images, theta, "border")  # the crop lies in the frame: border only settles its edge pixels
 
 
 def color_jitter(

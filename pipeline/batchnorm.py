@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.data import to_float
+from pipeline.data import fold_single, to_float
 from pipeline.runtime import autocast
 
 
@@ -33,7 +33,7 @@ def recompute_bn_statistics(model: nn.Module, images: torch.Tensor, batch_size: 
     for layer in layers:
         layer.reset_running_stats()
     seen = 0
-    for chunk in images.split(batch_size) if layers else ():
+    for chunk in fold_single(list(images.split(batch_size))) if layers else ():
         seen += len(chunk)
         for layer in layers:
             layer.momentum = len(chunk) / seen  # running average weighted by batch size

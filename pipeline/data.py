@@ -203,6 +203,14 @@ def batch_indices(
     yield from torch.randperm(n, generator=generator).to(device).split(batch_size)
 
 
+def fold_single(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fold a one-sample last batch into the one before: batch norm in training mode cannot
+    normalise a single sample once the feature maps are 1×1 (ResNet-18's torchvision stem at 28 px)."""
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        return [*batches[:-2], torch.cat(batches[-2:])]
+    return batches
+
+
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Indices of a seeded, class-stratified `fraction` of the samples, at least one per class.
 

@@ -287,21 +287,25 @@ def mistake_gallery(tiles: np.ndarray, rows, label_names: Mapping[str, str], tit
 
 
 def ablation_errorbars(summary: Sequence[Mapping[str, float]], metric: str, title: str) -> Figure:
-    """Mean ± std of a metric per ablation variant (one bar each), with each seed's value as a dot."""
+    """Mean ± std of a metric per ablation variant (a point with error bars, not a bar: the axis
+    does not start at 0, and a bar's length would overstate the gaps), each seed's value as a dot."""
     fig, ax = plt.subplots(figsize=(1.6 * len(summary) + 2.5, 3.8), constrained_layout=True)
     positions = np.arange(len(summary))
     means = [row[f"{metric}_mean"] for row in summary]
     stds = [np.nan_to_num(row[f"{metric}_std"]) for row in summary]
-    ax.bar(positions, means, yerr=stds, capsize=6, color="tab:blue", alpha=0.7, label="mean ± std over seeds")
+    ax.errorbar(positions, means, yerr=stds, fmt="s", markersize=8, capsize=8, color="tab:blue",
+                label="mean ± sample std over seeds")
     for x, row in zip(positions, summary):
         values = row[f"{metric}_values"]
-        ax.plot([x] * len(values), values, "o", color="black", markersize=4, label="one seed" if x == 0 else None)
+        ax.plot([x + 0.12] * len(values), values, "o", color="black", markersize=4, label="one seed" if x == 0 else None)
+    ax.set_xlim(-0.6, len(summary) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_xticks(positions, [f"{row['variant']}\n(n={row['n']})" for row in summary], fontsize=8)
     ax.set_xlabel("augmentation variant")
     ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC").replace("acc", "accuracy"))
     low = min(min(row[f"{metric}_values"]) for row in summary)
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
     return fig
 

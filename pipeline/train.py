@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline import metrics
 from pipeline.augment import Augment, identity
 from pipeline.batchnorm import recompute_bn_statistics
-from pipeline.data import Split, batch_indices, to_float
+from pipeline.data import Split, batch_indices, fold_single, to_float
 from pipeline.errors import DivergenceError
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
@@ -119,7 +119,7 @@ def train_epoch(
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total = torch.zeros((), device=device)
     model.train()
-    batches = list(batch_indices(len(train), batch_size, order_gen, device))
+    batches = fold_single(list(batch_indices(len(train), batch_size, order_gen, device)))
     for index in tqdm(batches, desc=description, leave=False, unit="batch"):
         images = augment(to_float(train.images[index]), aug_gen)
         targets = train.labels[index].float()

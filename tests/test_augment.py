@@ -92,3 +92,25 @@ def test_build_augment_knows_every_preset_and_refuses_others():
         assert augment.build_augment(name) is augment.PRESETS[name]
     with pytest.raises(UserError, match="augment='mixup' is unknown"):
         augment.build_augment("mixup")
+
+
+def test_affine_brings_in_black_like_torchvision():
+    ones = torch.ones(64, 1, 28, 28)
+    shifted = augment.affine(ones, torch.Generator().manual_seed(0), degrees=0.0, translate=0.2, scale=(1.0, 1.0))
+    outside = (shifted < 0.5).float().mean(dim=(1, 2, 3))
+    assert outside.max() > 0.1  # up to 20% of the width came from outside the frame, and is 0 (RandomAffine fill=0)
+
+
+def test_crop_sizes_follow_torchvisions_random_resized_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    n, scale, ratio = 20000, (0.4, 1.0), (3 / 4, 4 / 3)
+    width, height = augment.crop_sizes(n, scale, ratio, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert bool(((width <= 1) & (height <= 1)).all())
+    torch.manual_seed(0)
+    image = torch.zeros(1, 224, 224)
+    boxes = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio))[2:] for _ in range(n)]) / 224
+    for ours, theirs in ((width * height, boxes[:, 0] * boxes[:, 1]), (width, boxes[:, 1]), (height, boxes[:, 0])):
+        assert ours.median().item() == pytest.approx(theirs.median().item(), abs=0.01)
+    full_width = (width > 0.995).float().mean().item()
+    assert full_width == pytest.approx((boxes[:, 1] > 0.995).float().mean().item(), abs=0.015)  # capping made 22%, not 12%

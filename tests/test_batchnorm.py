@@ -53,9 +53,9 @@ def test_batches_of_unequal_size_are_weighted_by_their_size():
     model = build_classifier(ModelSpec("smallcnn"))
     images = random_images(25, seed=1)
     bn = first_bn(model)
-    recompute_bn_statistics(model, images, batch_size=12)  # 12 + 12 + 1 images
+    recompute_bn_statistics(model, images, batch_size=10)  # 10 + 10 + 5 images
     assert bn.running_mean.double() == pytest.approx(first_bn_input(model, images).mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
-    chunks = images.split(12)
+    chunks = images.split(10)
     variances = [len(c) * first_bn_input(model, c).var(dim=(0, 2, 3), unbiased=True) for c in chunks]
     assert bn.running_var.double() == pytest.approx((sum(variances) / 25).numpy(), rel=1e-4)
     assert model.training
@@ -109,3 +109,14 @@ def test_pretraining_monitors_and_saves_the_encoder_with_the_training_images_sta
     if method == "simclr":  # MoCo's split BN averages the chunks' variances: the same in expectation only
         assert bn.running_var.double() == pytest.approx(out.var(dim=(0, 2, 3), unbiased=True).numpy(), rel=1e-4)
     assert np.isfinite(bn.running_var.numpy()).all()
+
+
+def test_a_last_batch_of_one_is_folded_into_the_one_before():
+    seed_everything(2)
+    model = build_classifier(ModelSpec("resnet18", stem="imagenet"))  # 1×1 feature maps at 28 px
+    images = random_images(9, seed=2)
+    recompute_bn_statistics(model, images, batch_size=4)  # 4 + 5, not 4 + 4 + 1 (which batch norm refuses)
+    bn = first_bn(model)
+    chunks = [images[:4], images[4:]]
+    variances = [len(c) * first_bn_input(model, c).var(dim=(0, 2, 3), unbiased=True) for c in chunks]
+    assert bn.running_var.double() == pytest.approx((sum(variances) / 9).numpy(), rel=1e-4)

@@ -8,11 +8,12 @@ import torch
 
 from pipeline.checkpoint import CheckpointSchedule
 from pipeline import config, metrics
-from pipeline.data import load_splits
+from pipeline.augment import identity
+from pipeline.data import Split, fold_single, load_splits
 from pipeline.errors import DivergenceError
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.runtime import seed_everything
-from pipeline.train import make_optimizer, make_scheduler, predict_logits, train_classifier
+from pipeline.train import make_optimizer, make_scheduler, predict_logits, train_classifier, train_epoch
 
 
 @pytest.fixture()
@@ -122,3 +123,16 @@ def test_multistep_schedule_steps_down_at_half_and_three_quarters():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_a_training_set_one_past_a_full_batch_trains():
+    seed_everything(3)
+    model = build_classifier(ModelSpec("resnet18", stem="imagenet"))  # 1×1 feature maps at 28 px
+    generator = torch.Generator().manual_seed(3)
+    train = Split(torch.randint(0, 256, (9, 1, 28, 28), generator=generator, dtype=torch.uint8),
+                  torch.tensor([0, 1] * 4 + [1]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = train_epoch(model, train, optimizer, identity, batch_size=4, seed=0, amp=False, description="test")  # 4 + 5
+    assert np.isfinite(loss)
+    assert fold_single(list(torch.arange(9).split(4)))[-1].tolist() == [4, 5, 6, 7, 8]
+    assert [len(b) for b in fold_single(list(torch.arange(10).split(4)))] == [4, 4, 2]
