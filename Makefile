@@ -37,5 +37,7 @@ bench: setup
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
 
+# Generated reports and caches only: the tracking store (mlflow.db, mlruns/) and exported results
+# hold what you logged and annotated; move them aside yourself for a fresh start.
 clean:
-	rm -rf mlruns mlartifacts reports results .pytest_cache
+	rm -rf reports .pytest_cache

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -67,16 +67,24 @@ def seed_list(rows: Iterable[Mapping[str, Any]], sep: str = " ") -> str:
     return sep.join(sorted(seeds, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)))
 
 
+Scope = Collection[str] | None  # the run ids a study's compare may cite; None: the newest of each stage
+
+
+def in_scope(runs: list[Run], scope: Scope) -> list[Run]:
+    """The runs whose ids are in scope (all when there is no scope), in their order."""
+    return runs if scope is None else [r for r in runs if r.info.run_id in scope]
+
+
 def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
     hint = f"missing: no FINISHED {stage} run for {dataset} (run `mlflow run . -e {stage} -P dataset={dataset} --env-manager local`)"
     return Table(name, title, header, missing=hint)
 
 
-def baselines_table(dataset: str) -> Table:
+def baselines_table(dataset: str, scope: Scope = None) -> Table:
     """Week 2: every FINISHED baseline classifier (model, fine-tuning, labels) with val/test metrics."""
     header = ["model", "finetune", "weights", "augment", "epochs", "lr", "recipe", "labels", "seed", "val acc", "test acc",
               "test AUROC", "test ECE", "run"]
-    runs = tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'")
+    runs = in_scope(tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'"), scope)
     if not runs:
         return _missing("week2_baselines", "Supervised baselines", header, "baseline", dataset)
     table = Table("week2_baselines", "Supervised baselines (one row per run, newest first)", header)
@@ -95,10 +103,10 @@ def baselines_table(dataset: str) -> Table:
     return table
 
 
-def ssl_table(dataset: str) -> Table:
+def ssl_table(dataset: str, scope: Scope = None) -> Table:
     """Week 4: each FINISHED pretraining run's settings, final loss and kNN monitor."""
     header = ["method", "encoder", "τ", "batch", "queue", "BN splits", "epochs", "final loss", "kNN val AUROC", "run"]
-    runs = tracking.stage_parents(dataset, "ssl_pretrain")
+    runs = in_scope(tracking.stage_parents(dataset, "ssl_pretrain"), scope)
     if not runs:
         return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
     table = Table("week4_ssl_pretraining", "SSL pretraining summary", header)
@@ -116,11 +124,11 @@ def ssl_table(dataset: str) -> Table:
     return table
 
 
-def ablation_table(dataset: str) -> Table:
+def ablation_table(dataset: str, scope: Scope = None) -> Table:
     """Week 3: the newest augmentation ablation, its children per variant (mean ± std over seeds,
     as the ablation's own table), with the per-variant error-bar figure."""
     header = ["augmentation", "n", "val AUROC", "test acc", "test AUROC", "test ECE"]
-    parents = tracking.stage_parents(dataset, "augment_ablation")
+    parents = in_scope(tracking.stage_parents(dataset, "augment_ablation"), scope)
     if not parents:
         return _missing("week3_augment_ablation", "Augmentation ablation", header, "augment_ablation", dataset)
     parent = parents[0]
@@ -166,9 +174,9 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def label_efficiency_table(dataset: str) -> Table:
+def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
     """Week 5: the newest linear_probe parent per SSL method, children aggregated over seeds."""
-    runs = tracking.stage_parents(dataset, "linear_probe")
+    runs = in_scope(tracking.stage_parents(dataset, "linear_probe"), scope)
     if not runs:
         return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
     newest: dict[str, Run] = {}
@@ -194,15 +202,15 @@ def label_efficiency_table(dataset: str) -> Table:
     return table
 
 
-def week6_table(dataset: str) -> Table:
+def week6_table(dataset: str, scope: Scope = None) -> Table:
     """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE."""
-    finetunes = tracking.stage_parents(dataset, "ssl_finetune")
+    finetunes = in_scope(tracking.stage_parents(dataset, "ssl_finetune"), scope)
     if not finetunes:
         return _missing("week6_probe_vs_finetune", "Probe vs. fine-tune", ["method", "labels", "n"], "ssl_finetune", dataset)
     latest = finetunes[0]
     rows = child_rows(latest, dataset)
     source = latest.data.tags.get("source_run_id", "")
-    probes = [r for r in tracking.stage_parents(dataset, "linear_probe") if r.data.tags.get("source_run_id") == source]
+    probes = [r for r in in_scope(tracking.stage_parents(dataset, "linear_probe"), scope) if r.data.tags.get("source_run_id") == source]
     if probes:
         rows += child_rows(probes[0], dataset)
     table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]}), {SPREAD}", rows)
@@ -212,10 +220,10 @@ def week6_table(dataset: str) -> Table:
     return table
 
 
-def artifact_table(dataset: str, stage: str, artifact: str, name: str, title: str, columns: list[str]) -> Table:
+def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: str, title: str, columns: list[str]) -> Table:
     """A table a step already logged as CSV (newest FINISHED run of `stage`), citing that run
     and the classifier run it analysed."""
-    runs = tracking.stage_parents(dataset, stage)
+    runs = in_scope(tracking.stage_parents(dataset, stage), scope)
     if not runs:
         return _missing(name, title, columns, stage, dataset)
     run = runs[0]
@@ -240,34 +248,30 @@ def _needs_rounding(value: Any) -> bool:
     return not str(value).isdigit()
 
 
-def calibration_table(dataset: str) -> Table:
+def calibration_table(dataset: str, scope: Scope = None) -> Table:
     """Week 6: calibration before/after temperature scaling (and Platt/isotonic when fitted)."""
-    return artifact_table(dataset, "calibrate", "calibration/table.csv", "week6_calibration", "Calibration before/after",
+    return artifact_table(dataset, scope, "calibrate", "calibration/table.csv", "week6_calibration", "Calibration before/after",
                           ["method", "split", "ece", "ece_eqfreq", "mce", "brier", "nll", "acc", "auroc"])
 
 
-def thresholds_table(dataset: str) -> Table:
+def thresholds_table(dataset: str, scope: Scope = None) -> Table:
     """Week 7: operating points chosen on validation, their test rates."""
-    return artifact_table(dataset, "thresholds", "thresholds/table.csv", "week7_thresholds", "Decision thresholds (test)",
+    return artifact_table(dataset, scope, "thresholds", "thresholds/table.csv", "week7_thresholds", "Decision thresholds (test)",
                           ["rule", "target", "status", "threshold", "tpr", "specificity", "fpr", "precision", "npv", "f1"])
 
 
-def robustness_table(dataset: str) -> Table:
+def robustness_table(dataset: str, scope: Scope = None) -> Table:
     """Week 8: AUROC, accuracy and ECE per corruption and severity."""
-    return artifact_table(dataset, "robustness", "robustness/table.csv", "week8_robustness", "Robustness to corruptions (test)",
+    return artifact_table(dataset, scope, "robustness", "robustness/table.csv", "week8_robustness", "Robustness to corruptions (test)",
                           ["corruption", "severity", "level", "auroc", "acc", "ece", "auroc_drop"])
 
 
-def extra_tables() -> list[Callable[[str], Table]]:
-    """The tables of weeks 6–8 that read the post-hoc steps' logged CSVs."""
-    return [calibration_table, thresholds_table, robustness_table]
-
-
-def build_tables(dataset: str, extra: Iterable[Callable[[str], Table]] | None = None) -> list[Table]:
-    """Every cross-week table for a dataset, in study order."""
+def build_tables(dataset: str, scope: Scope = None) -> list[Table]:
+    """Every cross-week table for a dataset, in study order: from the newest runs of each stage, or
+    (a study's compare) from the runs in `scope` only."""
     builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table,
-                *(extra_tables() if extra is None else extra)]
-    built = [build(dataset) for build in builders]
+                calibration_table, thresholds_table, robustness_table]
+    built = [build(dataset, scope) for build in builders]
     for table in built:
         if not table.rows and not table.missing:  # a run whose results were deleted or never finished
             table.missing = "missing: the newest FINISHED run of this stage has no FINISHED results"
@@ -560,9 +564,10 @@ def export_results(built: list[Table], written: Mapping[str, list[Path]], result
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
-                extra: Iterable[Callable[[str], Table]] | None = None) -> tuple[list[Table], Path]:
-    """Build every table, write them under `<out_root>/<dataset>/`, log them to a `compare` run."""
-    built = build_tables(dataset, extra)
+                scope: Scope = None) -> tuple[list[Table], Path]:
+    """Build every table (from the runs in `scope` when given), write them under
+    `<out_root>/<dataset>/`, log them to a `compare` run."""
+    built = build_tables(dataset, scope)
     if export_name:
         check_export_is_new(built, Path(results_root), export_name, dataset)
     out_dir = Path(out_root) / dataset

@@ -45,7 +45,7 @@ def _stage_runners() -> dict[str, Runner]:
         "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
         "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
         "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"]),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values())),
     }
 
 
@@ -103,8 +103,8 @@ def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[st
         if source not in run_ids:
             raise UserError(f"study step {step.name} needs step {source}, which produced no run")
         inputs[key] = run_ids[source]
-    if step.stage == "compare":
-        return {"dataset": dataset, "out_root": out_root}, inputs
+    if step.stage == "compare":  # the study's tables cite this study's steps, not newer runs of their stages
+        return {"dataset": dataset, "out_root": out_root}, dict(run_ids)
     defaults = config.stage_defaults(step.stage)
     in_config = {k: v for k, v in inputs.items() if k in defaults}
     cfg = config.resolve(step.stage, dataset, {**step.overrides, **in_config}, profile=profile_name)
@@ -143,11 +143,13 @@ def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], dat
 
 def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
              dataset: str, study_run_id: str) -> Outcome:
-    """Reuse a FINISHED run with the same reuse key and code version, else run the step."""
+    """Reuse a FINISHED run with the same reuse key and code version whose artifacts are still
+    there, else run the step."""
     data_md5 = "" if step.stage in ("calibrate", "compare") else fingerprint(dataset, data_size(cfg, inputs), data_root)
     if step.stage != "compare":
         key = reuse_key(step, cfg, inputs, data_md5, imagenet_weights_cached())
-        reusable = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
+        found = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
+        reusable = [r for r in found if tracking.has_artifacts(r.info.run_id, ("config.yaml",))]  # its files not deleted
         if reusable:
             return Outcome(step.name, step.stage, "reused", reusable[0].info.run_id, 0.0)
     start = time.time()

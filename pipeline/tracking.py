@@ -129,7 +129,10 @@ def tracked_run(
         raise
     finally:
         try:
-            _close(run.info.run_id, outcome)
+            status = _close(run.info.run_id, outcome)
+            if not nested:  # the id a user needs for run_id=, --resume and the UI
+                source = f", source run {tags['source_run_id']}" if tags.get("source_run_id") else ""
+                print(f"{stage} run {run.info.run_id} ({dataset}{source}): {status}")
         finally:
             if not nested:
                 for sig, handler in previous.items():
@@ -150,8 +153,8 @@ def _resumed_versions(run_id: str) -> dict[str, str]:
     return {"code_version": started, **({"resumed_code_version": code_version()} if started != code_version() else {})}
 
 
-def _close(run_id: str, outcome: BaseException | None) -> None:
-    """End a run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, with its failure reason, also when
+def _close(run_id: str, outcome: BaseException | None) -> str:
+    """End a run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (returned), with its failure reason, also when
     a signal arrives meanwhile (deferred until the run is closed; a second one abandons closing) or
     the store is briefly locked (retried, until a signal arrives). Runs opened inside it that failed
     to close are closed with it."""
@@ -177,6 +180,7 @@ def _close(run_id: str, outcome: BaseException | None) -> None:
                 mlflow.end_run(status)  # pops MLflow's active-run stack before it writes to the store
             except Exception:
                 write(inner, lambda: client.set_terminated(inner, status))
+    return status
 
 
 def _retried(call: Any, give_up: Any, attempts: int = 4) -> None:

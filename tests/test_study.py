@@ -1,11 +1,13 @@
 """`study`: every step a nested FINISHED run, tables written, finished steps reused, and an
 interrupted study completed without duplicating what had finished."""
 
+import shutil
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from entrypoints import study
+from entrypoints import compare, study
 from entrypoints.common import main
 import pipeline.study
 from pipeline import config, tracking
@@ -63,12 +65,20 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
         assert fragment in methods, fragment
     capsys.readouterr()
 
+    # a student's own pretraining after the study: the study's tables keep to the study's runs
+    client = MlflowClient()
+    own = client.create_run(parent.info.experiment_id, tags={"dataset": "breastmnist", "stage": "ssl_pretrain", "method": "moco"})
+    client.set_terminated(own.info.run_id, "FINISHED")
     main(study.command, study_env)
     assert "9 reused" in capsys.readouterr().out
     runs = all_runs(tracking_uri)
     second = [r for r in runs if r.data.tags["stage"] == "study"][0]
     assert second.data.metrics["steps_reused"] == len(STEPS) - 1 and second.data.metrics["steps_ran"] == 1
     assert len(top_level(runs, "ssl_pretrain")) == 1
+    week4 = (reports / "week4_ssl_pretraining.csv").read_text()
+    assert steps["ssl_pretrain_simclr"].info.run_id in week4 and own.info.run_id not in week4
+    main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "mine")])  # compare alone: newest of each stage
+    assert own.info.run_id in (tmp_path / "mine" / "breastmnist" / "week4_ssl_pretraining.csv").read_text()
 
 
 def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri, monkeypatch):
@@ -104,7 +114,7 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
     def runner(cfg, data_root, inputs):
         calls.append(cfg["epochs"])
         with tracking.tracked_run("eda", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
-            pass
+            tracking.log_config(cfg)
 
     step = Step("eda", "eda")
     client = MlflowClient()
@@ -123,7 +133,10 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
         monkeypatch.setattr(tracking, "code_version", lambda: "changed-code")
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"  # the code changed since
         assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
-    assert calls == [1, 2, 1, 1, 1]
+        newest = all_runs(tracking_uri)[0]
+        shutil.rmtree(newest.info.artifact_uri)  # its files deleted (e.g. mlruns/ removed by hand)
+        assert status({"epochs": 1}, {"run_id": "a"}) == "ran"
+    assert calls == [1, 2, 1, 1, 1, 1]
     md5s = {r.data.tags.get("data_md5") for r in all_runs(tracking_uri) if r.data.tags["stage"] == "eda"}
     assert md5s == {fingerprint("breastmnist", 28, str(synthetic_root)), fingerprint("breastmnist", 28, str(other_data))}
 
@@ -134,6 +147,7 @@ def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthe
 
     def runner(cfg, data_root, inputs):
         with tracking.tracked_run("linear_probe", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
+            tracking.log_config(cfg)
             if not weights[0]:
                 tracking.set_tags({"imagenet_probe_status": "not run: no weights"})
 
