@@ -19,7 +19,8 @@ def command(dataset: str, data_root: str, profile: str, out_root: str) -> None:
     outcomes = run_study(dataset, profile or "quick", data_root, out_root, echo=click.echo)
     ran = sum(o.status == "ran" for o in outcomes)
     reused = sum(o.status == "reused" for o in outcomes)
-    click.echo(f"study {dataset} ({profile}): {ran} steps ran, {reused} reused; tables in {out_root}/{dataset}/")
+    click.echo(f"study {dataset} ({profile}): {ran} step{'s' if ran != 1 else ''} ran, {reused} reused; "
+               f"tables in {out_root}/{dataset}/")
 
 
 if __name__ == "__main__":

@@ -94,9 +94,11 @@ def supervised_child(
 def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: str) -> plt.Figure:
     """Label fraction (log scale) vs. a test metric, one line per method with ±1 std error bars."""
     fig, ax = plt.subplots(figsize=(5.6, 4.0), constrained_layout=True)
-    for method in dict.fromkeys(row["method"] for row in summary):
+    methods = list(dict.fromkeys(row["method"] for row in summary))
+    for k, method in enumerate(methods):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["label_fraction"])
-        ax.errorbar([r["label_fraction"] for r in rows], [r[f"{metric}_mean"] for r in rows],
+        nudge = 1 + 0.06 * (k - (len(methods) - 1) / 2)  # side by side on the log axis, so error bars do not hide each other
+        ax.errorbar([r["label_fraction"] * nudge for r in rows], [r[f"{metric}_mean"] for r in rows],
                     yerr=np.nan_to_num([r[f"{metric}_std"] for r in rows]), marker="o", capsize=3,
                     label=METHOD_LABELS.get(method, method))
     fractions = sorted({r["label_fraction"] for r in summary})

@@ -91,8 +91,15 @@ def learning_curves(history: Sequence[Mapping[str, float]], title: str = "Learni
     auc_ax.set_xlabel("epoch")
     auc_ax.set_ylabel("AUROC")
     auc_ax.legend()
+    integer_epochs(loss_ax, auc_ax)
     fig.suptitle(title)
     return fig
+
+
+def integer_epochs(*axes: plt.Axes) -> None:
+    """Whole-number epoch ticks (a few epochs otherwise get ticks at 1.25, 1.5, ...)."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save(fig: Figure, path) -> None:
@@ -109,9 +116,10 @@ def _point_label(row: Mapping) -> str:
     return f"{row['rule']} (t={row['threshold']:.3f}): TPR {row['tpr']:.2f}, FPR {row['fpr']:.2f}"
 
 
-def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping]) -> Figure:
+def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive_name: str) -> Figure:
     """Test ROC curve of class-1 scores (logits: they rank without the ties of saturated
-    probabilities) with the operating points (thresholds chosen on validation) marked."""
+    probabilities) with the operating points (thresholds chosen on validation) marked as rings of
+    decreasing size, so points that coincide stay visible."""
     from sklearn.metrics import roc_curve
 
     from pipeline.metrics import auroc
@@ -120,11 +128,12 @@ def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappi
     fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
     ax.plot(fpr, tpr, color="black", label=f"ROC (test), AUROC = {auroc(scores, labels):.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
-    for marker, row in zip("osD^v<>ph*", _ok_points(rows)):
-        ax.plot(row["fpr"], row["tpr"], marker, markersize=8, label=_point_label(row))
+    for i, (marker, row) in enumerate(zip("osD^v<>ph*", _ok_points(rows))):
+        ax.plot(row["fpr"], row["tpr"], marker, markersize=14 - 1.2 * i, markerfacecolor="none", markeredgewidth=1.8,
+                label=_point_label(row))
     ax.set_xlabel("false positive rate (1 − specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"ROC on test (n = {len(labels)}), thresholds chosen on validation")
+    ax.set_title(f"ROC on test (n = {len(labels)}), positive class 1 = {positive_name}\nthresholds chosen on validation")
     ax.legend(loc="lower right", fontsize=7)
     return fig
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 
-from pipeline import tracking
+from pipeline import plots, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from pipeline.config import config_hash
@@ -40,6 +40,7 @@ def ssl_loss_figure(history: list[dict[str, float]], title: str) -> plt.Figure:
     knn_ax.set_ylabel("AUROC")
     knn_ax.set_title(f"kNN monitor, last {history[-1]['knn_val_auroc']:.3f}")
     knn_ax.legend()
+    plots.integer_epochs(loss_ax, knn_ax)
     fig.suptitle(title)
     return fig
 

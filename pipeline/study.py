@@ -192,7 +192,8 @@ def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: st
             outcomes.append(outcome)
             if outcome.run_id:
                 run_ids[step.name] = outcome.run_id
-            echo(f"[study] {step.name}: {outcome.status} {outcome.run_id[:8]} ({outcome.seconds:.0f} s) {outcome.note[:100]}")
+            echo(" ".join(filter(None, [f"[study] {step.name}: {outcome.status}", outcome.run_id[:8],
+                                        f"({outcome.seconds:.0f} s)", outcome.note[:100]])))
             tracking.log_text(steps_table(outcomes), "study_steps.md")
         tracking.log_metrics({"steps_ran": sum(o.status == "ran" for o in outcomes),
                               "steps_reused": sum(o.status == "reused" for o in outcomes)})

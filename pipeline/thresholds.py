@@ -223,7 +223,7 @@ def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         tracking.log_text(tables.to_markdown(short, list(short[0])), "thresholds/table.md")
         tracking.log_text(tables.to_csv(errors, ["index", "true", "predicted", "prob", "note"]),
                           "thresholds/high_confidence_errors.csv")
-        tracking.log_figure(plots.roc_with_points(test.logits, test.labels, rows), "plots/roc.png")
+        tracking.log_figure(plots.roc_with_points(test.logits, test.labels, rows, names["1"]), "plots/roc.png")
         tracking.log_figure(plots.pr_with_points(test.logits, test.labels, rows, names["1"]), "plots/pr.png")
         gallery = plots.error_gallery(images, errors, names, cfg["confidence"], cfg["gallery_max"])
         tracking.log_figure(gallery, "plots/high_confidence_errors.png")

@@ -402,6 +402,11 @@ def find_latest(stage: str, dataset: str, tags: Mapping[str, str]) -> Run:
     return runs[0]
 
 
+def experiment_name(run: Run) -> str:
+    """The name of the experiment a run is in."""
+    return MlflowClient().get_experiment(run.info.experiment_id).name
+
+
 def get_run(run_id: str) -> Run:
     """One run by id."""
     return MlflowClient().get_run(run_id)

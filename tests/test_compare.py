@@ -116,7 +116,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert sorted(line.rsplit("# run ", 1)[1] for line in commands.splitlines()) == sorted(r.info.run_id[:8] for r in roots)
     cited = set(report.cited_run_ids(report.build_tables("breastmnist")))
     assert f"Runs cited by the tables: {len(cited)}, from {len(roots)} top-level runs." in draft
-    assert f"Code version (hash of pipeline/ and configs/): {tracking.code_version()} ({len(cited)} runs)." in draft
+    assert f"Code version (hash of pipeline/, configs/ and mlruns_template/): {tracking.code_version()} ({len(cited)} runs)." in draft
     assert "- Seeds: 0 1; label subsets" in draft
 
     # exporting under a used name again is refused before anything is written or logged
