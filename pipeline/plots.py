@@ -203,13 +203,16 @@ def robustness_curves(rows: Sequence[Mapping]) -> Figure:
 
 
 def entropy_histogram(entropy: np.ndarray, errors: np.ndarray, mc: Mapping[str, float]) -> Figure:
-    """MC-dropout predictive entropy of correct vs. wrong test predictions, with the error-detection AUROC."""
+    """MC-dropout predictive entropy of correct vs. wrong test predictions, with the error-detection
+    AUROC; each group as a share of itself, so a few errors are as visible as many correct images."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     bins = np.linspace(0, np.log(2), 21)
-    ax.hist(entropy[~errors], bins=bins, alpha=0.6, color="tab:blue", label=f"correct (n = {int((~errors).sum())})")
-    ax.hist(entropy[errors], bins=bins, alpha=0.6, color="tab:red", label=f"errors (n = {int(errors.sum())})")
+    for mask, color, name in ((~errors, "tab:blue", "correct"), (errors, "tab:red", "errors")):
+        if mask.any():
+            ax.hist(entropy[mask], bins=bins, weights=np.full(int(mask.sum()), 1 / mask.sum()), alpha=0.6, color=color,
+                    label=f"{name} (n = {int(mask.sum())})")
     ax.set_xlabel("predictive entropy (nats; max ln 2)")
-    ax.set_ylabel("test images")
+    ax.set_ylabel("share of the group's test images")
     ax.set_title(f"MC dropout ({int(mc['mc_passes'])} passes, p = {mc['mc_dropout_p']:g}): "
                  f"error-detection AUROC = {mc['mc_error_auroc_entropy']:.3f}")
     ax.legend()
