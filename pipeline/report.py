@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping
@@ -231,7 +232,7 @@ def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: 
     text = tracking.download_artifact(run.info.run_id, artifact).read_text()
     records = list(csv.DictReader(io.StringIO(text)))
     source = run.data.tags.get("source_run_id", "")
-    settings = {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
+    settings = tracking.logged_config(run)
     table = Table(name, f"{title} (run {run.info.run_id[:8]}, source {source[:8]})", columns,
                   settings={**settings, "source_run_id": source})
     for record in records:
@@ -349,10 +350,7 @@ def run_command(run: Run) -> str:
 
 def counted(values: list[str]) -> str:
     """`a (3 runs), b (1 run)` for the distinct values of a list, most common first."""
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return ", ".join(f"{v} ({plural(n, 'run')})" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{v} ({plural(n, 'run')})" for v, n in Counter(values).most_common())
 
 
 def root_of(run: Run, known: Mapping[str, Run]) -> Run:

@@ -32,7 +32,7 @@ NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_la
 def recipe_hash(run: Run) -> str:
     """A short hash of every logged setting that shapes what a classifier learns (lr, optimizer,
     size, epochs, ...): runs with the same recipe differ only by seed."""
-    settings = {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
+    settings = tracking.logged_config(run)
     return config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
 
 
@@ -40,8 +40,7 @@ def baseline_label(run: Run) -> str:
     """How a baseline run is named in the week-6 table: its model, stem, weights, fine-tuning, epochs
     and augmentation, plus its recipe hash, so runs of different recipes are never averaged as if
     they were seeds."""
-    tags, params = run.data.tags, run.data.params
-    settings = {k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")}
+    tags, settings = run.data.tags, tracking.logged_config(run)
     recipe = recipe_hash(run)
     model = tags.get("model", "?")
     stem = f"/{settings.get('stem', '?')}" if model == "resnet18" else ""

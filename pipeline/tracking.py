@@ -268,6 +268,11 @@ def log_config(config: Mapping[str, Any]) -> None:
     mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=True), "config.yaml")
 
 
+def logged_config(run: Run) -> dict[str, str]:
+    """The resolved config a run logged (its `cfg.<key>` params, as `log_config` wrote them), by key."""
+    return {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
+
+
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     """Log numeric metrics (NaN kept: MLflow stores it) at an optional step."""
     mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
