@@ -3,8 +3,8 @@
 Order: eda → baselines → augment ablation → SSL pretraining (each method) → linear probe → SSL
 fine-tune → calibrate → thresholds → robustness → compare. A step's configuration (its resolved
 config, the run ids it consumes and the MD5 of the data file it reads) is hashed; a FINISHED step
-run with the same hash and code version is reused instead of recomputed, so an interrupted study continues where it stopped
-and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
+run with the same hash and code version is reused instead of recomputed, so an interrupted study
+continues where it stopped and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
 interpreter start-up is paid per step.
 """
 
@@ -160,7 +160,7 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
             raise
         return Outcome(step.name, step.stage, "skipped", "", time.time() - start, str(exc))
     run_id = newest_step_run(study_run_id, dataset, step.stage, int(start * 1000) - 1)
-    fitted_imagenet = "imagenet_probe_status" not in tracking.get_run(run_id).data.tags  # what this run could do
+    fitted_imagenet = uses_imagenet_probe(step, cfg) and "imagenet_probe_status" not in tracking.get_run(run_id).data.tags
     tracking.tag_run(run_id, {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet),
                               "study_step": step.name, **({"data_md5": data_md5} if data_md5 else {})})
     return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)

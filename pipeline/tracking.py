@@ -350,7 +350,7 @@ def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[st
             )
         return run
     for candidate in stages:
-        for run in finished_runs(dataset, f"tags.stage = '{candidate}'"):
+        for run in finished_runs(dataset, f"tags.stage = '{candidate}'", max_results=0 if require else 1):
             if not require or has_artifacts(run.info.run_id, require):
                 return run
     needs = f" with {' and '.join(require)}" if require else ""
@@ -360,18 +360,22 @@ def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[st
     )
 
 
-def finished_runs(dataset: str, where: str = "") -> list[Run]:
+def finished_runs(dataset: str, where: str = "", max_results: int = 0) -> list[Run]:
     """FINISHED runs of a dataset in any experiment, newest first; `where` adds filter clauses."""
     clauses = [f"tags.dataset = '{dataset}'", "attributes.status = 'FINISHED'"] + ([where] if where else [])
-    return all_runs(" and ".join(clauses))
+    return all_runs(" and ".join(clauses), max_results=max_results)
 
 
-def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", view: int = ViewType.ACTIVE_ONLY) -> list[Run]:
-    """Every run of every active experiment that matches the filter. MLflow's fluent search pages
-    through the store (up to its default 100,000 runs); one `MlflowClient.search_runs` call stops at
+SEARCH_LIMIT = 100_000  # MLflow's fluent default: "every run" for any store this project meets
+
+
+def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", view: int = ViewType.ACTIVE_ONLY,
+             max_results: int = 0) -> list[Run]:
+    """Every run (or the first `max_results`) of every active experiment that matches the filter.
+    MLflow's fluent search pages through the store; one `MlflowClient.search_runs` call stops at
     1000 runs, which a team store passes."""
     return mlflow.search_runs(filter_string=filter_string, order_by=[order_by], search_all_experiments=True,
-                              output_format="list", run_view_type=view)
+                              output_format="list", run_view_type=view, max_results=max_results or SEARCH_LIMIT)
 
 
 def stage_parents(dataset: str, stage: str, where: str = "") -> list[Run]:
