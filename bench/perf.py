@@ -16,7 +16,7 @@ and a reference taken at another moment would credit or blame the loop for its n
 Paths per training workload:
   ours               device-resident uint8 data, batched on-device augmentation, channels_last,
                      no host sync per step, autocast (bf16; fp16 before Ampere) + cuDNN autotuning on CUDA
-  pipeline epoch     the shipped epoch function (pipeline.train.train_epoch / pretrain.pretrain_epoch)
+  pipeline epoch     the shipped epoch function (pipeline.train.train_epoch / an epoch of pretrain.StepTrainer steps)
   -<feature>         ours with that one feature switched off
   +compile           ours with the encoder under torch.compile (--compile model/workload)
   per-sample wN      medmnist Dataset + torchvision transforms + DataLoader(num_workers=N), as in
@@ -58,7 +58,7 @@ from pipeline.augment import SSL_VIEW, build_augment  # noqa: E402
 from pipeline.data import DatasetSplits, load_splits, resolve_root, to_float  # noqa: E402
 from pipeline.features import extract_features  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
-from pipeline.pretrain import pretrain_epoch, warmup_cosine  # noqa: E402
+from pipeline.pretrain import StepTrainer, epoch_views  # noqa: E402
 from pipeline.probe import fit_linear_head  # noqa: E402
 from pipeline.runtime import autocast, configure_speed, cpu_threads, grad_scaler, prepare_model, resolve_device  # noqa: E402
 from pipeline.ssl import build_ssl  # noqa: E402
@@ -275,7 +275,7 @@ class Loop:
 
 
 def pipeline_epoch(workload: str, spec: ModelSpec, data: DatasetSplits, batch: int, device: torch.device) -> Callable[[], None]:
-    """One epoch of the shipped loop (train_epoch or pretrain_epoch) with our settings."""
+    """One epoch of the shipped loop (train_epoch, or StepTrainer steps over epoch_views) with our settings."""
     torch.manual_seed(0)
     model = build_classifier(spec)
     fast = {"channels_last": True, "compile": False}
@@ -284,11 +284,11 @@ def pipeline_epoch(workload: str, spec: ModelSpec, data: DatasetSplits, batch: i
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         augment = build_augment(SUPERVISED_AUGMENT)
         return lambda: train_epoch(model, data.train, optimizer, augment, batch, 0, device.type == "cuda", "bench")
-    cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True, "epochs": 1}
+    cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True,
+           "warmup_steps": 1}
     module = prepare_model(build_ssl(workload, model, cfg), device, fast)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    scheduler = warmup_cosine(optimizer, 1, 10**9)
-    return lambda: pretrain_epoch(module, data, optimizer, scheduler, cfg, 1)
+    trainer = StepTrainer(module, cfg, 10**9, device)
+    return lambda: [trainer.step(*views[1:], views[0]) for views in epoch_views(data.train.images, cfg, 1)]
 
 
 class TwoViews:

@@ -13,13 +13,14 @@ from pipeline.tables import mean_std
 @click.command("ssl_finetune")
 @apply(DATA_OPTIONS)
 @click.option("--config", "config_file", default="", help="YAML file of overrides.")
-@click.option("--ssl-run-id", default="", help="ssl_pretrain run id, or latest.")
+@click.option("--ssl-run-id", default="", help="ssl_pretrain run id, several (comma-separated, one per pretraining seed), or latest.")
 @click.option("--label-fractions", default="", help="Comma-separated fractions, e.g. 0.01,0.05,0.1,1.")
 @click.option("--seeds", default="", help="Comma-separated seeds, e.g. 0,1,2.")
-@click.option("--epochs", default="", help="Fine-tuning epochs.")
+@click.option("--steps", default="", help="Optimizer steps at every label fraction (default 300).")
+@click.option("--epochs", default="", help="Fine-tuning epochs (when given, replaces --steps).")
 @click.option("--batch-size", default="", help="Batch size.")
 @click.option("--lr", default="", help="Head learning rate.")
-@click.option("--encoder-lr-scale", default="", help="Encoder learning rate = lr x this (default 0.1).")
+@click.option("--encoder-lr-scale", default="", help="Encoder lr = lr x this; comma-separated values are a grid chosen on validation (default 0.1,1).")
 @click.option("--device", default="", help="auto | cpu | cuda | mps.")
 def command(dataset: str, data_root: str, config_file: str, **overrides: str) -> None:
     """Fine-tune the pretrained encoder and log the week-6 comparison table."""

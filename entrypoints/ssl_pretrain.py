@@ -10,6 +10,8 @@ from pipeline.ssl_pretrain import run_ssl_pretrain
 
 @click.command("ssl_pretrain")
 @apply(DATA_OPTIONS + TRAINER_OPTIONS)
+@click.option("--steps", default="", help="Optimizer-step budget (--epochs, when given, replaces it).")
+@click.option("--knn-every", default="", help="kNN monitor every this many steps (and at step 0).")
 @click.option("--method", default="", help="simclr | moco.")
 @click.option("--model", default="", help="Encoder: smallcnn | resnet18.")
 @click.option("--stem", default="", help="resnet18 stem: cifar | imagenet.")
@@ -24,7 +26,8 @@ def command(dataset: str, data_root: str, config_file: str, resume: str, **overr
     final = run_ssl_pretrain(cfg, data_root, resume)
     click.echo(
         f"ssl_pretrain {dataset} {cfg['method']} {cfg['model']}: final loss {final['ssl_loss']:.4f}, "
-        f"kNN val AUROC {final['knn_val_auroc']:.3f}"
+        f"kNN val AUROC {final['knn_val_auroc_init']:.3f} at step 0 (random init) -> {final['knn_val_auroc']:.3f} "
+        f"at step {final['step']}"
     )
 
 

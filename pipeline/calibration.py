@@ -18,7 +18,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from pipeline import metrics, plots, tables, tracking
+from pipeline import metrics, paired, plots, tables, tracking
 from pipeline.errors import UserError
 from pipeline.source import SourceRun, load_source
 from pipeline.supervised import predictions_csv
@@ -132,6 +132,28 @@ def calibration_rows(
     ]
 
 
+CHANGE_METRICS = {"ece": lambda p, y, bins: metrics.ece(p, y, bins), "brier": lambda p, y, bins: metrics.brier(p, y),
+                  "nll": lambda p, y, bins: metrics.nll(p, y)}
+
+
+def calibration_change(before: np.ndarray, after: np.ndarray, labels: np.ndarray, n_bins: int, n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
+    """The test change (after − before) of ECE, Brier and NLL with a paired bootstrap 95% interval:
+    each resample of the test images scores both probability sets, so the interval is that of the
+    change itself. The verdict reads the interval (lower is better for all three)."""
+    labels = np.asarray(labels)
+    draws = np.random.default_rng(seed).integers(0, len(labels), size=(n_bootstrap, len(labels)))
+    rows = []
+    for name, score in CHANGE_METRICS.items():
+        change = score(after, labels, n_bins) - score(before, labels, n_bins)
+        resampled = np.array([score(after[i], labels[i], n_bins) - score(before[i], labels[i], n_bins) for i in draws])
+        low, high = np.percentile(resampled, [2.5, 97.5]) if n_bootstrap else (np.nan, np.nan)
+        rows.append({"metric": name, "before": score(before, labels, n_bins), "after": score(after, labels, n_bins),
+                     "change": change, "ci_low": float(low), "ci_high": float(high),
+                     "verdict": paired.verdict(float(low), float(high), higher_is_better=False).replace("helps", "improves")
+                     .replace("hurts", "worsens")})
+    return rows
+
+
 def metric_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Rows as MLflow metrics `<split>_<metric>_<before|after|platt|isotonic>`."""
     return {f"{r['split']}_{m}_{SUFFIX[r['method']]}": r[m] for r in rows for m in METRICS}
@@ -180,6 +202,11 @@ def run_calibrate(cfg: Mapping[str, Any], run_id: str = "latest") -> dict[str, f
         columns = ["method", "split", *METRICS]
         tracking.log_text(tables.to_csv(rows, columns), "calibration/table.csv")
         tracking.log_text(tables.to_markdown(rows, columns), "calibration/table.md")
+        change = calibration_change(probs["uncalibrated"]["test"], probs["temperature"]["test"], labels["test"], cfg["ece_bins"],
+                             cfg["bootstrap"], cfg["seed"])
+        tracking.log_text(tables.to_csv(change, list(change[0])), "calibration/test_change.csv")
+        tracking.log_metrics({f"test_{r['metric']}_change{suffix}": r[key] for r in change
+                              for suffix, key in (("", "change"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
         tracking.log_json({"source_run_id": source.run_id, **fitted, "temperature_at_bound": at_bound(temperature)},
                           "calibration/fitted.json")
         for split in ("val", "test"):

@@ -15,22 +15,27 @@ from pipeline.models import Classifier, ModelSpec, build_classifier
 
 
 class CheckpointSchedule:
-    """When a training writes its resumable `last.pt`: every `checkpoint_every` epochs (not after
-    the last one), but no sooner than `checkpoint_min_seconds` after the previous one or the start.
+    """When a training writes its resumable `last.pt`: every `checkpoint_every` epochs or steps (not
+    after the last one), but no sooner than `checkpoint_min_seconds` after the previous one or the start.
 
     On a GPU an epoch at 28 px takes less time than writing a ResNet-18's training state, so a
     short run is cheaper to rerun than to checkpoint; a long run still loses at most a few epochs.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], clock: Callable[[], float] = time.monotonic):
-        self.every, self.epochs = cfg["checkpoint_every"], cfg["epochs"]
+    def __init__(self, cfg: Mapping[str, Any], clock: Callable[[], float] = time.monotonic, last: int | None = None):
+        """`last`: the final epoch (or step, for a step-budgeted run), after which no last.pt is written."""
+        self.every, self.epochs = cfg["checkpoint_every"], cfg["epochs"] if last is None else last
         self.min_seconds = cfg.get("checkpoint_min_seconds", 0)
         self.clock = clock
         self.last = clock()
+        self.previous = 0
 
     def due(self, epoch: int) -> bool:
-        """Whether to checkpoint after `epoch`; a True answer restarts the interval."""
-        if epoch % self.every or epoch >= self.epochs or self.clock() - self.last < self.min_seconds:
+        """Whether to checkpoint after `epoch` (or step): a multiple of `checkpoint_every` was reached
+        since the previous call; a True answer restarts the interval."""
+        crossed = epoch // self.every > self.previous // self.every
+        self.previous = epoch
+        if not crossed or epoch >= self.epochs or self.clock() - self.last < self.min_seconds:
             return False
         self.last = self.clock()
         return True

@@ -1,21 +1,27 @@
-"""Week 5: label efficiency — linear probes on a frozen SSL encoder vs. supervised-only training
-(and an ImageNet-transfer probe when its weights are available), at several label fractions × seeds.
+"""Week 5: label efficiency — linear probes on a frozen SSL encoder vs. supervised-only training,
+with controls (a probe on a randomly initialised encoder, the majority class) and an
+ImageNet-transfer probe when its weights are available, at several label fractions × seeds.
 
 One parent run; one nested child run per (method, fraction, seed), each a classifier run with
-predictions and a checkpoint. Features are extracted once per encoder; every probe is fitted on
-the cached features. The supervised-only model uses the SSL encoder's architecture, trained from
-scratch on the same stratified subsets.
+predictions and a checkpoint. `ssl_run_id` may name several pretraining runs (one per pretraining
+seed): subset seed number i uses encoder i mod K, so the SSL rows' spread includes pretraining
+variance as the supervised rows' includes initialisation variance. Features are extracted once per
+encoder; every probe is fitted on the cached features. The supervised-only model uses the SSL
+encoder's architecture, trained from scratch on the same stratified subsets, for a fixed number of
+optimizer steps at every fraction. The parent logs the paired differences (pipeline/paired.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pipeline import config, tables, tracking
+from pipeline import config, paired, tables, tracking
+from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits, stratified_subset
 from pipeline.errors import UserError
@@ -25,10 +31,13 @@ from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
 from pipeline.supervised import fit_and_log, log_evaluation
+from pipeline.train import epochs_for_steps, eval_interval
 
 METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
-                 "ssl_finetune": "SSL fine-tune"}
-RESULT_KEYS = ("test_acc", "test_auroc", "test_ece", "val_auroc")
+                 "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
+                 "majority_class": "majority class (control)"}
+RESULT_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece", "val_auroc")
+PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
 
 
 class FrozenEncoder:
@@ -40,6 +49,47 @@ class FrozenEncoder:
             s: extract_features(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]).cpu().numpy()
             for s in ("train", "val", "test")
         }
+
+
+def random_encoder(spec: ModelSpec, data: DatasetSplits, cfg: Mapping[str, Any], device: torch.device, seed: int) -> FrozenEncoder:
+    """The control encoder: the SSL encoder's architecture at a seeded random initialisation, its
+    batch-norm statistics recomputed over the training images as the SSL encoder's were."""
+    seed_everything(seed)
+    model = prepare_model(build_classifier(spec), device, cfg)
+    recompute_bn_statistics(model, data.train.images, cfg["eval_batch_size"], cfg["amp"])
+    model.freeze_encoder()
+    return FrozenEncoder(model.eval(), data, cfg)
+
+
+def ssl_run_ids(value: str) -> list[str]:
+    """The pretraining runs a grid uses: one id, `latest`, or several separated by commas or spaces."""
+    ids = value.replace(",", " ").split()
+    if not ids:
+        raise UserError("ssl_run_id is empty; give an ssl_pretrain run id, several separated by commas, or latest")
+    return ids
+
+
+def load_ssl_encoders(value: str, dataset: str, device: torch.device, cfg: Mapping[str, Any]) -> list[tuple[Classifier, Any]]:
+    """(frozen SSL model, its ssl_pretrain run) for each id of `ssl_run_id`; they must share the
+    method, architecture and image size, or the rows would average different things."""
+    loaded = []
+    for run_id in ssl_run_ids(value):
+        path, run = load_encoder_checkpoint(run_id, dataset)
+        model, checkpoint = load_classifier(path, device)
+        model = prepare_model(model, device, cfg)
+        model.freeze_encoder()
+        loaded.append((model, run, checkpoint["config"]["size"]))
+    kinds = {(run.data.tags.get("method", ""), model.spec.model, model.spec.stem, size) for model, run, size in loaded}
+    if len(kinds) > 1:
+        raise UserError(f"ssl_run_id names pretraining runs of different methods, encoders or sizes: {sorted(kinds)}")
+    return [(model, run) for model, run, _ in loaded]
+
+
+def pretraining_seed_note(seeds: list[int], runs: list[Any]) -> str:
+    """Which pretraining run serves which subset seed, as the tables state it."""
+    pairs = [f"subset seed {seed} → encoder {runs[k % len(runs)].info.run_id[:8]} "
+             f"(pretraining seed {runs[k % len(runs)].data.tags.get('seed', '?')})" for k, seed in enumerate(seeds)]
+    return f"{len(runs)} pretraining run(s) for {len(seeds)} subset seeds: " + "; ".join(pairs) + "."
 
 
 def imagenet_encoder(data: DatasetSplits, cfg: Mapping[str, Any], device: torch.device) -> tuple[FrozenEncoder | None, str]:
@@ -74,9 +124,12 @@ def supervised_child(
     data: DatasetSplits, spec: ModelSpec, subset: np.ndarray, cfg: Mapping[str, Any], tags: Mapping[str, Any],
     device: torch.device,
 ) -> dict[str, float]:
-    """Train the encoder's architecture from scratch on the same subset (a nested classifier run)."""
+    """Train the encoder's architecture from scratch on the same subset (a nested classifier run),
+    for `supervised_steps` optimizer steps (converted to epochs of this subset), or `supervised_epochs` when given."""
+    epochs = cfg["supervised_epochs"] or epochs_for_steps(cfg["supervised_steps"], len(subset), cfg["batch_size"])
     overrides = {
-        "model": spec.model, "stem": spec.stem, "epochs": cfg["supervised_epochs"], "augment": cfg["supervised_augment"],
+        "model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
+        "augment": cfg["supervised_augment"],
         "batch_size": cfg["batch_size"],
         "lr": cfg["lr"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size,
         "device": cfg["device"], "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
@@ -89,6 +142,21 @@ def supervised_child(
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         values = fit_and_log(model, spec, data, data.train.subset(subset), child_cfg).metrics
     return {**values, "run_id": run.info.run_id}
+
+
+def majority_rows(data: DatasetSplits, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The majority-class control per (fraction, seed): always predict the subset's most common
+    label. Its AUROC is 0.5 and its balanced accuracy 0.5 by construction; no run is logged."""
+    train_labels = data.train.labels.cpu().numpy()
+    test_labels = data.test.labels.cpu().numpy()
+    rows = []
+    for fraction in cfg["label_fractions"]:
+        for seed in cfg["seeds"]:
+            majority = int(np.bincount(train_labels[stratified_subset(train_labels, fraction, seed)], minlength=2).argmax())
+            rows.append({"method": "majority_class", "label_fraction": fraction, "seed": seed, "run_id": "",
+                         "test_acc": float(np.mean(test_labels == majority)), "test_balanced_acc": 0.5, "test_auroc": 0.5,
+                         "test_ece": math.nan, "val_auroc": 0.5})
+    return rows
 
 
 def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: str) -> plt.Figure:
@@ -112,31 +180,38 @@ def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: s
     return fig
 
 
-def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str], title: str) -> list[dict[str, Any]]:
-    """Aggregate child results (mean ± std over seeds) into the parent's table and figures."""
+def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str], title: str, notes: list[str]) -> list[dict[str, Any]]:
+    """Aggregate child results (mean ± std over seeds) into the parent's table and figures, and the
+    paired differences of the SSL probe against supervised-only and the random encoder."""
     summary = tables.aggregate(rows, ("method", "label_fraction"), RESULT_KEYS)
     for method, reason in not_run.items():
         for fraction in sorted({r["label_fraction"] for r in rows}):
             summary.append({"method": method, "label_fraction": fraction, "n": 0, "status": f"not run: {reason}"})
     for row in summary:
         row.setdefault("status", "ok")
-        row["run_ids"] = " ".join(r["run_id"] for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"]))
+        row["run_ids"] = " ".join(r["run_id"] for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"]) and r["run_id"])
     columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in RESULT_KEYS for s in ("mean", "std")] + ["status", "run_ids"]
     tracking.log_text(tables.to_csv(summary, columns), "label_efficiency.csv")
-    header = ["method", "labels", "n", "test acc", "test AUROC", "test ECE"]
+    header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
     body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"],
-             tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_auroc"), tables.mean_std(r, "test_ece")]
+             tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_balanced_acc"), tables.mean_std(r, "test_auroc"),
+             tables.mean_std(r, "test_ece")]
             for r in summary]
     note = "".join(f"\n{METHOD_LABELS.get(m, m)}: not run ({reason}).\n" for m, reason in not_run.items())
-    tracking.log_text(f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header) + note,
-                      "label_efficiency.md")
-    ran = [r for r in summary if r["n"]]
+    tracking.log_text(f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header)
+                      + note + "".join(f"\n{line}\n" for line in notes), "label_efficiency.md")
+    ran = [r for r in summary if r["n"] and r["method"] != "majority_class"]
     tracking.log_figure(label_efficiency_figure(ran, "test_acc", f"{title}: accuracy"), "plots/label_efficiency_acc.png")
     tracking.log_figure(label_efficiency_figure(ran, "test_auroc", f"{title}: AUROC"), "plots/label_efficiency_auroc.png")
     for row in ran:
         key = f"{row['method']}/f{row['label_fraction']:g}"
         tracking.log_metrics({f"{key}/test_auroc_mean": row["test_auroc_mean"], f"{key}/test_acc_mean": row["test_acc_mean"]})
+    differences = paired.compare_methods(rows, PROBE_COMPARISONS)
+    tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     return summary
+
+
+PAIRED_COLUMNS = ["a", "b", "label_fraction", "metric", "n", "seeds", "a_mean", "b_mean", "diff_mean", "ci_low", "ci_high", "verdict"]
 
 
 def run_grid(
@@ -161,34 +236,45 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     """The whole week-5 grid under one parent run; returns the summary rows."""
     device = resolve_device(cfg["device"])
     configure_speed(device)
-    encoder_path, ssl_run = load_encoder_checkpoint(cfg["ssl_run_id"], cfg["dataset"])
-    ssl_model, checkpoint = load_classifier(encoder_path, device)
-    ssl_model = prepare_model(ssl_model, device, cfg)
-    ssl_model.freeze_encoder()
-    size = checkpoint["config"]["size"]
+    encoders = load_ssl_encoders(cfg["ssl_run_id"], cfg["dataset"], device, cfg)
+    ssl_runs = [run for _, run in encoders]
+    spec = encoders[0][0].spec
+    size = int(ssl_runs[0].data.params.get("cfg.size", 28))
     data = load_splits(cfg["dataset"], size, data_root, device)
-    ssl_encoder = FrozenEncoder(ssl_model, data, cfg)
+    ssl_features = {run.info.run_id: FrozenEncoder(model, data, cfg) for model, run in encoders}
     methods = list(cfg["methods"])
     imagenet, reason = imagenet_encoder(data, cfg, device) if "imagenet_probe" in methods else (None, "")
     not_run = {"imagenet_probe": reason} if "imagenet_probe" in methods and imagenet is None else {}
     runnable = [m for m in methods if m not in not_run]
-    source = ssl_run.info.run_id
-    spec = ssl_model.spec
-    parent_tags = {"model": spec.model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": source,
-                   "ssl_method": ssl_run.data.tags.get("method", ""), "config_hash": config.config_hash(cfg)}
+    ssl_method = ssl_runs[0].data.tags.get("method", "")
+    sources = [run.info.run_id for run in ssl_runs]
+    parent_tags = {"model": spec.model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
+                   "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
+
+    def encoder_run(seed: int) -> Any:
+        return ssl_runs[list(cfg["seeds"]).index(seed) % len(ssl_runs)]
 
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
-        if tags["method"] == "ssl_probe":
-            return probe_child(ssl_encoder, data, subset, cfg, {**tags, "source_run_id": source})
-        if tags["method"] == "imagenet_probe":
+        method, seed = tags["method"], tags["seed"]
+        if method == "ssl_probe":
+            run = encoder_run(seed)
+            return probe_child(ssl_features[run.info.run_id], data, subset, cfg,
+                               {**tags, "source_run_id": run.info.run_id, "pretrain_seed": run.data.tags.get("seed", "")})
+        if method == "random_probe":
+            return probe_child(random_encoder(spec, data, cfg, device, seed), data, subset, cfg, tags)
+        if method == "imagenet_probe":
             return probe_child(imagenet, data, subset, cfg, {**tags, "model": "resnet18"})
         return supervised_child(data, spec, subset, cfg, tags, device)
 
-    name = f"linear-probe-{parent_tags['ssl_method']}-{spec.model}"
+    name = f"linear-probe-{ssl_method}-{spec.model}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], parent_tags, run_name=name):
         tracking.log_config(cfg)
         for method, why in not_run.items():
             tracking.set_tags({f"{method}_status": f"not run: {why}"[:4000]})
-        rows = run_grid(cfg, data, child, runnable, {"model": spec.model})
-        title = f"{cfg['dataset']} label efficiency ({parent_tags['ssl_method']} encoder)"
-        return log_label_efficiency(rows, not_run, title)
+        rows = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method}) + majority_rows(data, cfg)
+        prevalence = float(data.test.labels.float().mean())
+        notes = [pretraining_seed_note(list(cfg["seeds"]), ssl_runs),
+                 f"Test prevalence of class 1: {prevalence:.3f} (train {float(data.train.labels.float().mean()):.3f}); "
+                 "the majority-class row predicts each subset's most common label."]
+        title = f"{cfg['dataset']} label efficiency ({ssl_method} encoder)"
+        return log_label_efficiency(rows, not_run, title, notes)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import f1_score, precision_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
 EPS = 1e-7
 
@@ -161,6 +161,8 @@ def classification_metrics(
     low, high = bootstrap_auroc_ci(logits, labels, n_bootstrap, seed)
     return {
         "acc": float(np.mean(predicted == labels)),
+        "balanced_acc": float(balanced_accuracy_score(labels, predicted)) if len(np.unique(labels)) == 2 else float("nan"),
+        "prevalence": float(np.mean(labels == 1)),
         "auroc": auroc(logits, labels),
         "precision": float(precision_score(labels, predicted, zero_division=0)),
         "recall": float(recall_score(labels, predicted, zero_division=0)),

@@ -1,15 +1,18 @@
 """The SSL pretraining loop: two augmented views per image, batched on the device, labels unused.
 
-Per-step learning rate: linear warm-up, then cosine decay. Before each kNN monitor (and so in the
-saved encoder) the encoder's batch-norm statistics are recomputed over the training images.
-Shuffling, augmentation and dropout depend on (seed, epoch) only, so a run resumed from `last.pt`
-continues as if never stopped.
+The budget is a number of optimizer steps (`steps`, or `epochs` × steps per epoch when given): on
+BreastMNIST's 546 images an epoch is only two steps at batch 256, so epochs say little about how
+long an encoder trained. The learning rate warms up linearly over `warmup_steps`, then decays on a
+cosine to zero at the last step. Every `knn_every` steps, and at step 0 (the random
+initialisation), the encoder's batch-norm statistics are recomputed over the training images and the
+kNN monitor runs. Shuffling and augmentation depend on (seed, epoch) only, so a run resumed from
+`last.pt`, even mid-epoch, continues exactly as if never stopped.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +25,7 @@ from pipeline.errors import DivergenceError
 from pipeline.features import knn_monitor
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
-EpochCallback = Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]
+MonitorCallback = Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -50,83 +53,116 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n > batch_size else 1
 
 
-def pretrain_epoch(
-    module: nn.Module, data: DatasetSplits, optimizer, scheduler, cfg: Mapping[str, Any], epoch: int,
-    scaler: torch.amp.GradScaler | None = None,
-) -> float:
-    """One epoch of contrastive training; returns the mean loss over steps. `scaler`: loss scaling
-    for fp16 autocast."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+def total_steps(cfg: Mapping[str, Any], n: int) -> int:
+    """The run's optimizer-step budget: `epochs` converted at `n` images when given (> 0), else `steps`."""
+    return int(cfg["epochs"]) * steps_per_epoch(n, cfg["batch_size"]) if cfg.get("epochs") else int(cfg["steps"])
+
+
+def epoch_views(images: torch.Tensor, cfg: Mapping[str, Any], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, view 1, view 2) of each batch of an epoch, shuffled and augmented from (seed, epoch) alone."""
     seed = epoch_seed(cfg["seed"], epoch)
     torch.manual_seed(seed)
-    images = data.train.images
-    device = images.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = torch.zeros((), device=device)
-    batches = epoch_batches(len(data.train), cfg["batch_size"], seed, device)
-    module.train()
-    for index in tqdm(batches, desc=f"ssl epoch {epoch}/{cfg['epochs']}", leave=False, unit="batch"):
-        view1, view2 = two_views(to_float(images[index]), generator)
-        with autocast(device, cfg["amp"]):
-            loss = module(view1, view2, index)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        total += loss.detach().float()
-    mean_loss = total.item() / len(batches)
-    if not math.isfinite(mean_loss):
-        raise DivergenceError(f"SSL loss became {mean_loss} in epoch {epoch}; lower lr or raise temperature")
-    return mean_loss
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    for index in epoch_batches(len(images), cfg["batch_size"], seed, images.device):
+        yield index, *two_views(to_float(images[index]), generator)
+
+
+def monitor(module: nn.Module, data: DatasetSplits, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """kNN validation AUROC/accuracy of the backbone, its batch-norm statistics recomputed first."""
+    recompute_bn_statistics(module.backbone, data.train.images, cfg["eval_batch_size"], cfg["amp"])
+    return knn_monitor(module.backbone, data.train, data.val, cfg["knn_k"], cfg["eval_batch_size"], cfg["amp"])
+
+
+class StepTrainer:
+    """The optimizer, schedule and loss scaling of one pretraining run, advanced one batch at a time."""
+
+    def __init__(self, module: nn.Module, cfg: Mapping[str, Any], steps: int, device: torch.device):
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.module = module
+        self.optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.scheduler = warmup_cosine(self.optimizer, cfg["warmup_steps"], steps)
+        self.scaler = grad_scaler(device, cfg["amp"])
+        self.amp = cfg["amp"]
+
+    def step(self, view1: torch.Tensor, view2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch of two views; returns the detached loss."""
+        with autocast(view1.device, self.amp):
+            loss = self.module(view1, view2, index)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach().float()
+
+    def state(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def pretrain(
     module: nn.Module,
     data: DatasetSplits,
     cfg: Mapping[str, Any],
-    on_epoch: EpochCallback | None = None,
+    on_monitor: MonitorCallback | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
-    """Run cfg['epochs'] epochs of SSL with a per-epoch kNN monitor; returns the history.
+    """Train for the step budget with a kNN monitor at step 0 and every `knn_every` steps; returns
+    the monitor history (rows of step, epoch, ssl_loss, lr, knn_val_auroc, knn_val_acc).
 
-    `on_epoch(epoch, row, state)` may call `state()` for the resumable training state.
+    `on_monitor(step, row, state)` may call `state()` for the resumable training state. The loss of
+    a row is the mean over the steps since the previous row (NaN at step 0).
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    per_epoch = steps_per_epoch(len(data.train), cfg["batch_size"])
-    scheduler = warmup_cosine(optimizer, cfg["warmup_epochs"] * per_epoch, cfg["epochs"] * per_epoch)
-    scaler = grad_scaler(data.train.images.device, cfg["amp"])
+    images = data.train.images
+    device = images.device
+    steps = total_steps(cfg, len(images))
+    per_epoch = steps_per_epoch(len(images), cfg["batch_size"])
+    trainer = StepTrainer(module, cfg, steps, device)
     history: list[dict[str, float]] = []
-    start = 1
-    if resume is not None:
-        module.load_state_dict(resume["module"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        history, start = list(resume["history"]), resume["epoch"] + 1
-    for epoch in range(start, cfg["epochs"] + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        loss = pretrain_epoch(module, data, optimizer, scheduler, cfg, epoch, scaler)
-        row = {"epoch": epoch, "ssl_loss": loss, "lr": lr}
-        recompute_bn_statistics(module.backbone, data.train.images, cfg["eval_batch_size"], cfg["amp"])
-        row.update(knn_monitor(module.backbone, data.train, data.val, cfg["knn_k"], cfg["eval_batch_size"], cfg["amp"]))
-        history.append(row)
-        tqdm.write(
-            f"ssl epoch {epoch:>3}/{cfg['epochs']}  loss {loss:.4f}  kNN val AUROC {row['knn_val_auroc']:.3f}  "
-            f"acc {row['knn_val_acc']:.3f}"
-        )
-        if on_epoch is not None:
-            def state(epoch: int = epoch) -> dict[str, Any]:
-                return {
-                    "epoch": epoch,
-                    "module": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": history,
-                }
+    step = 0
 
-            on_epoch(epoch, row, state)
+    def report(row: dict[str, float]) -> None:
+        history.append(row)
+        if on_monitor is not None:
+            on_monitor(row["step"], row, lambda: {**trainer.state(), "step": row["step"], "history": list(history)})
+
+    if resume is not None:
+        trainer.load(resume)
+        history, step = list(resume["history"]), int(resume["step"])
+    else:
+        module.train()
+        report({"step": 0, "epoch": 0, "ssl_loss": math.nan, "lr": 0.0, **monitor(module, data, cfg)})
+    losses: list[torch.Tensor] = []
+    progress = tqdm(total=steps, initial=step, desc="ssl steps", leave=False, unit="step")
+    while step < steps:
+        epoch = step // per_epoch + 1
+        skip = step % per_epoch  # a resumed run replays this epoch's augmentation draws up to its step
+        module.train()
+        for k, (index, view1, view2) in enumerate(epoch_views(images, cfg, epoch)):
+            if k < skip:
+                continue
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            losses.append(trainer.step(view1, view2, index))
+            step += 1
+            progress.update(1)
+            if step % cfg["knn_every"] == 0 or step == steps:
+                loss = torch.stack(losses).mean().item()
+                losses = []
+                if not math.isfinite(loss):
+                    raise DivergenceError(f"SSL loss became {loss} by step {step}; lower lr or raise temperature")
+                row = {"step": step, "epoch": epoch, "ssl_loss": loss, "lr": lr, **monitor(module, data, cfg)}
+                tqdm.write(f"ssl step {step:>5}/{steps}  loss {loss:.4f}  kNN val AUROC {row['knn_val_auroc']:.3f}  "
+                           f"acc {row['knn_val_acc']:.3f}")
+                report(row)
+                module.train()
+            if step >= steps:
+                break
+    progress.close()
     return history

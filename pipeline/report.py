@@ -13,6 +13,7 @@ import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from medmnist.info import INFO
 from mlflow.entities import Run
 
-from pipeline import ablation, plots, tables, tracking
+from pipeline import ablation, paired, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.errors import UserError
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
@@ -107,7 +108,7 @@ def baselines_table(dataset: str, scope: Scope = None) -> Table:
 
 def ssl_table(dataset: str, scope: Scope = None) -> Table:
     """Week 4: each FINISHED pretraining run's settings, final loss and kNN monitor."""
-    header = ["method", "encoder", "τ", "batch", "queue", "BN splits", "epochs", "final loss", "kNN val AUROC", "run"]
+    header = ["method", "encoder", "seed", "τ", "batch", "queue", "BN splits", "steps", "final loss", "kNN val AUROC (init → end)", "run"]
     runs = in_scope(tracking.stage_parents(dataset, "ssl_pretrain"), scope)
     if not runs:
         return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
@@ -118,11 +119,13 @@ def ssl_table(dataset: str, scope: Scope = None) -> Table:
         queue = p.get("cfg.queue_size", "") if method == "moco" else "—"
         splits = p.get("cfg.bn_splits", "1") if method == "moco" else "—"  # runs from before the key: plain BN
         record = {"method": method, "model": p.get("cfg.model"), "stem": p.get("cfg.stem"), "temperature": p.get("cfg.temperature"),
-                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "bn_splits": splits, "epochs": p.get("cfg.epochs"),
-                  "seed": p.get("cfg.seed"), "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
+                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "bn_splits": splits, "steps": p.get("total_steps"),
+                  "seed": p.get("cfg.seed"), "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc_init": m.get("knn_val_auroc_init"),
+                  "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
         table.records.append(record)
-        table.rows.append([method, record["model"], record["temperature"], record["batch_size"], queue, splits, record["epochs"],
-                           fmt(m.get("ssl_loss")), fmt(m.get("knn_val_auroc")), run.info.run_id[:8]])
+        table.rows.append([method, record["model"], record["seed"], record["temperature"], record["batch_size"], queue, splits,
+                           record["steps"], fmt(m.get("ssl_loss")),
+                           f"{fmt(m.get('knn_val_auroc_init'))} → {fmt(m.get('knn_val_auroc'))}", run.info.run_id[:8]])
     return table
 
 
@@ -161,47 +164,140 @@ def child_rows(parent: Run, dataset: str) -> list[dict[str, Any]]:
     return run_rows(tracking.child_runs(parent.info.run_id, dataset))
 
 
+GROUPED_VALUES = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")
+
+
 def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     """Mean ± std over seeds per (method, label fraction), with n and the run ids."""
-    header = ["method", "labels", "n", "test acc", "test AUROC", "test ECE"]
-    summary = tables.aggregate(rows, ("method", "label_fraction"), ("test_acc", "test_auroc", "test_ece"))
+    header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
+    values = GROUPED_VALUES
+    summary = tables.aggregate(rows, ("method", "label_fraction"), values)
     summary.sort(key=lambda r: (r["method"], r["label_fraction"]))
     table = Table(name, title, header)
     for row in summary:
         mine = [r for r in rows if (r["method"], r["label_fraction"]) == (row["method"], row["label_fraction"])]
-        row.update(seeds=seed_list(mine), run_ids=" ".join(r["run_id"] for r in mine))
+        row.update(seeds=seed_list(mine), run_ids=" ".join(r["run_id"] for r in mine if r["run_id"]))
         table.records.append(row)
         table.rows.append([METHOD_LABELS.get(row["method"], row["method"]), f"{row['label_fraction']:.0%}", row["n"],
-                           tables.mean_std(row, "test_acc"), tables.mean_std(row, "test_auroc"), tables.mean_std(row, "test_ece")])
+                           *(tables.mean_std(row, value) for value in values)])
     return table
 
 
-def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
-    """Week 5: the newest linear_probe parent per SSL method, children aggregated over seeds."""
+def probe_parents(dataset: str, scope: Scope) -> tuple[list[Run], dict[str, Run]]:
+    """The linear_probe parents in scope (newest first) and the newest one of each SSL method."""
     runs = in_scope(tracking.stage_parents(dataset, "linear_probe"), scope)
-    if not runs:
-        return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
     newest: dict[str, Run] = {}
     for run in runs:
         newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
+    return runs, newest
+
+
+def label_efficiency_rows(dataset: str, scope: Scope) -> tuple[list[dict[str, Any]], Run | None, dict[str, Run]]:
+    """Per-seed rows of week 5: supervised-only and control rows from the newest grid that trained
+    them, SSL-probe rows from the newest grid of each SSL method (labelled with the method), the
+    majority-class control recomputed from that grid's table; with the grids they came from."""
+    runs, newest = probe_parents(dataset, scope)
     rows: list[dict[str, Any]] = []
-    settings: dict[str, str] = {}
-    for run in runs:  # supervised-only and ImageNet rows: from the newest grid that trained them
+    trainer = None
+    for run in runs:
         rows = [r for r in child_rows(run, dataset) if r["method"] != "ssl_probe"]
         if rows:
-            settings.update({k: run.data.params.get(f"cfg.{k}", "") for k in ("supervised_epochs", "supervised_augment")})
+            trainer = run
             break
     for ssl_method, parent in newest.items():
         probes = [r for r in child_rows(parent, dataset) if r["method"] == "ssl_probe"]
         rows += [{**r, "method": f"{METHOD_LABELS['ssl_probe']} ({ssl_method})"} for r in probes]
+    return rows, trainer, newest
+
+
+def majority_records(parent: Run | None) -> list[dict[str, Any]]:
+    """The majority-class control rows a linear_probe grid logged in its label_efficiency.csv."""
+    if parent is None or not tracking.has_artifacts(parent.info.run_id, ("label_efficiency.csv",)):
+        return []
+    text = tracking.download_artifact(parent.info.run_id, "label_efficiency.csv").read_text()
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r["method"] == "majority_class"]
+    return [{"method": "majority_class", "label_fraction": float(r["label_fraction"]), "n": int(r["n"]), "run_ids": "",
+             **{k: float(v) if v else math.nan for k, v in r.items() if k.endswith(("_mean", "_std"))}} for r in rows]
+
+
+def add_majority_rows(table: Table, parent: Run | None) -> None:
+    """Append the majority-class control of a linear_probe grid to a grouped table."""
+    for record in majority_records(parent):
+        table.records.append(record)
+        table.rows.append([METHOD_LABELS["majority_class"], f"{record['label_fraction']:.0%}", record["n"],
+                           *(tables.mean_std(record, v) for v in GROUPED_VALUES)])
+
+
+def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
+    """Week 5: the newest linear_probe parent per SSL method, children aggregated over seeds, with
+    the random-encoder and majority-class controls."""
+    rows, trainer, newest = label_efficiency_rows(dataset, scope)
+    if not newest:
+        return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
     table = grouped_table("week5_label_efficiency", f"Label efficiency: test metrics, {SPREAD}", rows)
+    add_majority_rows(table, trainer)
+    settings: dict[str, str] = {}
+    if trainer is not None:
+        settings.update({k: trainer.data.params.get(f"cfg.{k}", "") for k in ("supervised_epochs", "supervised_steps", "supervised_augment")})
     # the settings of the grids the rows came from (the newest grid of each SSL method)
     grids = dict.fromkeys(parent.data.params.get("cfg.probe_cs", "") for parent in newest.values())
-    settings.update(seeds=seed_list(rows, ","), probe_cs=" / ".join(grids))
+    settings.update(seeds=seed_list(rows, ","), probe_cs=" / ".join(grids),
+                    pretraining_runs=" / ".join(f"{m}: {p.data.tags.get('pretraining_runs', '1')}" for m, p in newest.items()))
     table.settings = settings
-    grid = [r for r in table.records if r["n"]]
+    grid = [r for r in table.records if r["n"] and r["method"] != "majority_class"]
     table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")
     return table
+
+
+PAIRED_METRICS = ("test_auroc", "test_acc", "test_ece")
+
+
+def finetune_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
+    """Per-seed rows of the newest ssl_finetune grid of each SSL method, labelled with the method."""
+    newest: dict[str, Run] = {}
+    for run in in_scope(tracking.stage_parents(dataset, "ssl_finetune"), scope):
+        newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
+    return [{**r, "method": f"{METHOD_LABELS['ssl_finetune']} ({m})"} for m, parent in newest.items()
+            for r in child_rows(parent, dataset) if r["method"] == "ssl_finetune"]
+
+
+def paired_table(dataset: str, scope: Scope = None) -> Table:
+    """Weeks 5–6, the study's answer: per SSL method and label fraction, the paired difference
+    (same subset seed) of SSL probe and SSL fine-tune against supervised-only, of the probe against
+    the random-encoder control, and of fine-tune against probe, with 95% t intervals and verdicts."""
+    header = ["comparison", "labels", "n", *(f"Δ {m.removeprefix('test_')} [95% CI]" for m in PAIRED_METRICS),
+              *(f"{m.removeprefix('test_')} verdict" for m in PAIRED_METRICS)]
+    rows, _, newest = label_efficiency_rows(dataset, scope)
+    rows += finetune_rows(dataset, scope)
+    comparisons = []
+    for m in newest:
+        probe, tune = f"{METHOD_LABELS['ssl_probe']} ({m})", f"{METHOD_LABELS['ssl_finetune']} ({m})"
+        comparisons += [(probe, "supervised"), (probe, "random_probe"), (tune, "supervised"), (tune, probe)]
+    records = paired.compare_methods(rows, comparisons, PAIRED_METRICS)
+    if not records:
+        return _missing("week6_paired_differences", "Paired differences", header, "linear_probe", dataset)
+    table = Table("week6_paired_differences", f"Paired differences a − b over subset seeds ({paired.INTERVAL})", header)
+    for record in records:
+        record["comparison"] = f"{record['a']} − {METHOD_LABELS.get(record['b'], record['b'])}"
+        record["run_ids"] = " ".join(r["run_id"] for r in rows if r["method"] in (record["a"], record["b"])
+                                     and float(r["label_fraction"]) == record["label_fraction"] and r["run_id"])
+    table.records = records
+    for (comparison, fraction), group in groupby(records, key=lambda r: (r["comparison"], r["label_fraction"])):
+        cells = {r["metric"]: r for r in group}
+        table.rows.append([comparison, f"{fraction:.0%}", min(r["n"] for r in cells.values()),
+                           *(interval_text(cells.get(m)) for m in PAIRED_METRICS),
+                           *(cells[m]["verdict"] if m in cells else "—" for m in PAIRED_METRICS)])
+    table.figure = plots.paired_differences(records, PAIRED_METRICS, f"{dataset}: paired differences (95% t intervals)")
+    return table
+
+
+def interval_text(record: Mapping[str, Any] | None) -> str:
+    """`+0.012 [−0.004, +0.028]`, or the mean alone when there is no interval."""
+    if record is None:
+        return "—"
+    if math.isnan(record["ci_low"]):
+        return f"{record['diff_mean']:+.3f}"
+    return f"{record['diff_mean']:+.3f} [{record['ci_low']:+.3f}, {record['ci_high']:+.3f}]"
 
 
 def week6_table(dataset: str, scope: Scope = None) -> Table:
@@ -216,7 +312,8 @@ def week6_table(dataset: str, scope: Scope = None) -> Table:
     if probes:
         rows += child_rows(probes[0], dataset)
     table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]}), {SPREAD}", rows)
-    table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "lr", "encoder_lr_scale", "augment", "seeds")}
+    add_majority_rows(table, probes[0] if probes else None)
+    table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "steps", "lr", "encoder_lr_scale", "augment", "seeds")}
     if not probes:
         table.missing = f"missing: no FINISHED linear_probe run for SSL run {source}"
     return table
@@ -229,6 +326,8 @@ def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: 
     if not runs:
         return _missing(name, title, columns, stage, dataset)
     run = runs[0]
+    if not tracking.has_artifacts(run.info.run_id, (artifact,)):
+        return Table(name, title, columns, missing=f"missing: {stage} run {run.info.run_id[:8]} has no {artifact} (rerun {stage})")
     text = tracking.download_artifact(run.info.run_id, artifact).read_text()
     records = list(csv.DictReader(io.StringIO(text)))
     source = run.data.tags.get("source_run_id", "")
@@ -256,6 +355,14 @@ def calibration_table(dataset: str, scope: Scope = None) -> Table:
                           ["method", "split", "ece", "ece_eqfreq", "mce", "brier", "nll", "acc", "auroc"])
 
 
+def calibration_change_table(dataset: str, scope: Scope = None) -> Table:
+    """Week 6: the test change of ECE, Brier and NLL under temperature scaling, with paired bootstrap
+    95% intervals (validation numbers are in-sample: T was fitted there)."""
+    return artifact_table(dataset, scope, "calibrate", "calibration/test_change.csv", "week6_calibration_change",
+                          "Calibration change on test (after − before, paired bootstrap 95% CI)",
+                          ["metric", "before", "after", "change", "ci_low", "ci_high", "verdict"])
+
+
 def thresholds_table(dataset: str, scope: Scope = None) -> Table:
     """Week 7: operating points chosen on validation, their test rates."""
     return artifact_table(dataset, scope, "thresholds", "thresholds/table.csv", "week7_thresholds", "Decision thresholds (test)",
@@ -271,8 +378,8 @@ def robustness_table(dataset: str, scope: Scope = None) -> Table:
 def build_tables(dataset: str, scope: Scope = None) -> list[Table]:
     """Every cross-week table for a dataset, in study order: from the newest runs of each stage, or
     (a study's compare) from the runs in `scope` only."""
-    builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table,
-                calibration_table, thresholds_table, robustness_table]
+    builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table, paired_table,
+                calibration_table, calibration_change_table, thresholds_table, robustness_table]
     built = [build(dataset, scope) for build in builders]
     for table in built:
         if not table.rows and not table.missing:  # a run whose results were deleted or never finished
@@ -313,7 +420,8 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
 
 
 WEEK_OF_TABLE = {"week2_baselines": 2, "week3_augment_ablation": 3, "week4_ssl_pretraining": 4,
-                 "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_calibration": 6,
+                 "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_paired_differences": 6, "week6_calibration": 6,
+                 "week6_calibration_change": 6,
                  "week7_thresholds": 7, "week8_robustness": 8}
 
 
@@ -428,26 +536,37 @@ def methods_text(dataset: str, built: list[Table]) -> str:
     ssl = by_name.get("week4_ssl_pretraining")
     if ssl and ssl.records:
         runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, "
-                       f"{plural(r['epochs'], 'epoch')}, seed {r['seed']})" for r in ssl.records})
+                       f"{plural(r['steps'], 'optimizer step')}, seed {r['seed']})" for r in ssl.records})
         parts.append(f"Self-supervised pretraining: {', '.join(runs)}; each view: {SSL_VIEW_DESCRIPTION}.")
     eff = by_name.get("week5_label_efficiency")
     if eff and eff.records:
         e = eff.settings
         fractions = sorted({r["label_fraction"] for r in eff.records})
-        supervised = (f" and supervised-only models (the encoder's architecture from scratch, "
-                      f"{plural(e['supervised_epochs'], 'epoch')}, augmentation {e['supervised_augment']})"
-                      if "supervised_epochs" in e else "")
+        supervised = (f" and supervised-only models (the encoder's architecture from scratch, {budget_text(e, 'supervised_')}, "
+                      f"augmentation {e['supervised_augment']})" if "supervised_augment" in e else "")
         parts.append("Label efficiency: linear probes (L2 logistic regression on frozen, standardised features, C chosen "
                      f"on validation AUROC from {listed(e['probe_cs'])}){supervised} at "
                      f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels "
-                     f"(stratified subsets, {seeds_text(e['seeds'])}).")
+                     f"(stratified subsets, {seeds_text(e['seeds'])}; pretraining runs per SSL method: {e.get('pretraining_runs', '1')}, "
+                     "subset seed i using pretraining run i mod their number). Controls: a linear probe on the randomly "
+                     "initialised encoder (batch-norm statistics recomputed on the training images) and the majority class.")
     week6 = by_name.get("week6_probe_vs_finetune")
     if week6 and week6.records and week6.settings:
         f = week6.settings
-        parts.append(f"SSL fine-tuning: the pretrained encoder with a new linear head, {plural(f['epochs'], 'epoch')}, "
-                     f"head lr {f['lr']}, encoder lr × {f['encoder_lr_scale']}, augmentation {f['augment']}, "
-                     f"{seeds_text(f['seeds'])}.")
+        scales = listed(f["encoder_lr_scale"])
+        scale = (f"encoder lr × {scales}" if "," not in f["encoder_lr_scale"] else
+                 f"encoder lr × one of {scales}, chosen per label fraction on the first seed's validation AUROC")
+        parts.append(f"SSL fine-tuning: the pretrained encoder with a new linear head, {budget_text(f)}, "
+                     f"head lr {f['lr']}, {scale}, augmentation {f['augment']}, {seeds_text(f['seeds'])}.")
     return " ".join(parts + posthoc_text(by_name))
+
+
+def budget_text(settings: Mapping[str, str], prefix: str = "") -> str:
+    """`300 optimizer steps at every label fraction`, or `20 epochs` where epochs replaced the step budget."""
+    epochs = settings.get(f"{prefix}epochs", "")
+    if epochs not in ("", "0") or not settings.get(f"{prefix}steps"):
+        return plural(epochs or "?", "epoch")
+    return f"{settings[prefix + 'steps']} optimizer steps at every label fraction"
 
 
 CALIBRATOR_NAMES = {"temperature": "temperature scaling", "platt": "Platt scaling", "isotonic": "isotonic regression"}
@@ -475,11 +594,31 @@ def posthoc_text(by_name: Mapping[str, Table]) -> list[str]:
     return parts
 
 
+def findings_lines(built: list[Table]) -> list[str]:
+    """The study's answer in words, read from the paired-difference intervals alone: one line per
+    comparison and label fraction, and a warning when fewer than five seeds make the intervals wide."""
+    table = next((t for t in built if t.name == "week6_paired_differences"), None)
+    if table is None or not table.records:
+        return ["No paired comparison yet: run linear_probe (and ssl_finetune) with at least two seeds."]
+    lines = []
+    for (comparison, fraction), group in groupby(table.records, key=lambda r: (r["comparison"], r["label_fraction"])):
+        cells = {r["metric"]: r for r in group}
+        said = "; ".join(f"{m.removeprefix('test_')} {interval_text(cells[m])}: {cells[m]['verdict']}" for m in PAIRED_METRICS if m in cells)
+        lines.append(f"{comparison}, {fraction:.0%} of the labels (n = {min(r['n'] for r in cells.values())}): {said}.")
+    fewest = min(r["n"] for r in table.records)
+    if fewest < 5:
+        lines.append(f"Only {fewest} paired seed(s) in some cells: intervals that wide cannot show small effects; "
+                     "these numbers are a wiring check, not evidence (use the paper profile, ≥ 5 seeds).")
+    return lines
+
+
 def draft_markdown(dataset: str, built: list[Table]) -> str:
     """The write-up skeleton: methods from logged configs, every table, figures, a checklist."""
     sections = [f"# {dataset}: supervised vs. self-supervised pretraining — draft\n",
                 "_Generated by `medmnist-ssl compare`; write the prose around these numbers._\n",
-                "## Methods\n", methods_text(dataset, built) + "\n", "## Results\n"]
+                "## Methods\n", methods_text(dataset, built) + "\n",
+                "## Findings (each verdict read from its 95% interval, not from which mean is larger)\n",
+                *[f"- {line}" for line in findings_lines(built)], "", "## Results\n"]
     for table in built:
         sections.append(markdown(table).replace("## ", "### ", 1))
         if table.figure is not None or (table.records and table.name == "week5_label_efficiency"):

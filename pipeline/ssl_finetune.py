@@ -1,6 +1,12 @@
 """Week 6: fine-tune the SSL encoder end to end (encoder lr = lr × encoder_lr_scale, new head at
 lr) at several label fractions × seeds, and compare with the probes and supervised baselines.
 
+Every fraction trains for the same number of optimizer steps (`steps`, converted to epochs of the
+subset), so 1% of the labels is not starved at one step an epoch. The encoder's learning-rate scale
+is chosen per fraction from the `encoder_lr_scale` grid on the first seed's validation AUROC
+(trained in memory, not logged), then used for every seed. As in `linear_probe`, several
+pretraining runs serve the subset seeds in turn.
+
 The week-6 table reads the probe and supervised-only results from the newest FINISHED
 `linear_probe` run that used the same SSL run, and the full-label baselines from `baseline` runs;
 what is missing is shown as missing, never recomputed here.
@@ -8,20 +14,28 @@ what is missing is shown as missing, never recomputed here.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 from mlflow.entities import Run
 
-from pipeline import config, tables, tracking
+from pipeline import config, paired, tables, tracking
+from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
-from pipeline.data import load_splits
-from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure, run_grid
+from pipeline.data import DatasetSplits, load_splits
+from pipeline.linear_probe import METHOD_LABELS, PAIRED_COLUMNS, label_efficiency_figure, majority_rows, run_grid, ssl_run_ids
+from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
 from pipeline.supervised import fit_and_log
+from pipeline.train import epochs_for_steps, eval_interval, train_classifier
 
 TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
+OPTIONAL_KEYS = ("test_balanced_acc", "val_auroc")  # absent from runs logged before they existed: NaN
+FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
 
 
 # Config keys that do not change what a baseline learns (or are columns of the table themselves).
@@ -59,8 +73,8 @@ def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data
         if not all(k in values for k in TABLE_KEYS) or key in seen:
             continue
         seen.add(key)
-        rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2],
-                     **{k: values[k] for k in TABLE_KEYS}, "run_id": run.info.run_id})
+        rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2], **{k: values[k] for k in TABLE_KEYS},
+                     **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS}, "run_id": run.info.run_id})
     return rows
 
 
@@ -80,55 +94,99 @@ def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]]
     return rows, notes
 
 
-def log_week6_table(finetune_rows: list[dict[str, Any]], ssl_run_id: str, dataset: str) -> list[dict[str, Any]]:
-    """The week-6 comparison (Acc, AUROC, ECE, mean ± std) as CSV and Markdown, plus a figure."""
+def log_week6_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str, Any]], ssl_run_id: str,
+                    dataset: str) -> list[dict[str, Any]]:
+    """The week-6 comparison (accuracy, balanced accuracy, AUROC, ECE, mean ± std) as CSV and
+    Markdown, with the `controls` rows (majority class), plus a figure and the paired differences."""
     others, notes = comparison_rows(dataset, ssl_run_id)
-    summary = tables.aggregate(finetune_rows + others, ("method", "label_fraction"), TABLE_KEYS)
+    keys = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")
+    summary = tables.aggregate(finetune_rows + others + controls, ("method", "label_fraction"), keys)
     summary.sort(key=lambda r: (r["label_fraction"], r["method"]))
-    columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in TABLE_KEYS for s in ("mean", "std")]
+    columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")]
     tracking.log_text(tables.to_csv(summary, columns), "week6_comparison.csv")
-    header = ["method", "labels", "n", "test acc", "test AUROC", "test ECE"]
+    header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
     body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"],
-             tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_auroc"), tables.mean_std(r, "test_ece")]
-            for r in summary]
+             *(tables.mean_std(r, k) for k in keys)] for r in summary]
     text = (f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
             "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
             + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
     tracking.log_text(text, "week6_comparison.md")
+    differences = paired.compare_methods(finetune_rows + others, FINETUNE_COMPARISONS)
+    tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     grid = [r for r in summary if r["method"] in METHOD_LABELS]
     title = f"{dataset}: fine-tune vs. probe"
     tracking.log_figure(label_efficiency_figure(grid, "test_auroc", title), "plots/week6_auroc.png")
     return summary
 
 
+def finetune_model(encoder_path: Path, cfg: Mapping[str, Any], seed: int, device: torch.device) -> Classifier:
+    """The pretrained encoder with a freshly initialised head (seeded), ready to train."""
+    model, _ = load_classifier(encoder_path, device)
+    seed_everything(seed)
+    model.head.reset_parameters()
+    model.set_dropout(cfg["dropout"])
+    return prepare_model(model.train(), device, cfg)
+
+
+def child_config(cfg: Mapping[str, Any], model: Classifier, seed: int, fraction: float, scale: float, n: int, size: int) -> dict[str, Any]:
+    """A fine-tuning run's config: one seed, fraction and encoder lr scale, its step budget in epochs."""
+    epochs = cfg["epochs"] or epochs_for_steps(cfg["steps"], n, cfg["batch_size"])
+    return {**cfg, "seed": seed, "label_fraction": fraction, "encoder_lr_scale": scale, "epochs": epochs,
+            "eval_every": eval_interval(epochs),
+            "model": model.spec.model, "stem": model.spec.stem, "size": size}
+
+
+def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], fraction: float,
+                 seed: int, device: torch.device) -> tuple[float, dict[float, float]]:
+    """The encoder lr scale with the best validation AUROC on this subset (ties: the first listed),
+    and every scale's score; a one-value grid is taken as it is."""
+    grid = list(cfg["encoder_lr_scale"])
+    if len(grid) == 1:
+        return grid[0], {}
+    scores = {}
+    for scale in grid:
+        model = finetune_model(encoder_path, cfg, seed, device)
+        trial_cfg = child_config(cfg, model, seed, fraction, scale, len(subset), data.size)
+        result = train_classifier(model, data.train.subset(subset), data.val, trial_cfg, augment=build_augment(cfg["augment"]))
+        scores[scale] = max((row["val_auroc"] for row in result.history if math.isfinite(row["val_auroc"])), default=-math.inf)
+    return max(grid, key=lambda scale: scores[scale]), scores
+
+
 def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
     """Fine-tune at every fraction × seed under one parent run; returns the week-6 summary rows."""
     device = resolve_device(cfg["device"])
     configure_speed(device)
-    encoder_path, ssl_run = load_encoder_checkpoint(cfg["ssl_run_id"], cfg["dataset"])
-    _, checkpoint = load_classifier(encoder_path, device)
+    encoders = [load_encoder_checkpoint(run_id, cfg["dataset"]) for run_id in ssl_run_ids(cfg["ssl_run_id"])]
+    _, checkpoint = load_classifier(encoders[0][0], device)
     data = load_splits(cfg["dataset"], checkpoint["config"]["size"], data_root, device)
-    source = ssl_run.info.run_id
+    sources = [run.info.run_id for _, run in encoders]
+    chosen: dict[float, float] = {}
+    selection: list[dict[str, Any]] = []
+
+    def encoder_of(seed: int) -> tuple[Path, Any]:
+        return encoders[list(cfg["seeds"]).index(seed) % len(encoders)]
 
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
-        model, _ = load_classifier(encoder_path, device)
-        seed_everything(tags["seed"])
-        model.head.reset_parameters()
-        model.set_dropout(cfg["dropout"])
-        model = prepare_model(model.train(), device, cfg)
-        child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"],
-                     "model": model.spec.model, "stem": model.spec.stem, "size": data.size}
-        name = f"ssl_finetune-f{tags['label_fraction']}-s{tags['seed']}"
-        with tracking.tracked_run("ssl_finetune", cfg["dataset"], {**tags, "source_run_id": source}, run_name=name,
-                                  nested=True) as run:
+        fraction, seed = tags["label_fraction"], tags["seed"]
+        path, ssl_run = encoder_of(seed)
+        if fraction not in chosen:
+            chosen[fraction], scores = choose_scale(path, data, subset, cfg, fraction, seed, device)
+            selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction],
+                              **{f"val_auroc_scale_{k:g}": v for k, v in scores.items()}})
+        model = finetune_model(path, cfg, seed, device)
+        child_cfg = child_config(cfg, model, seed, fraction, chosen[fraction], len(subset), data.size)
+        name = f"ssl_finetune-{tags['ssl_method']}-f{fraction}-s{seed}"
+        child_tags = {**tags, "source_run_id": ssl_run.info.run_id, "pretrain_seed": ssl_run.data.tags.get("seed", "")}
+        with tracking.tracked_run("ssl_finetune", cfg["dataset"], child_tags, run_name=name, nested=True) as run:
             values = fit_and_log(model, model.spec, data, data.train.subset(subset), child_cfg).metrics
         return {**values, "run_id": run.info.run_id}
 
     spec_model = checkpoint["spec"]["model"]
-    parent_tags = {"model": spec_model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": source,
-                   "ssl_method": ssl_run.data.tags.get("method", ""), "config_hash": config.config_hash(cfg)}
-    with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{spec_model}"):
+    ssl_method = encoders[0][1].data.tags.get("method", "")
+    parent_tags = {"model": spec_model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
+                   "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
+    with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
         tracking.log_config(cfg)
-        rows = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model})
-        return log_week6_table(rows, source, cfg["dataset"])
-
+        rows = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
+        tracking.log_json(selection, "encoder_lr_scale_selection.json")
+        return log_week6_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])

@@ -1,7 +1,9 @@
 """Week 10: the whole study for one dataset in one command, each step a nested run of a `study` run.
 
-Order: eda → baselines → augment ablation → SSL pretraining (each method) → linear probe → SSL
-fine-tune → calibrate → thresholds → robustness → compare. A step's configuration (its resolved
+Order: eda → baselines → augment ablation → SSL pretraining (each method × pretraining seed) →
+linear probe (each method) → SSL fine-tune (each method) → calibrate → thresholds → robustness →
+compare. A probe or fine-tune step takes every pretraining run of its method, one per pretraining
+seed, so its SSL rows count pretraining variance. A step's configuration (its resolved
 config, the run ids it consumes and the MD5 of the data file it reads) is hashed; a FINISHED step
 run with the same hash and code version is reused instead of recomputed, so an interrupted study
 continues where it stopped and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
@@ -56,7 +58,7 @@ class Step:
     name: str
     stage: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    needs: dict[str, str] = field(default_factory=dict)  # input name -> name of the step whose run id it takes
+    needs: dict[str, list[str]] = field(default_factory=dict)  # input name -> the steps whose run ids it takes (comma-joined)
     optional: bool = False
 
 
@@ -73,7 +75,7 @@ class Outcome:
 
 
 def plan(profile: Mapping[str, Any]) -> list[Step]:
-    """The study's steps from a profile's `study` section (baselines and SSL methods to run)."""
+    """The study's steps from a profile's `study` section (baselines, SSL methods, pretraining seeds)."""
     spec = profile.get("study", {})
     baselines = [
         Step(f"baseline_{i}_{b.get('model', 'default')}_{b.get('finetune', 'all')}", "baseline", dict(b),
@@ -81,17 +83,19 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
         for i, b in enumerate(spec.get("baselines", [{}]))
     ]
     methods = spec.get("ssl_methods", ["simclr"])
+    seeds = spec.get("pretraining_seeds", [0])
+    pretraining = {m: [f"ssl_pretrain_{m}_s{seed}" for seed in seeds] for m in methods}
     analysed = baselines[0].name
     return [
         Step("eda", "eda"),
         *baselines,
         Step("augment_ablation", "augment_ablation"),
-        *[Step(f"ssl_pretrain_{m}", "ssl_pretrain", {"method": m}) for m in methods],
-        # The supervised-only and ImageNet rows do not depend on the SSL method: only the first probe trains them.
+        *[Step(f"ssl_pretrain_{m}_s{seed}", "ssl_pretrain", {"method": m, "seed": seed}) for m in methods for seed in seeds],
+        # The supervised-only and control rows do not depend on the SSL method: only the first probe trains them.
         *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]},
-               needs={"ssl_run_id": f"ssl_pretrain_{m}"}) for i, m in enumerate(methods)],
-        Step("ssl_finetune", "ssl_finetune", needs={"ssl_run_id": f"ssl_pretrain_{methods[0]}"}),
-        *[Step(stage, stage, needs={"run_id": analysed}) for stage in ("calibrate", "thresholds", "robustness")],
+               needs={"ssl_run_id": pretraining[m]}) for i, m in enumerate(methods)],
+        *[Step(f"ssl_finetune_{m}", "ssl_finetune", needs={"ssl_run_id": pretraining[m]}) for m in methods],
+        *[Step(stage, stage, needs={"run_id": [analysed]}) for stage in ("calibrate", "thresholds", "robustness")],
         Step("compare", "compare"),
     ]
 
@@ -99,10 +103,11 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
 def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The resolved config of a step and the run ids it consumes (config keys go into the config)."""
     inputs = {}
-    for key, source in step.needs.items():
-        if source not in run_ids:
-            raise UserError(f"study step {step.name} needs step {source}, which produced no run")
-        inputs[key] = run_ids[source]
+    for key, sources in step.needs.items():
+        for source in sources:
+            if source not in run_ids:
+                raise UserError(f"study step {step.name} needs step {source}, which produced no run")
+        inputs[key] = ",".join(run_ids[source] for source in sources)
     if step.stage == "compare":  # the study's tables cite this study's steps, not newer runs of their stages
         return {"dataset": dataset, "out_root": out_root}, dict(run_ids)
     defaults = config.stage_defaults(step.stage)
@@ -128,7 +133,7 @@ def uses_imagenet_probe(step: Step, cfg: Mapping[str, Any]) -> bool:
 def data_size(cfg: Mapping[str, Any], inputs: Mapping[str, str]) -> int:
     """The image size a step reads: that of the checkpoint it consumes (probe, fine-tune, post-hoc
     steps), else its own."""
-    source = cfg.get("ssl_run_id") or inputs.get("run_id")
+    source = (cfg.get("ssl_run_id") or inputs.get("run_id") or "").split(",")[0]
     if source:
         return int(tracking.get_run(source).data.params.get("cfg.size", 28))
     return int(cfg.get("size", 28))
@@ -172,6 +177,11 @@ def steps_table(outcomes: list[Outcome]) -> str:
     return tables.rows_to_markdown(rows, ["step", "stage", "status", "run", "seconds", "note"])
 
 
+def profile_note(profile_name: str) -> str:
+    """What a profile's numbers are for (its `note`), printed before and after a study and tagged on it."""
+    return str(config.load_profile(profile_name).get("note", ""))
+
+
 def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: str = "reports",
               echo: Callable[[str], None] = print) -> list[Outcome]:
     """Run every step of the study under one parent `study` run."""
@@ -183,6 +193,9 @@ def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: st
     outcomes: list[Outcome] = []
     run_ids: dict[str, str] = {}
     tags = {"model": "-", "seed": "-", "profile": profile_name}
+    if note := profile_note(profile_name):
+        echo(f"[study] note: {note}")
+        tags["mlflow.note.content"] = f"{profile_name} profile: {note}"
     with tracking.tracked_run("study", dataset, tags, run_name=f"study-{dataset}-{profile_name}") as study_run:
         tracking.log_json({"profile": profile_name, "steps": [s.name for s in steps]}, "study_plan.json")
         for step in steps:

@@ -69,10 +69,11 @@ def rows_to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> st
 
 def latex_escape(value: Any) -> str:
     """Text safe inside LaTeX, in ASCII: its special characters escaped, the Unicode symbols our
-    tables and methods text use (±, τ, ×, →, —) written as LaTeX."""
+    tables and methods text use (±, τ, ×, →, —, −, Δ, ≥, ≤, –) written as LaTeX."""
     replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$",
                     "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$", "→": "$\\to$"}
+                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$", "→": "$\\to$",
+                    "−": "$-$", "Δ": "$\\Delta$", "≥": "$\\geq$", "≤": "$\\leq$", "–": "--"}
     return "".join(replacements.get(ch, ch) for ch in str(value))
 
 

@@ -268,6 +268,11 @@ def log_config(config: Mapping[str, Any]) -> None:
     mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=True), "config.yaml")
 
 
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log values a step derives from its config (e.g. an epoch budget converted to steps) as params."""
+    mlflow.log_params(dict(params))
+
+
 def logged_config(run: Run) -> dict[str, str]:
     """The resolved config a run logged (its `cfg.<key>` params, as `log_config` wrote them), by key."""
     return {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}

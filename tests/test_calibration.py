@@ -105,3 +105,19 @@ def test_platt_logits_match_its_probabilities():
     assert 1 / (1 + np.exp(-calibrator.logit(z))) == pytest.approx(calibrator.apply(z))
     a, b = calibrator.params["platt_slope"], calibrator.params["platt_intercept"]
     assert calibrator.logit(z) == pytest.approx(a * z + b)
+
+
+def test_the_test_change_has_a_paired_bootstrap_interval_and_a_verdict_from_it():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    overconfident = np.where(labels == 1, 0.99, 0.01)
+    overconfident[:100] = 1 - overconfident[:100]  # a quarter confidently wrong
+    softened = np.where(overconfident > 0.5, 0.75, 0.25)  # its own accuracy: calibrated
+    rows = {r["metric"]: r for r in calibration.calibration_change(overconfident, softened, labels, 10, 300, 0)}
+    assert set(rows) == {"ece", "brier", "nll"}
+    ece = rows["ece"]
+    assert ece["change"] == pytest.approx(ece["after"] - ece["before"]) and ece["change"] < -0.2
+    assert ece["ci_low"] < ece["change"] < ece["ci_high"] < 0 and ece["verdict"] == "improves"
+    same = {r["metric"]: r for r in calibration.calibration_change(softened, softened, labels, 10, 300, 0)}
+    assert same["ece"]["change"] == 0 and (same["ece"]["ci_low"], same["ece"]["ci_high"]) == (0, 0)
+    assert same["ece"]["verdict"] == "no detectable difference"

@@ -9,7 +9,8 @@ import pytest
 
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import report, tables, tracking
+from pipeline import paired, report, tables, tracking
+from scipy import stats
 from tests.conftest import all_runs, artifact_paths
 
 TINY = ["--epochs", "1", "--batch-size", "32"]
@@ -18,12 +19,12 @@ TINY = ["--epochs", "1", "--batch-size", "32"]
 def test_empty_store_reports_every_table_missing(tracking_uri, tmp_path, capsys):
     main(compare.command, ["--dataset", "pneumoniamnist", "--out", str(tmp_path / "reports")])
     out = capsys.readouterr().out
-    assert out.count("MISSING") == 8
+    assert out.count("MISSING") == 10
     text = (tmp_path / "reports" / "pneumoniamnist" / "week2_baselines.md").read_text()
     assert "missing: no FINISHED baseline run for pneumoniamnist" in text
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "compare"
-    assert run.data.metrics["tables_missing"] == 8
+    assert run.data.metrics["tables_missing"] == 10
 
 
 def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
@@ -54,8 +55,9 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert base.val_auroc[1] > base.val_auroc[0]
     assert base.recipe[0] != base.recipe[1] and list(base.lr.astype(str)) == ["1e-07", "0.001"]  # two recipes, told apart
     eff = pd.read_csv(out / "week5_label_efficiency.csv")
-    assert len(eff) == 6 and set(eff.n) == {2}  # 2 fractions × (simclr probe, moco probe, supervised)
-    for _, row in eff.iterrows():
+    assert len(eff) == 8 and set(eff.n) == {2}  # 2 fractions × (simclr probe, moco probe, supervised, majority class)
+    assert set(eff[eff.method == "majority_class"].run_ids.fillna("")) == {""}  # a control computed from labels, no run
+    for _, row in eff[eff.method != "majority_class"].iterrows():
         cited = [runs[i].data.metrics["test_auroc"] for i in row.run_ids.split()]
         assert row.test_auroc_mean == pytest.approx(sum(cited) / len(cited))
         assert {runs[i].data.tags["label_fraction"] for i in row.run_ids.split()} == {str(row.label_fraction)}
@@ -92,8 +94,25 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert "queue 64, shuffling BN over 8 chunks" in draft
     assert f"lr 1e-07, batch 32, augmentation none, seed 1; recipe {base.recipe[0]})" in draft
     assert "smallcnn trained for 1 epoch with each preset of none, flip (`none` is the control), seeds 0, 1." in draft
-    assert "1 epochs" not in draft and "encoder lr × 0.1, augmentation flip, seed 0." in draft  # the fine-tuning settings
-    assert "(stratified subsets, seeds 0, 1)" in draft and "random_resized_crop" in draft
+    assert "1 epochs" not in draft  # the fine-tuning settings:
+    assert "encoder lr × one of 0.1, 1.0, chosen per label fraction on the first seed's validation AUROC, augmentation flip, seed 0." in draft
+    assert "(stratified subsets, seeds 0, 1; pretraining runs per SSL method: " in draft and "random_resized_crop" in draft
+    assert "## Findings" in draft and "SSL linear probe (simclr) − supervised only, 50% of the labels (n = 2): auroc " in draft
+
+    # every paired interval recomputes from the child runs it cites; the verdict follows from the interval
+    differences = pd.read_csv(out / "week6_paired_differences.csv")
+    probe_rows = differences[differences.a.str.startswith("SSL linear probe") & (differences.b == "supervised")]
+    assert set(probe_rows.a) == {"SSL linear probe (simclr)", "SSL linear probe (moco)"} and len(probe_rows) == 2 * 2 * 3
+    for _, row in probe_rows.iterrows():
+        cited = [runs[i] for i in row.run_ids.split()]
+        side = {m: {c.data.tags["seed"]: c.data.metrics[row.metric] for c in cited if c.data.tags["method"] == m}
+                for m in ("ssl_probe", "supervised")}
+        diffs = [side["ssl_probe"][seed] - side["supervised"][seed] for seed in ("0", "1")]
+        mean, half = sum(diffs) / 2, stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5
+        assert row.n == 2 and row.diff_mean == pytest.approx(mean)
+        assert (row.ci_low, row.ci_high) == pytest.approx((mean - half, mean + half))
+        assert row.verdict == paired.verdict(row.ci_low, row.ci_high, higher_is_better=row.metric != "test_ece")
+    assert set(differences[differences.a.str.startswith("SSL fine-tune")].verdict) == {"too few seeds for an interval"}
     latex = (out / "draft.tex").read_text()
     assert "\\begin{document}" in latex and "\\includegraphics[width=0.7\\linewidth]{week3_augment_ablation.png}" in latex
     assert "![Augmentation ablation (smallcnn, 1 epoch, run" in draft
@@ -108,7 +127,8 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     exported = json.loads((week2 / "best_baseline_test_metrics.json").read_text())
     assert exported["auroc"] == pytest.approx(runs[older].data.metrics["test_auroc"])
     week6_readme = (results_root / "week6" / "breastmnist" / "v1" / "README.md").read_text()
-    assert week6_readme.count("## SSL fine-tune vs. probe") == 1 and week6_readme.count("## Calibration") == 1
+    assert week6_readme.count("## SSL fine-tune vs. probe") == 1 and week6_readme.count("## Calibration before/after") == 1
+    assert week6_readme.count("## Calibration change on test") == 1 and week6_readme.count("## Paired differences") == 1
 
     # the checklist: every top-level run the tables cite, with its command, code version and seeds
     roots = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags and r.data.tags["stage"] != "compare"]

@@ -4,6 +4,7 @@ and by run id, in-process through the CLI wrapper and through real `mlflow run` 
 import json
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +18,7 @@ from pipeline.data import load_arrays, stratified_subset
 from pipeline.models import ModelSpec, build_classifier
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
-PRETRAIN = ["--epochs", "2", "--batch-size", "32"]
+PRETRAIN = ["--steps", "6", "--knn-every", "3", "--batch-size", "32"]
 PROBE = ["--label-fractions", "0.1,1", "--seeds", "0,1", "--epochs", "1", "--batch-size", "32"]
 
 
@@ -50,6 +51,9 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     assert ssl.info.status == "FINISHED" and ssl.data.tags["method"] == "simclr"
     assert_contract(tracking_uri, ssl, classifier=False)
     assert {"ssl_loss", "lr", "knn_val_auroc", "knn_val_acc"} <= set(ssl.data.metrics)
+    knn = mlflow.MlflowClient(tracking_uri).get_metric_history(ssl.info.run_id, "knn_val_auroc")
+    assert sorted(m.step for m in knn) == [0, 3, 6]  # step 0: the random initialisation
+    assert ssl.data.params["total_steps"] == "6"
     assert {"ssl_config.json", "plots/ssl_loss.png", "checkpoints/encoder.pt", "config.yaml"} <= artifact_paths(tracking_uri, ssl.info.run_id)
     settings = json.loads(read_artifact(tracking_uri, ssl.info.run_id, "ssl_config.json", tmp_path))
     assert settings["temperature"] == 0.2 and "random_resized_crop" in settings["augmentations"]
@@ -79,21 +83,29 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
 
     # The parent's table agrees with its children.
     table = pd.read_csv(pd.io.common.StringIO(read_artifact(tracking_uri, parent.info.run_id, "label_efficiency.csv", tmp_path)))
-    for _, row in table[table.status == "ok"].iterrows():
+    for _, row in table[(table.status == "ok") & (table.method != "majority_class")].iterrows():
         members = [c for c in children if c.data.tags["method"] == row.method and float(c.data.tags["label_fraction"]) == row.label_fraction]
         values = [c.data.metrics["test_auroc"] for c in members]
         assert row.n == len(members) == 2
         assert row.test_auroc_mean == pytest.approx(sum(values) / 2)
         assert set(row.run_ids.split()) == {c.info.run_id for c in members}
     assert set(table[table.status != "ok"].method) == {"imagenet_probe"}
+    test_labels = load_arrays("breastmnist", 28, synthetic_root)["test"].labels
+    for _, row in table[table.method == "majority_class"].iterrows():  # the control: each subset's majority label
+        majorities = [np.bincount(train_labels[stratified_subset(train_labels, row.label_fraction, seed)]).argmax() for seed in (0, 1)]
+        assert row.test_acc_mean == pytest.approx(np.mean([np.mean(test_labels == m) for m in majorities]))
+        assert row.test_auroc_mean == 0.5 and row.test_balanced_acc_mean == 0.5
     markdown = read_artifact(tracking_uri, parent.info.run_id, "label_efficiency.md", tmp_path)
     assert "ImageNet probe: not run" in markdown
+    assert f"Test prevalence of class 1: {test_labels.mean():.3f}" in markdown
+    assert f"subset seed 1 → encoder {ssl.info.run_id[:8]}" in markdown
     assert {"plots/label_efficiency_acc.png", "plots/label_efficiency_auroc.png"} <= artifact_paths(tracking_uri, parent.info.run_id)
 
     dropout = tmp_path / "dropout.yaml"
     dropout.write_text("dropout: 0.25\n")
     main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "1",
-                                "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--config", str(dropout)])
+                                "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--encoder-lr-scale", "0.1",
+                                "--config", str(dropout)])
     (ft_parent,) = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)
     (ft_child,) = [r for r in stage_runs(tracking_uri, "ssl_finetune") if "mlflow.parentRunId" in r.data.tags]
     assert ft_parent.info.status == ft_child.info.status == "FINISHED"
@@ -116,6 +128,17 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     assert_contract(tracking_uri, ft_child)
     week6 = read_artifact(tracking_uri, ft_parent.info.run_id, "week6_comparison.md", tmp_path)
     assert "SSL fine-tune" in week6 and "SSL linear probe" in week6 and "supervised only" in week6
+
+    # a grid of encoder lr scales: each fraction's scale is chosen on validation, then used for every seed
+    main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "0.5",
+                                "--seeds", "0,1", "--epochs", "2", "--batch-size", "32", "--encoder-lr-scale", "0.1,1"])
+    grid = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)[0]
+    (selection,) = json.loads(read_artifact(tracking_uri, grid.info.run_id, "encoder_lr_scale_selection.json", tmp_path / "sel"))
+    scores = {scale: selection[f"val_auroc_scale_{scale:g}"] for scale in (0.1, 1.0)}
+    assert selection["chosen"] == max(scores, key=scores.get) and selection["seed"] == 0
+    grid_children = [r for r in stage_runs(tracking_uri, "ssl_finetune") if r.data.tags.get("mlflow.parentRunId") == grid.info.run_id]
+    assert {c.data.params["cfg.encoder_lr_scale"] for c in grid_children} == {str(selection["chosen"])}
+    assert len(grid_children) == 2
 
 
 def test_imagenet_probe_runs_with_local_weights(data_env, tracking_uri, tmp_path, monkeypatch):
@@ -162,66 +185,66 @@ def test_mlflow_run_chain_by_latest(synthetic_root, tracking_uri, tmp_path):
     assert parent.data.params["ssl_run_id"] == "latest"
 
 
-def interrupted_pretraining(monkeypatch, args, epoch):
-    """Run ssl_pretrain with a Ctrl-C at the start of `epoch`; returns the SystemExit it ends with."""
+def interrupted_pretraining(monkeypatch, args, step):
+    """Run ssl_pretrain with a Ctrl-C as optimizer step `step` starts; returns the SystemExit it ends with."""
     import pipeline.pretrain as loop
 
-    real_epoch = loop.pretrain_epoch
+    real_step = loop.StepTrainer.step
+    taken = []
 
-    def interrupt(module, data, optimizer, scheduler, cfg, current, scaler):
-        if current == epoch:
+    def interrupt(self, view1, view2, index):
+        taken.append(1)
+        if len(taken) == step:
             raise KeyboardInterrupt("simulated Ctrl-C")
-        return real_epoch(module, data, optimizer, scheduler, cfg, current, scaler)
+        return real_step(self, view1, view2, index)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "pretrain_epoch", interrupt)
+        patch.setattr(loop.StepTrainer, "step", interrupt)
         with pytest.raises(SystemExit) as exit_info:
             main(ssl_pretrain.command, args)
     return exit_info.value
 
 
-def test_interrupted_pretraining_resumes_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
-    config = tmp_path / "short.yaml"
-    config.write_text("epochs: 4\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
+def test_interrupted_pretraining_resumes_mid_epoch_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
+    config = tmp_path / "short.yaml"  # 96 images at batch 32: 3 steps an epoch, so step 4 is mid-epoch
+    config.write_text("steps: 8\nknn_every: 2\ncheckpoint_every: 4\ncheckpoint_min_seconds: 0\nbatch_size: 32\n"
+                      "method: moco\nqueue_size: 64\n")
     args = ["--dataset", "breastmnist", "--config", str(config)]
     main(ssl_pretrain.command, args)
     (reference,) = all_runs(tracking_uri)
 
-    assert interrupted_pretraining(monkeypatch, args, epoch=3).code == 130
+    assert interrupted_pretraining(monkeypatch, args, step=6).code == 130
     interrupted = all_runs(tracking_uri)[0]
     assert interrupted.info.status == "KILLED"
 
     main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", interrupted.info.run_id])
     client = mlflow.MlflowClient(tracking_uri)
     resumed = client.get_run(interrupted.info.run_id)
-    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from_epoch"] == "2"
-    history = client.get_metric_history(resumed.info.run_id, "ssl_loss")
-    expected = client.get_metric_history(reference.info.run_id, "ssl_loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]
-    assert [m.value for m in history] == [m.value for m in expected]
-    assert resumed.data.metrics["knn_val_auroc"] == reference.data.metrics["knn_val_auroc"]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from_step"] == "4"
+    for key, steps in (("ssl_loss", [2, 4, 6, 8]), ("knn_val_auroc", [0, 2, 4, 6, 8])):
+        history = client.get_metric_history(resumed.info.run_id, key)
+        expected = client.get_metric_history(reference.info.run_id, key)
+        assert sorted(m.step for m in history) == steps
+        assert sorted((m.step, m.value) for m in history) == sorted((m.step, m.value) for m in expected)
+    assert resumed.data.params["total_steps"] == "8" and resumed.data.params["steps_per_epoch"] == "3"
 
 
-def test_moco_checkpointed_before_bn_splits_resumes_with_plain_batch_norm(data_env, tracking_uri, monkeypatch, tmp_path):
-    import pipeline.ssl as ssl
-
+def test_a_checkpoint_without_a_step_count_is_refused_on_resume(data_env, tracking_uri, monkeypatch, tmp_path, capsys):
     config = tmp_path / "short.yaml"
-    config.write_text("epochs: 2\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
-    interrupted_pretraining(monkeypatch, ["--dataset", "breastmnist", "--config", str(config)], epoch=2)
+    config.write_text("steps: 4\nknn_every: 1\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbatch_size: 32\n")
+    interrupted_pretraining(monkeypatch, ["--dataset", "breastmnist", "--config", str(config)], step=3)
     (run,) = all_runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     local = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
     old = torch.load(local, weights_only=True)
-    del old["config"]["bn_splits"]  # as written before the key existed
+    del old["train_state"]["step"]  # as an epoch-budgeted version wrote it
     torch.save(old, local)
     client.log_artifact(run.info.run_id, local, "checkpoints")
-
-    splits = []
-    real_split = ssl.split_batch_norm
-    monkeypatch.setattr(ssl, "split_batch_norm", lambda module, n: splits.append(n) or real_split(module, n))
-    main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert set(splits) == {1}
+    with pytest.raises(SystemExit) as exit_info:
+        main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
+    assert exit_info.value.code != 0
+    assert "holds no step-budgeted training state; start a new run instead" in capsys.readouterr().err
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
 
 
 def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(tracking_uri):

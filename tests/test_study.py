@@ -16,8 +16,8 @@ from pipeline.study import Step, plan, run_step
 from pipeline.synthetic import write_synthetic
 from tests.conftest import all_runs
 
-STEPS = ["eda", "baseline_0_smallcnn_all", "augment_ablation", "ssl_pretrain_simclr", "linear_probe_simclr",
-         "ssl_finetune", "calibrate", "thresholds", "robustness", "compare"]
+STEPS = ["eda", "baseline_0_smallcnn_all", "augment_ablation", "ssl_pretrain_simclr_s0", "ssl_pretrain_simclr_s1",
+         "linear_probe_simclr", "ssl_finetune_simclr", "calibrate", "thresholds", "robustness", "compare"]
 
 
 @pytest.fixture()
@@ -35,10 +35,17 @@ def top_level(runs, stage):
 def test_plans_follow_the_profiles():
     assert [s.name for s in plan(config.load_profile("smoke"))] == STEPS
     quick = [s.name for s in plan(config.load_profile("quick"))]
-    assert quick.index("eda") < quick.index("augment_ablation") < quick.index("ssl_pretrain_moco") < quick.index("compare")
-    assert "baseline_2_resnet18_head" in quick and "linear_probe_moco" in quick
+    assert quick.index("eda") < quick.index("augment_ablation") < quick.index("ssl_pretrain_moco_s0") < quick.index("compare")
+    assert "baseline_2_resnet18_head" in quick and "linear_probe_moco" in quick and "ssl_finetune_moco" in quick
     probes = {s.name: s.overrides for s in plan(config.load_profile("quick")) if s.stage == "linear_probe"}
     assert probes == {"linear_probe_simclr": {}, "linear_probe_moco": {"methods": ["ssl_probe"]}}
+    paper = {s.name: s for s in plan(config.load_profile("paper"))}
+    pretraining = [s for s in paper.values() if s.stage == "ssl_pretrain"]
+    assert len(pretraining) == 6 and {s.overrides["seed"] for s in pretraining} == {0, 1, 2}  # 2 methods x 3 pretraining seeds
+    assert paper["linear_probe_moco"].needs == {"ssl_run_id": ["ssl_pretrain_moco_s0", "ssl_pretrain_moco_s1", "ssl_pretrain_moco_s2"]}
+    assert paper["ssl_finetune_simclr"].needs == {"ssl_run_id": ["ssl_pretrain_simclr_s0", "ssl_pretrain_simclr_s1", "ssl_pretrain_simclr_s2"]}
+    for stage in ("linear_probe", "ssl_finetune"):
+        assert len(config.resolve(stage, "breastmnist", {}, profile="paper")["seeds"]) >= 5
 
 
 def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, tmp_path, capsys):
@@ -51,10 +58,13 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
     for run in steps.values():
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert steps["calibrate"].data.tags["source_run_id"] == steps["baseline_0_smallcnn_all"].info.run_id
-    assert steps["linear_probe_simclr"].data.tags["source_run_id"] == steps["ssl_pretrain_simclr"].info.run_id
+    encoders = [steps[f"ssl_pretrain_simclr_s{seed}"] for seed in (0, 1)]
+    assert [r.data.params["cfg.seed"] for r in encoders] == ["0", "1"]
+    for name in ("linear_probe_simclr", "ssl_finetune_simclr"):
+        assert steps[name].data.tags["source_run_id"] == ",".join(r.info.run_id for r in encoders)
     reports = tmp_path / "reports" / "breastmnist"
     for name in ("week2_baselines", "week3_augment_ablation", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune",
-                 "week6_calibration", "week7_thresholds", "week8_robustness"):
+                 "week6_paired_differences", "week6_calibration", "week6_calibration_change", "week7_thresholds", "week8_robustness"):
         assert "missing" not in (reports / f"{name}.md").read_text(), name
     for tex in reports.glob("*.tex"):  # ASCII, so any LaTeX engine and input encoding compiles it
         assert tex.read_text().isascii(), tex.name
@@ -70,13 +80,13 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
     own = client.create_run(parent.info.experiment_id, tags={"dataset": "breastmnist", "stage": "ssl_pretrain", "method": "moco"})
     client.set_terminated(own.info.run_id, "FINISHED")
     main(study.command, study_env)
-    assert "9 reused" in capsys.readouterr().out
+    assert f"{len(STEPS) - 1} reused" in capsys.readouterr().out
     runs = all_runs(tracking_uri)
     second = [r for r in runs if r.data.tags["stage"] == "study"][0]
     assert second.data.metrics["steps_reused"] == len(STEPS) - 1 and second.data.metrics["steps_ran"] == 1
-    assert len(top_level(runs, "ssl_pretrain")) == 1
+    assert len(top_level(runs, "ssl_pretrain")) == 2
     week4 = (reports / "week4_ssl_pretraining.csv").read_text()
-    assert steps["ssl_pretrain_simclr"].info.run_id in week4 and own.info.run_id not in week4
+    assert steps["ssl_pretrain_simclr_s0"].info.run_id in week4 and own.info.run_id not in week4
     main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "mine")])  # compare alone: newest of each stage
     assert own.info.run_id in (tmp_path / "mine" / "breastmnist" / "week4_ssl_pretraining.csv").read_text()
 
@@ -100,9 +110,10 @@ def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri,
     main(study.command, study_env)
     runs = all_runs(tracking_uri)
     finished = [r for r in runs if r.data.tags["stage"] == "study" and r.info.status == "FINISHED"]
-    assert len(finished) == 1 and finished[0].data.metrics["steps_reused"] == 4  # eda, baseline, ablation, ssl
-    for stage in ("eda", "baseline", "augment_ablation", "ssl_pretrain", "linear_probe"):
+    assert len(finished) == 1 and finished[0].data.metrics["steps_reused"] == 5  # eda, baseline, ablation, 2 x ssl
+    for stage in ("eda", "baseline", "augment_ablation", "linear_probe"):
         assert len(top_level(runs, stage)) == 1, stage
+    assert len(top_level(runs, "ssl_pretrain")) == 2
     assert all(r.info.status != "RUNNING" for r in runs)
 
 

@@ -136,3 +136,8 @@ def test_a_training_set_one_past_a_full_batch_trains():
     assert np.isfinite(loss)
     assert fold_single(list(torch.arange(9).split(4)))[-1].tolist() == [4, 5, 6, 7, 8]
     assert [len(b) for b in fold_single(list(torch.arange(10).split(4)))] == [4, 4, 2]
+
+
+def test_a_step_budgeted_run_checkpoints_at_the_first_monitor_point_past_each_interval():
+    schedule = CheckpointSchedule({"checkpoint_every": 100, "epochs": 0, "checkpoint_min_seconds": 0}, last=400)
+    assert [step for step in (30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 330, 360, 390) if schedule.due(step)] == [120, 210, 300]
