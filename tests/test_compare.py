@@ -66,7 +66,8 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert "ssl_finetune" in set(week6.method) and "ssl_probe" in set(week6.method)
     (finetune,) = [r for r in runs.values() if r.data.tags["stage"] == "ssl_finetune" and "mlflow.parentRunId" not in r.data.tags]
     encoder = finetune.data.tags["source_run_id"]
-    for _, row in week6[~week6.method.str.startswith("baseline")].iterrows():
+    assert set(week6[week6.method == "majority_class"].n) == {2}  # the control, from the probe grid's table
+    for _, row in week6[~week6.method.str.startswith("baseline") & (week6.method != "majority_class")].iterrows():
         cited = [runs[i] for i in row.run_ids.split()]
         parents = {runs[c.data.tags["mlflow.parentRunId"]] for c in cited}
         assert {p.data.tags["source_run_id"] for p in parents} == {encoder}, row.method  # not the newer moco probes
