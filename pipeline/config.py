@@ -110,7 +110,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _at_least(0),
     "model": _one_of("smallcnn", "resnet18"),
     "stem": _one_of("cifar", "imagenet"),
-    "weights": _one_of("none", "imagenet"),
+    "weights": _one_of("auto", "none", "imagenet"),
     "finetune": _one_of("head", "all"),
     "optimizer": _one_of("adam", "adamw", "sgd"),
     "scheduler": _one_of("cosine", "multistep", "none"),
@@ -269,6 +269,20 @@ def resolve(
         if problem:
             raise UserError(f"{key}={value!r} {problem}")
     config["dataset"] = dataset
+    return pretrained_head(config)
+
+
+def pretrained_head(config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `weights: auto` (ImageNet weights for head-only training, none otherwise) and refuse
+    head-only training without pretrained weights: a linear head on a frozen random network is not
+    a baseline."""
+    if "weights" not in config or "finetune" not in config:
+        return config
+    if config["weights"] == "auto":
+        config["weights"] = "imagenet" if config["finetune"] == "head" else "none"
+    if config["finetune"] == "head" and (config["weights"] != "imagenet" or config.get("model") != "resnet18"):
+        raise UserError("finetune=head trains only a linear head on a frozen encoder, so it needs pretrained weights: "
+                        "use model=resnet18 with weights=imagenet (or auto), or finetune=all to train from scratch")
     return config
 
 

@@ -80,11 +80,13 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 
 def resnet18_encoder(in_channels: int, stem: str, weights: str) -> tuple[nn.Module, int]:
-    """torchvision ResNet-18 without its fc layer; `cifar` stem = 3×3 stride-1 conv, no max-pool.
+    """torchvision ResNet-18 without its fc layer; the `cifar` stem drops the max-pool and makes the
+    first convolution stride 1, so a 28-px image is not shrunk 4× before the first block.
 
-    With ImageNet weights, the 3-channel first conv is summed over its input channels for
-    grayscale input (equivalent to feeding the gray image as RGB). The cifar stem's new 3×3 conv
-    cannot take the 7×7 pretrained kernel, so it stays randomly initialised.
+    Without weights the cifar stem's first convolution is a new 3×3 one (the CIFAR recipe). With
+    ImageNet weights every layer keeps its pretrained values: the first convolution stays the
+    pretrained 7×7 kernel (at stride 1 for the cifar stem), summed over its input channels for
+    grayscale input (equivalent to feeding the gray image as RGB).
     """
     net = torchvision.models.resnet18(weights=None)
     if weights == "imagenet":
@@ -93,10 +95,11 @@ def resnet18_encoder(in_channels: int, stem: str, weights: str) -> tuple[nn.Modu
         if in_channels == 1:
             net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
             net.conv1.weight.data.copy_(state["conv1.weight"].sum(dim=1, keepdim=True))
-    elif in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        if stem == "cifar":
+            net.conv1.stride = (1, 1)
+    elif in_channels != 3 or stem == "cifar":
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False) if stem == "cifar" else nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     if stem == "cifar":
-        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, 512

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from tqdm.auto import tqdm
 
-from pipeline import plots, tracking
+from pipeline import tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from pipeline.config import config_hash

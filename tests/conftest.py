@@ -12,6 +12,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+import torchvision
+from torchvision.models import ResNet18_Weights
 
 from pipeline.synthetic import write_synthetic
 
@@ -137,3 +140,21 @@ def assert_contract(tracking: str, run, classifier: bool = True) -> None:
     assert expected <= set(run.data.metrics), f"missing metrics {expected - set(run.data.metrics)}"
     missing = set(spec["classifier_artifacts"]) - artifact_paths(tracking, run.info.run_id)
     assert not missing, f"missing artifacts {missing}"
+
+
+def save_local_imagenet_weights(torch_home: Path) -> dict:
+    """A ResNet-18 state dict saved where torchvision's weights API caches its download (ImageNet
+    weights cannot be fetched here): the real loading code reads it. Returns the state."""
+    target = torch_home / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, target)
+    return state
+
+
+@pytest.fixture()
+def local_imagenet_weights(tmp_path, monkeypatch):
+    """TORCH_HOME pointed at a folder holding locally saved 'ImageNet' weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    return save_local_imagenet_weights(tmp_path)

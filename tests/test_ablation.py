@@ -98,14 +98,15 @@ def test_ablation_bad_input_is_one_line(args, fragment, synthetic_root, tracking
     assert all_runs(tracking_uri) == []
 
 
-def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracking_uri, monkeypatch, capsys, fast_config, tmp_path):
+def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracking_uri, monkeypatch, capsys, fast_config, tmp_path,
+                                                          local_imagenet_weights):
     monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     with pytest.raises(SystemExit) as exit_info:
         main(cli, ["finetune-table", "--dataset", "breastmnist"])
     assert exit_info.value.code == 2 and "no FINISHED baseline run for breastmnist with finetune=head" in capsys.readouterr().err
-    for mode in ("head", "all"):
-        main(baseline.command, ["--config", fast_config, "--finetune", mode, "--epochs", "2"])
-    main(cli, ["finetune-table", "--dataset", "breastmnist", "--model", "smallcnn"])
+    for mode in ("head", "all"):  # head-only: ImageNet weights (weights=auto), here a locally saved file
+        main(baseline.command, ["--config", fast_config, "--model", "resnet18", "--stem", "imagenet", "--finetune", mode, "--epochs", "2"])
+    main(cli, ["finetune-table", "--dataset", "breastmnist", "--model", "resnet18"])
     out = capsys.readouterr().out
     assert "head-only vs. full fine-tuning" in out and "| head |" in out and "| all |" in out
     table_run = all_runs(tracking_uri)[0]

@@ -10,7 +10,7 @@ from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from entrypoints import baseline
 from entrypoints.common import main
-from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step
+from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step, save_local_imagenet_weights
 
 FAST = ["--epochs", "2", "--batch-size", "32"]
 
@@ -71,7 +71,9 @@ def test_same_seed_same_test_metrics(synthetic_root, tracking_uri, tmp_path):
     ],
 )
 def test_mlflow_run_finishes_with_the_contract(params, synthetic_root, tracking_uri, tmp_path):
-    result = mlflow_run("baseline", {**params, "epochs": "1", "batch_size": "64"}, cli_env(synthetic_root, tracking_uri), tmp_path)
+    save_local_imagenet_weights(tmp_path / "torch-home")  # the head-only baseline trains from ImageNet weights (weights=auto)
+    env = cli_env(synthetic_root, tracking_uri, TORCH_HOME=str(tmp_path / "torch-home"))
+    result = mlflow_run("baseline", {**params, "epochs": "1", "batch_size": "64"}, env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED"

@@ -35,7 +35,7 @@ def test_user_file_sits_between_dataset_and_cli(tmp_path):
         ({"model": "vgg"}, "model='vgg' must be one of smallcnn, resnet18"),
         ({"stem": "wide"}, "stem='wide' must be one of cifar, imagenet"),
         ({"finetune": "some"}, "finetune='some' must be one of head, all"),
-        ({"weights": "random"}, "weights='random' must be one of none, imagenet"),
+        ({"weights": "random"}, "weights='random' must be one of auto, none, imagenet"),
         ({"label_fraction": "1.5"}, "must be in (0, 1]"),
         ({"augment": "mixup"}, "augment='mixup' must be one of none, flip, geometric"),
     ],
@@ -89,3 +89,11 @@ def test_yaml_values_of_the_wrong_kind_or_repeated(stage, text, fragment, tmp_pa
     with pytest.raises(UserError) as info:
         config.resolve(stage, "breastmnist", {}, config_file=str(path))
     assert fragment in str(info.value)
+
+
+def test_head_only_training_defaults_to_imagenet_weights_and_refuses_a_random_encoder():
+    assert config.resolve("baseline", "breastmnist", {"model": "resnet18", "finetune": "head"})["weights"] == "imagenet"
+    assert config.resolve("baseline", "breastmnist", {"model": "resnet18"})["weights"] == "none"
+    for overrides in ({"model": "resnet18", "finetune": "head", "weights": "none"}, {"model": "smallcnn", "finetune": "head"}):
+        with pytest.raises(UserError, match="finetune=head trains only a linear head on a frozen encoder, so it needs pretrained weights"):
+            config.resolve("baseline", "breastmnist", overrides)

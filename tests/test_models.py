@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-import torchvision
-from torchvision.models import ResNet18_Weights
 
 from pipeline.checkpoint import load_classifier, save_checkpoint
 from pipeline.errors import UserError
@@ -43,18 +41,6 @@ def test_head_only_freezes_weights_and_batchnorm_statistics():
     assert all(torch.equal(before[k], after[k]) for k in before)  # running means/vars untouched too
 
 
-@pytest.fixture()
-def local_imagenet_weights(tmp_path, monkeypatch):
-    """A locally saved ResNet-18 state dict where torchvision's weights API caches downloads."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    target = tmp_path / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    target.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    state = torchvision.models.resnet18().state_dict()
-    torch.save(state, target)
-    return state
-
-
 def test_imagenet_weights_load_through_weights_api(local_imagenet_weights):
     model = build_classifier(ModelSpec("resnet18", stem="imagenet", weights="imagenet"))
     expected = local_imagenet_weights["conv1.weight"].sum(dim=1, keepdim=True)
@@ -63,10 +49,24 @@ def test_imagenet_weights_load_through_weights_api(local_imagenet_weights):
     assert model.mean.item() == pytest.approx(0.449)
 
 
-def test_imagenet_weights_with_cifar_stem_keep_the_body(local_imagenet_weights):
+def test_imagenet_weights_with_cifar_stem_keep_the_pretrained_first_convolution(local_imagenet_weights):
     model = build_classifier(ModelSpec("resnet18", stem="cifar", weights="imagenet"))
-    assert model.encoder.conv1.kernel_size == (3, 3)
-    assert torch.equal(model.encoder.layer1[0].conv1.weight, local_imagenet_weights["layer1.0.conv1.weight"])
+    conv1 = model.encoder.conv1
+    assert conv1.kernel_size == (7, 7) and conv1.stride == (1, 1) and isinstance(model.encoder.maxpool, torch.nn.Identity)
+    assert torch.equal(conv1.weight, local_imagenet_weights["conv1.weight"].sum(dim=1, keepdim=True))
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2,)
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_every_frozen_parameter_of_a_head_only_model_is_pretrained(local_imagenet_weights, stem):
+    model = build_classifier(ModelSpec("resnet18", stem=stem, weights="imagenet"), finetune="head")
+    pretrained = {**local_imagenet_weights, "conv1.weight": local_imagenet_weights["conv1.weight"].sum(dim=1, keepdim=True)}
+    frozen = {name.removeprefix("encoder."): p for name, p in model.named_parameters() if not p.requires_grad}
+    assert set(frozen) == {k for k in pretrained if not k.startswith("fc.") and "running" not in k and "num_batches" not in k}
+    for name, param in frozen.items():
+        assert torch.equal(param, pretrained[name]), name
+    statistics = {k: v for k, v in model.encoder.state_dict().items() if "running" in k}
+    assert all(torch.equal(v, pretrained[k]) for k, v in statistics.items())
 
 
 def test_missing_imagenet_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
