@@ -83,11 +83,16 @@ def ece(
     return float(np.sum(gaps * bins.count[filled]) / bins.count.sum())
 
 
-def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, confidence: str = "top_label") -> float:
-    """Maximum calibration error over non-empty equal-width bins."""
+MCE_MIN_COUNT = 5  # bins with fewer samples are left out of MCE: one image decides a near-empty bin's gap
+
+
+def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, confidence: str = "top_label",
+        min_count: int = MCE_MIN_COUNT) -> float:
+    """Maximum calibration error over equal-width bins holding at least `min_count` samples (NaN
+    when none does)."""
     bins = calibration_bins(probs, labels, n_bins, "uniform", confidence)
-    filled = bins.count > 0
-    return float(np.max(np.abs(bins.accuracy[filled] - bins.confidence[filled])))
+    filled = bins.count >= max(1, min_count)
+    return float(np.max(np.abs(bins.accuracy[filled] - bins.confidence[filled]))) if filled.any() else float("nan")
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -169,6 +174,7 @@ def classification_metrics(
         "f1": float(f1_score(labels, predicted, zero_division=0)),
         "ece": ece(probs, labels, n_bins, "uniform"),
         "ece_eqfreq": ece(probs, labels, n_bins, "quantile"),
+        "ece_class1": ece(probs, labels, n_bins, "uniform", "class1"),
         "mce": mce(probs, labels, n_bins),
         "brier": brier(probs, labels),
         "nll": nll_from_logits(logits, labels),

@@ -15,15 +15,23 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pipeline.metrics import calibration_bins, ece  # noqa: E402
 
 
-def reliability_diagram(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, title: str = "Reliability", ax_pair=None
-) -> Figure:
-    """Accuracy vs. mean top-label confidence per equal-width bin, with a bin-count histogram below.
+RELIABILITY_AXES = {"top_label": ("confidence (top label)", "accuracy"),
+                    "class1": ("mean predicted p(class 1)", "fraction of class 1")}
 
-    The title ends with the ECE to three decimals, e.g. `Reliability (test) — ECE = 0.073`.
+
+def reliability_diagram(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, title: str = "Reliability", ax_pair=None,
+    confidence: str = "top_label", strategy: str = "uniform",
+) -> Figure:
+    """Observed outcome vs. mean predicted value per bin, with a bin-count histogram below.
+
+    `confidence="top_label"`: accuracy vs. the predicted class's probability (≥ 0.5 for a binary
+    task, so only the upper half of [0, 1] fills); `"class1"`: the fraction of class 1 vs. p(class 1)
+    over all of [0, 1], the plan's diagram. `strategy`: equal-width (`uniform`) or equal-count
+    (`quantile`) bins. The title ends with that binning's ECE, e.g. `Reliability (test) — ECE = 0.073`.
     """
-    bins = calibration_bins(probs, labels, n_bins, "uniform")
-    value = ece(probs, labels, n_bins, "uniform")
+    bins = calibration_bins(probs, labels, n_bins, strategy, confidence)
+    value = ece(probs, labels, n_bins, strategy, confidence)
     if ax_pair is None:
         fig, (top, bottom) = plt.subplots(
             2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
@@ -31,23 +39,27 @@ def reliability_diagram(
     else:
         top, bottom = ax_pair
         fig = top.figure
-    width = 1.0 / n_bins
-    centers = (bins.lower + bins.upper) / 2
     filled = bins.count > 0
+    if strategy == "uniform":
+        centers, widths = (bins.lower + bins.upper) / 2, np.full(n_bins, 0.9 / n_bins)
+    else:  # equal-count bins: each bar spans its bin's range of predictions
+        centers, widths = (bins.lower + bins.upper) / 2, np.maximum(bins.upper - bins.lower, 0.01)
+    x_label, y_label = RELIABILITY_AXES[confidence]
     top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    top.bar(centers[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue", edgecolor="black",
-            label="accuracy per bin")
+    top.bar(centers[filled], bins.accuracy[filled], width=widths[filled], color="tab:blue", edgecolor="black",
+            label=f"{y_label} per bin")
     top.bar(centers[filled], bins.confidence[filled] - bins.accuracy[filled], bottom=bins.accuracy[filled],
-            width=width * 0.9, facecolor="none", edgecolor="tab:red", hatch="//", label="gap to confidence")
+            width=widths[filled], facecolor="none", edgecolor="tab:red", hatch="//", label="gap to the mean prediction")
     top.plot(centers[filled], bins.confidence[filled], "_", color="black", markersize=18, markeredgewidth=2,
-             label="mean confidence")
+             label="mean prediction")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.set_title(f"{title} — ECE = {value:.3f}")
+    top.set_ylabel(y_label)
+    binning = "equal-width" if strategy == "uniform" else "equal-count"
+    top.set_title(f"{title} — ECE = {value:.3f}\n({n_bins} {binning} bins)", fontsize=10)
     top.legend(loc="upper left", fontsize=8)
-    bottom.bar(centers, bins.count, width=width * 0.9, color="tab:gray", edgecolor="black")
-    bottom.set_xlabel("confidence (top label)")
+    bottom.bar(centers[filled], bins.count[filled], width=widths[filled], color="tab:gray", edgecolor="black")
+    bottom.set_xlabel(x_label)
     bottom.set_ylabel("count")
     return fig
 

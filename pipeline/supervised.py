@@ -135,13 +135,23 @@ def log_evaluation(
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         tracking.log_file(save_checkpoint(Path(tmp) / "best.pt", model, spec, cfg, best_epoch=best_epoch), "checkpoints")
     probs = metrics.sigmoid(logits["test"])
-    reliability = plots.reliability_diagram(probs, labels["test"], cfg["ece_bins"], "Reliability (test)")
-    tracking.log_figure(reliability, "plots/reliability.png")
+    log_reliability_views(probs, labels["test"], cfg["ece_bins"])
     names = [data.label_names[str(i)] for i in (0, 1)]
     confusion = plots.confusion_matrix_plot(labels["test"], probs >= 0.5, names, "Test confusion matrix")
     tracking.log_figure(confusion, "plots/confusion_matrix.png")
     log_test_gallery(logits["test"], labels["test"], data)
     return values
+
+
+def log_reliability_views(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> None:
+    """The test reliability diagrams: top-label confidence (the tables' ECE), p(class 1) against the
+    fraction of class 1 (the plan's view, `ece_class1`), and the class-1 view with equal-count bins."""
+    views = {"plots/reliability.png": ("top_label", "uniform", "Reliability, top label (test)"),
+             "plots/reliability_class1.png": ("class1", "uniform", "Reliability, class 1 (test)"),
+             "plots/reliability_class1_eqfreq.png": ("class1", "quantile", "Reliability, class 1 (test)")}
+    for path, (confidence, strategy, title) in views.items():
+        tracking.log_figure(plots.reliability_diagram(probs, labels, n_bins, title, confidence=confidence, strategy=strategy), path)
+    tracking.log_params({"mce_min_count": metrics.MCE_MIN_COUNT})
 
 
 def log_test_gallery(test_logits: np.ndarray, test_labels: np.ndarray, data: DatasetSplits, n: int = 5) -> None:

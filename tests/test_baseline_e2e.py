@@ -41,6 +41,14 @@ def test_standalone_run_logs_the_contract_and_consistent_metrics(synthetic_root,
     assert m["test_acc"] == pytest.approx(np.mean((test.prob >= 0.5) == test.label), abs=1e-6)
     assert m["test_brier"] == pytest.approx(brier_score_loss(test.label, test.prob), abs=1e-6)
     assert m["test_nll"] == pytest.approx(log_loss(test.label, test.prob), abs=1e-5)
+    which = np.minimum((test.prob * 10).astype(int), 9)  # the plan's diagram: p(class 1) in 10 equal-width bins of [0, 1]
+    gaps = [abs(test.label[which == b].mean() - test.prob[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
+    assert m["test_ece_class1"] == pytest.approx(sum(gaps), abs=1e-6)
+    assert m["test_balanced_acc"] == pytest.approx(
+        (np.mean(test.prob[test.label == 1] >= 0.5) + np.mean(test.prob[test.label == 0] < 0.5)) / 2, abs=1e-6)
+    assert {"plots/reliability.png", "plots/reliability_class1.png", "plots/reliability_class1_eqfreq.png"} <= artifact_paths(
+        tracking_uri, run.info.run_id)
+    assert params["mce_min_count"] == "5"
     summary = json.loads(open(download(tracking_uri, run.info.run_id, "test_metrics.json", tmp_path)).read())
     assert summary["auroc"] == pytest.approx(m["test_auroc"])
     epochs = [json.loads(line) for line in open(download(tracking_uri, run.info.run_id, "val_log.jsonl", tmp_path))]

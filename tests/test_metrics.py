@@ -70,7 +70,8 @@ def test_scores_match_sklearn(scored):
     assert values["nll"] == pytest.approx(log_loss(labels, probs))
     assert values["ece"] == pytest.approx(reference_ece(probs, labels, 10))
     assert values["ece_eqfreq"] == pytest.approx(reference_eqfreq_ece(probs, labels, 10))
-    assert values["mce"] == pytest.approx(max(gap for _, gap in reference_gaps(probs, labels, 10)))
+    assert values["mce"] == pytest.approx(max(gap for share, gap in reference_gaps(probs, labels, 10) if share * len(labels) >= 5))
+    assert values["ece_class1"] == pytest.approx(metrics.ece(probs, labels, 10, confidence="class1"))
     ci = reference_bootstrap_ci(probs, labels, 200, 0, 0.95)
     assert (values["auroc_ci_low"], values["auroc_ci_high"]) == pytest.approx(ci)
 
@@ -143,16 +144,20 @@ def test_class1_confidence_compares_probability_with_positive_rate():
     assert metrics.ece(probs, labels, 10, confidence="class1") == pytest.approx(0.5 * 0.1 + 0.5 * 0.4)
 
 
-def test_mce_is_largest_bin_gap_and_bounds_ece(scored):
+def test_mce_is_largest_bin_gap_among_bins_with_enough_samples(scored):
     probs, labels = scored
-    assert metrics.mce(probs, labels) == pytest.approx(max(gap for _, gap in reference_gaps(probs, labels, 10)))
+    populated = [gap for share, gap in reference_gaps(probs, labels, 10) if share * len(labels) >= metrics.MCE_MIN_COUNT]
+    assert metrics.mce(probs, labels) == pytest.approx(max(populated))
     assert metrics.mce(probs, labels) > metrics.ece(probs, labels)
     # one badly calibrated bin among good ones: MCE is its gap, not an average
-    skewed = np.array([0.95] * 8 + [0.65] * 2)
-    outcome = np.array([1] * 8 + [0] * 2)  # 0.65-bin: confidence 0.65, accuracy 0
+    skewed = np.array([0.95] * 8 + [0.65] * 6)
+    outcome = np.array([1] * 8 + [0] * 6)  # 0.65-bin: confidence 0.65, accuracy 0
     assert metrics.mce(skewed, outcome) == pytest.approx(0.65)
-    perfect = np.array([1.0, 1.0, 0.0, 0.0])
-    assert metrics.mce(perfect, np.array([1, 1, 0, 0])) == 0.0
+    # the same bin with 2 images is below the minimum count: one image would decide its gap
+    assert metrics.mce(skewed[:10], outcome[:10]) == pytest.approx(0.05)
+    assert metrics.mce(skewed[:10], outcome[:10], min_count=1) == pytest.approx(0.65)
+    perfect = np.array([1.0] * 5 + [0.0] * 5)
+    assert metrics.mce(perfect, np.array([1] * 5 + [0] * 5)) == 0.0
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_estimate(scored):
