@@ -83,7 +83,7 @@ def summary_metrics(summary: list[Mapping[str, Any]]) -> dict[str, float]:
 def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
     """Train every (variant × seed) child inside one parent run and log the aggregate; returns the summary."""
     device = resolve_device(cfg["device"])
-    configure_speed(device)
+    configure_speed(device, cfg.get("deterministic", False))
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     tags = {
         "model": cfg["model"], "seed": ",".join(map(str, cfg["seeds"])),

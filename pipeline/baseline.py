@@ -56,7 +56,7 @@ def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepare
     """Load data and build the model on `device` (default: the config's); mistakes surface here,
     before any run opens."""
     target = resolve_device(device or cfg["device"])
-    configure_speed(target)
+    configure_speed(target, cfg.get("deterministic", False))
     data = load_splits(cfg["dataset"], cfg["size"], data_root, target)
     return build_job(cfg, data, target, f"baseline-{cfg['model']}-{cfg['finetune']}-s{cfg['seed']}")
 

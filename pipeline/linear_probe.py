@@ -235,7 +235,7 @@ def run_grid(
 def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
     """The whole week-5 grid under one parent run; returns the summary rows."""
     device = resolve_device(cfg["device"])
-    configure_speed(device)
+    configure_speed(device, cfg.get("deterministic", False))
     encoders = load_ssl_encoders(cfg["ssl_run_id"], cfg["dataset"], device, cfg)
     ssl_runs = [run for _, run in encoders]
     spec = encoders[0][0].spec

@@ -41,6 +41,7 @@ class Table:
     missing: str = ""
     figure: Figure | None = None
     settings: dict[str, str] = field(default_factory=dict)  # logged config the methods text cites
+    not_run: list[str] = field(default_factory=list)  # what was asked for but could not run, and why
 
     @property
     def csv_columns(self) -> list[str]:
@@ -236,6 +237,10 @@ def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week5_label_efficiency", "Label efficiency", ["method", "labels", "n"], "linear_probe", dataset)
     table = grouped_table("week5_label_efficiency", f"Label efficiency: test metrics, {SPREAD}", rows)
     add_majority_rows(table, trainer)
+    for parent in dict.fromkeys(p for p in [trainer, *newest.values()] if p is not None):
+        for tag, value in parent.data.tags.items():
+            if tag.endswith("_status") and value.startswith("not run"):
+                table.not_run.append(f"{METHOD_LABELS.get(tag.removesuffix('_status'), tag)} ({parent.info.run_id[:8]}): {value.removeprefix('not run: ')}")
     settings: dict[str, str] = {}
     if trainer is not None:
         settings.update({k: trainer.data.params.get(f"cfg.{k}", "") for k in ("supervised_epochs", "supervised_steps", "supervised_augment")})
@@ -396,10 +401,21 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def markdown(table: Table) -> str:
-    """The table as a Markdown section (title, table or the missing note)."""
+    """The table as a Markdown section (title, table or the missing note, what did not run)."""
     body = tables.rows_to_markdown(table.rows, table.header) if table.rows else ""
     note = f"\n_{table.missing}_\n" if table.missing else ""
-    return f"## {table.title}\n\n{body}{note}"
+    skipped = "".join(f"\n- **not run**: {line}\n" for line in table.not_run)
+    return f"## {table.title}\n\n{body}{note}{skipped}"
+
+
+def add_not_run(built: list[Table], not_run: Mapping[str, str]) -> None:
+    """Mark steps a study skipped (e.g. a baseline without ImageNet weights) in the table they would
+    have filled, with the reason and what to do about it."""
+    by_name = {t.name: t for t in built}
+    for step, reason in not_run.items():
+        table = by_name["week2_baselines" if step.startswith("baseline") else "week5_label_efficiency"]
+        table.not_run.append(f"study step `{step}`: {reason}")
+        table.records.append({"step": step, "status": f"not run: {reason}"})
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
@@ -703,10 +719,11 @@ def export_results(built: list[Table], written: Mapping[str, list[Path]], result
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
-                scope: Scope = None) -> tuple[list[Table], Path]:
+                scope: Scope = None, not_run: Mapping[str, str] | None = None) -> tuple[list[Table], Path]:
     """Build every table (from the runs in `scope` when given), write them under
     `<out_root>/<dataset>/`, log them to a `compare` run."""
     built = build_tables(dataset, scope)
+    add_not_run(built, not_run or {})
     if export_name:
         check_export_is_new(built, Path(results_root), export_name, dataset)
     out_dir = Path(out_root) / dataset

@@ -191,9 +191,13 @@ def mc_summary(mc_logits: np.ndarray, clean_logits: np.ndarray, labels: np.ndarr
     det_errors = (det_probs >= 0.5) != labels
     values = {
         **{f"mc_test_{k}": v for k, v in summary(u["prob"], labels, n_bins).items()},
+        # entropy, mutual information and 1 − confidence of the same MC-mean predictions, so the
+        # three scores are compared on one set of errors
         "mc_error_auroc_entropy": error_detection_auroc(u["entropy"], errors),
         "mc_error_auroc_mutual_info": error_detection_auroc(u["mutual_info"], errors),
-        # −|logit| ranks as 1 − confidence does, without the ties of saturated probabilities
+        "mc_error_auroc_confidence": error_detection_auroc(-np.abs(u["prob"] - 0.5), errors),
+        # the deterministic model's own errors: −|logit| ranks as 1 − confidence does, without the
+        # ties of saturated probabilities
         "error_auroc_confidence": error_detection_auroc(-np.abs(clean_logits), det_errors),
         "mc_errors": float(errors.sum()),
         "mc_mean_entropy_correct": float(u["entropy"][~errors].mean()) if (~errors).any() else math.nan,
@@ -239,8 +243,9 @@ Source classifier run `{source.run_id}` (stage `{source.run.data.tags.get('stage
 {per_corruption}
 
 - MC dropout ({cfg['mc_passes']} passes, p = {mc['mc_dropout_p']:g}): AUROC {mc['mc_test_auroc']:.3f}, ECE {mc['mc_test_ece']:.3f};
-  predictive entropy separates errors from correct predictions with AUROC {mc['mc_error_auroc_entropy']:.3f}
-  (deterministic 1 − confidence: {mc['error_auroc_confidence']:.3f}); {int(mc['mc_errors'])} errors.
+  on the same MC-mean predictions ({int(mc['mc_errors'])} errors), predictive entropy separates errors from
+  correct predictions with AUROC {mc['mc_error_auroc_entropy']:.3f}, 1 − confidence with {mc['mc_error_auroc_confidence']:.3f}
+  (the deterministic model's 1 − confidence on its own errors: {mc['error_auroc_confidence']:.3f}).
 
 ## Assumptions
 

@@ -66,14 +66,34 @@ def cpu_threads() -> int:
     return max(1, min(usable, physical, cgroup_cpu_limit() or usable))
 
 
-def configure_speed(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA; the right intra-op thread count on the CPU."""
+def configure_speed(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA; the right intra-op thread count on the CPU.
+
+    `deterministic`: the same seed gives the same numbers on the same machine whatever its core
+    count: one CPU thread (a reduction split over more threads adds in another order),
+    deterministic algorithms, and on CUDA no autotuning, no TF32 and cuBLAS's fixed workspace.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return
+    torch.use_deterministic_algorithms(False)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(cpu_threads())
+
+
+def reproducibility_tags() -> dict[str, str]:
+    """How this process computes: its torch thread count and whether deterministic algorithms are on."""
+    return {"torch_threads": str(torch.get_num_threads()), "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()}
 
 
 def prepare_model(model: nn.Module, device: torch.device, cfg: Mapping[str, Any]) -> nn.Module:

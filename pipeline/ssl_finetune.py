@@ -155,7 +155,7 @@ def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cf
 def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
     """Fine-tune at every fraction × seed under one parent run; returns the week-6 summary rows."""
     device = resolve_device(cfg["device"])
-    configure_speed(device)
+    configure_speed(device, cfg.get("deterministic", False))
     encoders = [load_encoder_checkpoint(run_id, cfg["dataset"]) for run_id in ssl_run_ids(cfg["ssl_run_id"])]
     _, checkpoint = load_classifier(encoders[0][0], device)
     data = load_splits(cfg["dataset"], checkpoint["config"]["size"], data_root, device)

@@ -99,7 +99,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
         cfg, state, logged_through = _resume_state(cfg, resume_run_id)
     check_settings(cfg)
     device = resolve_device(cfg["device"])
-    configure_speed(device)
+    configure_speed(device, cfg.get("deterministic", False))
     seed_everything(cfg["seed"])
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])

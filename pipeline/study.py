@@ -47,7 +47,8 @@ def _stage_runners() -> dict[str, Runner]:
         "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
         "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
         "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values())),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values()),
+                                                      not_run=cfg["not_run"]),
     }
 
 
@@ -75,13 +76,16 @@ class Outcome:
 
 
 def plan(profile: Mapping[str, Any]) -> list[Step]:
-    """The study's steps from a profile's `study` section (baselines, SSL methods, pretraining seeds)."""
+    """The study's steps from a profile's `study` section: baselines (the first is the one weeks 6–8
+    analyse, trained with `analysed_dropout` when given), SSL methods and pretraining seeds."""
     spec = profile.get("study", {})
     baselines = [
         Step(f"baseline_{i}_{b.get('model', 'default')}_{b.get('finetune', 'all')}", "baseline", dict(b),
-             optional=b.get("weights") == "imagenet")
+             optional=b.get("weights") == "imagenet" or b.get("finetune") == "head")
         for i, b in enumerate(spec.get("baselines", [{}]))
     ]
+    if "analysed_dropout" in spec:  # week 8's MC dropout samples the dropout the analysed model trained with
+        baselines[0].overrides.setdefault("dropout", spec["analysed_dropout"])
     methods = spec.get("ssl_methods", ["simclr"])
     seeds = spec.get("pretraining_seeds", [0])
     pretraining = {m: [f"ssl_pretrain_{m}_s{seed}" for seed in seeds] for m in methods}
@@ -201,6 +205,8 @@ def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: st
         for step in steps:
             echo(f"[study] {step.name} ...")
             cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root)
+            if step.stage == "compare":  # the tables and the draft say what the study could not run
+                cfg["not_run"] = {o.step: o.note for o in outcomes if o.status == "skipped"}
             outcome = run_step(step, cfg, inputs, data_root, runners[step.stage], dataset, study_run.info.run_id)
             outcomes.append(outcome)
             if outcome.run_id:

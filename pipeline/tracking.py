@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
+from pipeline.runtime import reproducibility_tags
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "mlruns_template"
 
@@ -85,8 +86,10 @@ def code_version() -> str:
 
 
 def process_tags() -> dict[str, str]:
-    """The `host` and `pid` tags that let `clean-stale` tell a live run from one killed hard."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+    """The `host` and `pid` tags that let `clean-stale` tell a live run from one killed hard, and
+    how the process computes (torch threads, deterministic algorithms): a same-seed rerun on
+    another core count differs unless it ran deterministic."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), **reproducibility_tags()}
 
 
 @contextlib.contextmanager

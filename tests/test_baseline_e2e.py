@@ -30,6 +30,7 @@ def test_standalone_run_logs_the_contract_and_consistent_metrics(synthetic_root,
     assert (tags["stage"], tags["dataset"], tags["model"], tags["seed"], tags["method"]) == (
         "baseline", "breastmnist", "smallcnn", "0", "supervised")
     assert params["cfg.epochs"] == "2" and len(tags["config_hash"]) == 12
+    assert tags["deterministic"] == "false" and int(tags["torch_threads"]) >= 1  # how it computed, for a rerun
     assert mlflow.get_experiment(run.info.experiment_id).name == "breastmnist"
 
     # Logged metrics agree with an independent recomputation from the logged predictions.
@@ -68,6 +69,18 @@ def test_same_seed_same_test_metrics(synthetic_root, tracking_uri, tmp_path):
     first, second = all_runs(tracking_uri)
     keys = [k for k in first.data.metrics if k.startswith("test_")]
     assert {k: first.data.metrics[k] for k in keys} == {k: second.data.metrics[k] for k in keys}
+
+
+def test_deterministic_runs_agree_at_one_and_two_threads(synthetic_root, tracking_uri, tmp_path):
+    for threads in ("1", "2"):
+        env = cli_env(synthetic_root, tracking_uri, OMP_NUM_THREADS=threads)
+        result = run_step("baseline", ["--dataset", "breastmnist", *FAST, "--seed", "5", "--deterministic", "true"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+    second, first = all_runs(tracking_uri)
+    for run in (first, second):
+        assert (run.data.tags["torch_threads"], run.data.tags["deterministic"]) == ("1", "true")
+    keys = [k for k in first.data.metrics if k.startswith("test_")]
+    assert keys and {k: first.data.metrics[k] for k in keys} == {k: second.data.metrics[k] for k in keys}
 
 
 @pytest.mark.slow

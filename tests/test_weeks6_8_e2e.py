@@ -307,8 +307,9 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
     prob, entropy, error = floats(mc["prob"]), floats(mc["entropy"]), mc["error"].astype(int)
     assert np.allclose(entropy, -(prob * np.log(prob) + (1 - prob) * np.log(1 - prob)), atol=1e-9)
     assert np.array_equal(error, ((prob >= 0.5) != test_y).astype(int))
-    if 0 < error.sum() < len(error):
+    if 0 < error.sum() < len(error):  # entropy and confidence scored against the same errors
         assert m["mc_error_auroc_entropy"] == pytest.approx(roc_auc_score(error, entropy), abs=1e-9)
+        assert m["mc_error_auroc_confidence"] == pytest.approx(roc_auc_score(error, 1 - np.maximum(prob, 1 - prob)), abs=1e-9)
     wrong = (test_p >= 0.5) != test_y
     if 0 < wrong.sum() < len(wrong):
         assert m["error_auroc_confidence"] == pytest.approx(roc_auc_score(wrong, 1 - np.maximum(test_p, 1 - test_p)), abs=1e-9)
