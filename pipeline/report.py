@@ -415,7 +415,6 @@ def add_not_run(built: list[Table], not_run: Mapping[str, str]) -> None:
     for step, reason in not_run.items():
         table = by_name["week2_baselines" if step.startswith("baseline") else "week5_label_efficiency"]
         table.not_run.append(f"study step `{step}`: {reason}")
-        table.records.append({"step": step, "status": f"not run: {reason}"})
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
@@ -651,6 +650,7 @@ def draft_latex(dataset: str, built: list[Table]) -> str:
     body = [f"\\section{{Methods}}\n{tables.latex_escape(methods_text(dataset, built).replace('`', ''))}", "\\section{Results}"]
     for table in built:
         body.append(tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}")
+        body += [f"\\paragraph{{Not run.}} {tables.latex_escape(line.replace('`', ''))}" for line in table.not_run]
         if table.figure is not None:
             body.append("\\begin{figure}[t]\n\\centering\n"
                         f"\\includegraphics[width=0.7\\linewidth]{{{table.name}.png}}\n"
