@@ -12,7 +12,7 @@ import click
 from pipeline import config
 from pipeline.data import check_dataset
 from pipeline.errors import PipelineError
-from pipeline.tracking import fail_adopted_run, record_command, under_mlflow_run
+from pipeline.tracking import fail_adopted_run, prepare_store, record_command, under_mlflow_run
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -64,7 +64,10 @@ def main(command: click.Command, args: list[str] | None = None) -> None:
     prefix = command.name if command.name == "medmnist-ssl" else f"medmnist-ssl {command.name}"
     adopted = under_mlflow_run()  # closing the run unsets MLFLOW_RUN_ID
     record_command([*prefix.split(), *(sys.argv[1:] if args is None else args)])
+    words = sys.argv[1:] if args is None else args
     try:
+        if "--help" not in words:  # help opens no store (and creates no mlflow.db)
+            prepare_store()
         command.main(args=args, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)

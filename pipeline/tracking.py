@@ -8,6 +8,7 @@ tagged `failure_reason`) or KILLED (Ctrl-C or SIGTERM).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +43,36 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "mlruns_template"
 def contract() -> dict[str, Any]:
     """The tag/metric/artifact contract declared in mlruns_template/contract.yaml."""
     return yaml.safe_load((TEMPLATE_DIR / "contract.yaml").read_text())
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def prepare_store() -> None:
+    """Open the tracking store once before any run, under an exclusive lock beside a SQLite file.
+
+    MLflow creates and migrates a new SQLite store on first use; several processes doing that at
+    once (six jobs started together on a fresh machine) interleave their migrations and leave the
+    store half-migrated for good. The lock makes them take turns: the first creates, the others
+    find it made. Other stores (a server, PostgreSQL) serialise on their own.
+    """
+    uri = mlflow.get_tracking_uri()
+    path = sqlite_path(uri)
+    try:
+        if path is None or path == Path(":memory:"):
+            ensure_store()
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                ensure_store()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"the tracking store {uri} cannot be opened: {_one_line(exc)}") from None
 
 
 def ensure_store() -> None:

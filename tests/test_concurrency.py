@@ -1,5 +1,7 @@
-"""Six processes log to one SQLite store at once (created once before): every run lands."""
+"""Processes sharing one SQLite store: six logging at once to a store made before, and six starting
+together on a store that does not exist yet (made once, under a lock)."""
 
+import sqlite3
 import subprocess
 import sys
 
@@ -51,3 +53,19 @@ def test_six_processes_log_to_one_sqlite_store_at_once(synthetic_root, tracking_
             assert sorted(m.step for m in history) == list(range(1, 41))
             assert artifact_paths(tracking_uri, run.info.run_id) == {f"notes/{k}.txt" for k in range(3)}
     assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["stage"] == "eda") == ["1", "2", "3"]
+
+
+def test_six_processes_starting_on_a_store_that_does_not_exist_create_it_once(synthetic_root, tmp_path):
+    store = tmp_path / "fresh" / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    env = cli_env(synthetic_root, uri)
+    commands = [[sys.executable, "-m", "entrypoints.runs", "clean-stale", "--dry-run"] for _ in range(6)]
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(e[-2000:] for e in errors)
+    with sqlite3.connect(store) as db:  # migrated once, to the head revision, no leftover migration table
+        assert len(db.execute("select version_num from alembic_version").fetchall()) == 1
+        assert not db.execute("select name from sqlite_master where name like '_alembic_tmp%'").fetchall()
+    names = [e.name for e in mlflow.MlflowClient(uri).search_experiments()]
+    assert len(names) == len(set(names)) and {"breastmnist", "pneumoniamnist"} <= set(names)
+    assert mlflow.MlflowClient(uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]) == []
