@@ -117,8 +117,11 @@ def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
         for split in SPLITS:
             dataset = data_class(split=split, root=str(root), download=False, size=size)
             images = np.asarray(dataset.imgs)
-            labels = np.asarray(dataset.labels).reshape(-1).astype(np.int64)
-            splits[split] = ArraySplit(images, labels)
+            raw = np.asarray(dataset.labels).reshape(-1)
+            if not np.isin(raw, (0, 1)).all():  # before the cast: 0.95 would silently become 0
+                raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image (found {raw.dtype} values "
+                                f"{', '.join(map(str, np.unique(raw)[:4]))})")
+            splits[split] = ArraySplit(images, raw.astype(np.int64))
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as exc:
         raise UserError(
             f"{path} is corrupted or truncated ({type(exc).__name__}): delete it and download it "
@@ -130,6 +133,9 @@ def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
             raise UserError(f"{path}: {split}_images must be uint8 N×{size}×{size}, got {images.dtype} {images.shape}")
         if len(labels) != len(images) or not np.isin(labels, (0, 1)).all():
             raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image")
+        if len(np.unique(labels)) < 2:  # training, model selection (AUROC) and testing all need both classes
+            raise UserError(f"{path}: the {split} split holds only class {labels[0] if len(labels) else '(none: it is empty)'}; "
+                            "a binary classifier needs both classes in every split")
     return splits
 
 

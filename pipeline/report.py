@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -678,8 +679,15 @@ def export_targets(built: list[Table], results_root: Path, name: str, dataset: s
     return {week: results_root / f"week{week}" / dataset / name for week in weeks}
 
 
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def check_export_is_new(built: list[Table], results_root: Path, name: str, dataset: str) -> None:
-    """An export never replaces an earlier one (its README or tables may hold the student's edits)."""
+    """An export name is a plain folder name (so it stays inside results/weekN/<dataset>/), and an
+    export never replaces an earlier one (its README or tables may hold the student's edits)."""
+    if not EXPORT_NAME.fullmatch(name):
+        raise UserError(f"--export-results {name!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..'), "
+                        "e.g. alice-v1: it becomes results/weekN/<dataset>/<name>/")
     taken = [str(p) for p in export_targets(built, results_root, name, dataset).values() if p.exists()]
     if taken:
         raise UserError(f"results export {name!r} already exists ({taken[0]}); choose another --export-results name "

@@ -177,3 +177,13 @@ def test_a_grid_without_results_is_missing_and_its_stale_figure_goes(tracking_ur
     ablation = next(t for t in built if t.name == "week3_augment_ablation")
     assert not ablation.rows and ablation.missing.startswith("missing: the newest FINISHED run of this stage")
     assert not (out / "breastmnist" / "week3_augment_ablation.png").exists()
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "../../x", "a/b", ".."])
+def test_an_export_name_must_be_a_plain_folder_name(tracking_uri, tmp_path, capsys, name):
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "reports"), "--export-results", name,
+                               "--results-root", str(results)])
+    assert exit_info.value.code != 0 and "must be a plain name" in capsys.readouterr().err
+    assert not results.exists() and not (tmp_path / "x").exists()

@@ -113,3 +113,16 @@ def test_batches_cover_every_index_once_and_follow_the_seed():
 def test_real_files_match_medmnist_split_sizes(name):
     arrays = data.load_arrays(name, 28, REAL_DATA)
     assert {s: len(a.labels) for s, a in arrays.items()} == INFO[name]["n_samples"]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: y.astype(np.float32) * 0.9 + 0.05, "train_labels must hold one 0/1 label per image"),  # 0.05 / 0.95: cast would make all 0
+    (lambda y: np.zeros_like(y), "the train split holds only class 0; a binary classifier needs both classes"),
+])
+def test_float_or_one_class_training_labels_are_refused(tmp_path, labels, message):
+    path = write_synthetic(tmp_path, "breastmnist")
+    arrays = dict(np.load(path))
+    arrays["train_labels"] = labels(arrays["train_labels"])
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=message):
+        data.load_arrays("breastmnist", 28, tmp_path)
