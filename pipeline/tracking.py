@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -562,4 +563,31 @@ def resumable_run(stage: str, dataset: str, run_id: str) -> Run:
             f"run {run_id} is RUNNING (process {tags.get('pid', '?')} on {tags.get('host', 'an unknown host')}); "
             "stop it first, or mark it with `medmnist-ssl runs clean-stale` if its process is gone"
         )
-    return run
+    return claim_run(run)
+
+
+CLAIM_WAIT_S = 1.5  # longer than a claimant takes from its check to reopening the run
+
+
+def claim_run(run: Run, wait_s: float = CLAIM_WAIT_S) -> Run:
+    """Claim an interrupted run for this process before reopening it, so two simultaneous resumes
+    never both train: each writes its own token into the `resume_claim` tag, waits, and reads it
+    back. Only the last writer sees its token; a claimant that also finds the run reopened by a
+    live process backs off. Works on any store (MLflow has no compare-and-set)."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    client = MlflowClient()
+    for attempt in range(3):  # SQLite: two first writes of one tag key collide; the second then updates
+        try:
+            client.set_tag(run.info.run_id, "resume_claim", token)
+            break
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    time.sleep(wait_s)
+    now = client.get_run(run.info.run_id)
+    reopened = now.info.status == "RUNNING" and stale_reason(now, None, time.time()) is None
+    if now.data.tags.get("resume_claim") != token or reopened:
+        raise UserError(f"run {run.info.run_id} is being resumed by another process "
+                        f"({now.data.tags.get('resume_claim', '?').rsplit(':', 1)[0]}); not resuming it twice")
+    return now

@@ -168,3 +168,53 @@ def test_a_resumed_run_keeps_the_code_version_it_started_with(tracking_uri, monk
     resumed = mlflow.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
     assert resumed.data.tags["code_version"] == started and resumed.data.tags["resumed_code_version"] == "edited0000aa"
+
+
+def test_two_simultaneous_resumes_of_one_run_train_it_once(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "kill.yaml"
+    config.write_text(CONFIG)
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    tracking.ensure_store()
+    env = cli_env(synthetic_root, tracking_uri)
+    killed, _ = kill_after_checkpoint(tracking_uri, env, ["--dataset", "breastmnist", "--config", str(config)], tmp_path)
+    run_id = killed.info.run_id
+    clean_stale(capsys)
+    command = [sys.executable, "-m", "entrypoints.baseline", "--dataset", "breastmnist", "--resume", run_id]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for code, err in results if code)
+    # the later one is refused in one line: by the claim, or (when it starts after the winner reopened the run) as RUNNING
+    assert (f"run {run_id} is being resumed by another process" in loser or f"run {run_id} is RUNNING" in loser), loser
+    assert "Traceback" not in loser
+    client = mlflow.MlflowClient(tracking_uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 9))  # one value per epoch: trained once
+
+
+def test_of_two_claims_made_at_once_exactly_one_wins(tracking_uri):
+    import threading
+
+    tracking.ensure_store()
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.create_run("0", tags={"dataset": "breastmnist", "stage": "baseline"})
+    client.set_terminated(run.info.run_id, "KILLED")
+    killed = client.get_run(run.info.run_id)
+    outcomes: list[str] = []
+
+    def claim():
+        try:
+            tracking.claim_run(killed, wait_s=1.0)
+            outcomes.append("won")
+        except tracking.UserError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes)[1] == "won" and "is being resumed by another process" in sorted(outcomes)[0], outcomes
