@@ -471,9 +471,17 @@ def runs_by_id(run_ids: Iterable[str]) -> dict[str, Run]:
     return {r.info.run_id: r for r in all_runs(f"attributes.run_id IN ({quoted})", view=ViewType.ALL)}
 
 
+@lru_cache(maxsize=1)
+def _scratch() -> tempfile.TemporaryDirectory:
+    """This process's folder for downloaded artifacts; removed when the process exits (also after
+    Ctrl-C or SIGTERM, which end a run through KeyboardInterrupt)."""
+    return tempfile.TemporaryDirectory(prefix="medmnist-ssl-")
+
+
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
-    """Fetch one artifact of a run to a local path; a missing artifact is a UserError."""
-    dst = dst or Path(tempfile.mkdtemp(prefix="medmnist-ssl-"))
+    """Fetch one artifact of a run to a local path (by default a fresh folder inside this process's
+    scratch folder); a missing artifact is a UserError."""
+    dst = dst or Path(tempfile.mkdtemp(dir=_scratch().name))
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except (MlflowException, OSError):

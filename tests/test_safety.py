@@ -128,3 +128,22 @@ def test_every_torch_load_uses_weights_only():
     calls = {f"{p.relative_to(REPO)}:{line}": safe for p in files for line, safe in torch_load_calls(p)}
     assert calls, "expected at least pipeline/checkpoint.py to load checkpoints"
     assert all(calls.values()), f"torch.load without weights_only=True at {[k for k, v in calls.items() if not v]}"
+
+
+def test_steps_that_download_artifacts_leave_nothing_in_the_temp_folder(synthetic_root, tracking_uri, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env, run_step
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = cli_env(synthetic_root, tracking_uri, TMPDIR=str(scratch))
+    steps = [("ssl_pretrain", ["--steps", "2", "--knn-every", "1", "--batch-size", "32"]),
+             ("linear_probe", ["--label-fractions", "1", "--seeds", "0", "--methods", "ssl_probe"]),  # downloads the encoder
+             ("ssl_finetune", ["--label-fractions", "1", "--seeds", "0", "--epochs", "1", "--encoder-lr-scale", "0.1"]),
+             ("compare", ["--out", str(tmp_path / "reports")])]  # downloads the probe grid's table
+    for step, args in steps:
+        result = run_step(step, ["--dataset", "breastmnist", *args], env, tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert list(scratch.iterdir()) == [], f"{step} left {[p.name for p in scratch.iterdir()]}"
