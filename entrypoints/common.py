@@ -16,8 +16,9 @@ from pipeline.tracking import fail_adopted_run, prepare_store, record_command, u
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# A new SQLite store announces its table creation at INFO; keep a user's error to one line.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# A new SQLite store announces its table creation at INFO, and a locked store logs each retried write
+# with a traceback (pipeline.tracking retries them): keep a user's terminal to one line per problem.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 DATA_OPTIONS = (
     click.option("--dataset", default="breastmnist", show_default=True, help="breastmnist or pneumoniamnist."),

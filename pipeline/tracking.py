@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import mlflow
 import psutil
@@ -149,7 +149,7 @@ def tracked_run(
         # SIGTERM, and SIGINT even where the shell started us with it ignored (a background job),
         # raise KeyboardInterrupt so the run ends KILLED.
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested)
+    run = _write(lambda: mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name, nested=nested))
     _open_runs.append(run.info.run_id)
     outcome: BaseException | None = None
     try:
@@ -290,22 +290,47 @@ def fail_adopted_run(message: str, stage: str) -> None:
             client.set_terminated(run_id, "FAILED")
 
 
+STORE_PATIENCE_S = 180.0  # how long a write waits out a locked or unreachable store before the run gives up
+TRANSIENT = ("database is locked", "temporarily unavailable", "connection", "timed out", "max retries", "503", "502")
+
+
+def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
+    """Run one store write, retrying a locked or unreachable store with backoff (0.5 s doubling to
+    8 s) for up to `patience_s`; then one UserError line. Other errors (a param logged twice with
+    another value) are raised at once."""
+    patience_s = STORE_PATIENCE_S if patience_s is None else patience_s
+    deadline, wait = time.monotonic() + patience_s, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # MLflow passes SQLAlchemy's OperationalError through unwrapped
+            if not any(word in str(exc).lower() for word in TRANSIENT):
+                raise
+            if time.monotonic() + wait > deadline:
+                run = mlflow.active_run()
+                resume = f"; its last checkpoint is kept: `--resume {run.info.run_id}` continues it" if run else ""
+                raise UserError(f"the tracking store {mlflow.get_tracking_uri()} stayed locked or unreachable for "
+                                f"{patience_s:.0f} s ({_one_line(exc)}){resume}") from None
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Set tags on the active run (values as strings)."""
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    _write(lambda: mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
 
 def log_config(config: Mapping[str, Any]) -> None:
     """Log the resolved config as `cfg.<key>` params (never colliding with `mlflow run`'s `-P`
     params) and as `config.yaml`."""
     params = {f"cfg.{k}": ",".join(map(str, v)) if isinstance(v, list) else v for k, v in config.items()}
-    mlflow.log_params(params)
-    mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=True), "config.yaml")
+    _write(lambda: mlflow.log_params(params))
+    _write(lambda: mlflow.log_text(yaml.safe_dump(dict(config), sort_keys=True), "config.yaml"))
 
 
 def log_params(params: Mapping[str, Any]) -> None:
     """Log values a step derives from its config (e.g. an epoch budget converted to steps) as params."""
-    mlflow.log_params(dict(params))
+    _write(lambda: mlflow.log_params(dict(params)))
 
 
 def logged_config(run: Run) -> dict[str, str]:
@@ -315,37 +340,39 @@ def logged_config(run: Run) -> dict[str, str]:
 
 def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
     """Log numeric metrics (NaN kept: MLflow stores it) at an optional step."""
-    mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+    _write(lambda: mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step))
 
 
 def log_figure(fig: Figure, artifact_file: str) -> None:
     """Log a matplotlib figure as a PNG artifact and release it."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"})
-    plt.close(fig)
+    try:
+        _write(lambda: mlflow.log_figure(fig, artifact_file, save_kwargs={"dpi": 120, "bbox_inches": "tight"}))
+    finally:
+        plt.close(fig)
 
 
 def log_json(data: Any, artifact_file: str) -> None:
     """Log a JSON-serialisable object as an artifact file."""
-    mlflow.log_text(json.dumps(data, indent=2, default=float), artifact_file)
+    _write(lambda: mlflow.log_text(json.dumps(data, indent=2, default=float), artifact_file))
 
 
 def log_table(rows: list[Mapping[str, Any]], artifact_file: str) -> None:
     """Log rows as an MLflow table (shown in the UI's artifact view; `artifact_file` ends in .json)."""
     import pandas as pd
 
-    mlflow.log_table(pd.DataFrame(rows), artifact_file)
+    _write(lambda: mlflow.log_table(pd.DataFrame(rows), artifact_file))
 
 
 def log_text(text: str, artifact_file: str) -> None:
     """Log a text artifact (CSV, Markdown, JSONL...)."""
-    mlflow.log_text(text, artifact_file)
+    _write(lambda: mlflow.log_text(text, artifact_file))
 
 
 def log_file(local_path: Path, artifact_dir: str | None = None) -> None:
     """Log a local file under `artifact_dir`."""
-    mlflow.log_artifact(str(local_path), artifact_dir)
+    _write(lambda: mlflow.log_artifact(str(local_path), artifact_dir))
 
 
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:

@@ -69,3 +69,34 @@ def test_six_processes_starting_on_a_store_that_does_not_exist_create_it_once(sy
     names = [e.name for e in mlflow.MlflowClient(uri).search_experiments()]
     assert len(names) == len(set(names)) and {"breastmnist", "pneumoniamnist"} <= set(names)
     assert mlflow.MlflowClient(uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]) == []
+
+
+def test_a_store_locked_for_30_seconds_mid_training_delays_the_run_but_does_not_kill_it(synthetic_root, tracking_uri, tmp_path):
+    import time
+
+    tracking.ensure_store()
+    config = tmp_path / "long.yaml"
+    config.write_text("epochs: 40\nbatch_size: 32\nbootstrap: 20\n")
+    env = cli_env(synthetic_root, tracking_uri)
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.baseline", "--config", str(config)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (all_runs(tracking_uri) and "train_loss" in all_runs(tracking_uri)[0].data.metrics):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        store = tracking.sqlite_path(tracking_uri)
+        with sqlite3.connect(store, timeout=60, isolation_level=None) as db:  # another process holds a write transaction
+            db.execute("BEGIN IMMEDIATE")
+            time.sleep(30)
+            assert proc.poll() is None, "the run died while the store was locked"
+            db.execute("COMMIT")
+        stderr = proc.communicate(timeout=600)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    (run,) = all_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(h.step for h in history) == list(range(1, 41))  # no epoch lost or logged twice
