@@ -140,6 +140,8 @@ def tracked_run(
     and `week` are added here.
     """
     nested = nested or mlflow.active_run() is not None  # inside `study`, every step nests
+    if resume_run_id:  # checked and about to reopen: claim it first, so two resumes never both train
+        claim_run(MlflowClient().get_run(resume_run_id))
     if not nested:
         ensure_store()
         # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, so that variable cannot mean "the
@@ -598,7 +600,7 @@ def resumable_run(stage: str, dataset: str, run_id: str) -> Run:
             f"run {run_id} is RUNNING (process {tags.get('pid', '?')} on {tags.get('host', 'an unknown host')}); "
             "stop it first, or mark it with `medmnist-ssl runs clean-stale` if its process is gone"
         )
-    return claim_run(run)
+    return run
 
 
 CLAIM_WAIT_S = 1.5  # longer than a claimant takes from its check to reopening the run
