@@ -4,7 +4,9 @@ Student-t interval, and the verdict that interval supports.
 Two methods are paired when they share a label fraction and a subset seed: the same labelled images,
 so the difference removes the subset's luck from the comparison. The verdict reads the interval
 alone, never which mean is larger: "helps" when it excludes zero on the better side, "hurts" on the
-worse side, "no detectable difference" when it covers zero.
+worse side, "no detectable difference" when it covers zero. Fewer than three pairs give no verdict:
+with two, identical differences (frequent for accuracy, a multiple of 1/n_test) make a zero-width
+interval that would read as certainty.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from scipy import stats
 # Which direction is better for each compared metric (ECE: lower is better calibrated).
 HIGHER_IS_BETTER = {"test_auroc": True, "test_acc": True, "test_balanced_acc": True, "test_ece": False}
 LEVEL = 0.95
+MIN_PAIRS = 3
 INTERVAL = "95% Student-t interval of the mean paired difference (n − 1 degrees of freedom)"
 
 
@@ -33,10 +36,10 @@ class PairedDifference:
     verdict: str
 
 
-def verdict(low: float, high: float, higher_is_better: bool) -> str:
-    """What an interval of a − b says about a: helps, hurts, or no detectable difference."""
-    if math.isnan(low) or math.isnan(high):
-        return "too few seeds for an interval"
+def verdict(low: float, high: float, higher_is_better: bool, n: int = MIN_PAIRS) -> str:
+    """What an interval of a − b over `n` pairs says about a: helps, hurts, or no detectable difference."""
+    if n < MIN_PAIRS or math.isnan(low) or math.isnan(high):
+        return f"too few seeds for a verdict (n = {n} < {MIN_PAIRS})" if n < MIN_PAIRS else "too few seeds for an interval"
     if low > 0 or high < 0:
         better = (low > 0) == higher_is_better
         return "helps" if better else "hurts"
@@ -49,12 +52,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher_is_better: 
     diffs = diffs[np.isfinite(diffs)]
     n = len(diffs)
     if n == 0:
-        return PairedDifference(0, math.nan, math.nan, math.nan, verdict(math.nan, math.nan, higher_is_better))
+        return PairedDifference(0, math.nan, math.nan, math.nan, verdict(math.nan, math.nan, higher_is_better, 0))
     mean = float(diffs.mean())
     if n < 2:
-        return PairedDifference(n, mean, math.nan, math.nan, verdict(math.nan, math.nan, higher_is_better))
+        return PairedDifference(n, mean, math.nan, math.nan, verdict(math.nan, math.nan, higher_is_better, n))
     half = float(stats.t.ppf((1 + level) / 2, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
-    return PairedDifference(n, mean, mean - half, mean + half, verdict(mean - half, mean + half, higher_is_better))
+    return PairedDifference(n, mean, mean - half, mean + half, verdict(mean - half, mean + half, higher_is_better, n))
 
 
 def pairs(rows: Iterable[Mapping[str, Any]], method_a: str, method_b: str, fraction: float, metric: str) -> tuple[list[float], list[float], list[str]]:

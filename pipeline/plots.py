@@ -374,29 +374,34 @@ def loss_curves_by_label(histories: Mapping[str, Sequence[Mapping[str, float]]],
 
 
 def paired_differences(records: Sequence[Mapping], metrics: Sequence[str], title: str) -> Figure:
-    """Mean paired difference (a − b) with its 95% interval against the label fraction, one panel
-    per metric and one line per comparison, around a zero line."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 4.0), squeeze=False, constrained_layout=True)
-    comparisons = list(dict.fromkeys(r["comparison"] for r in records))
-    for ax, metric in zip(axes[0], metrics):
-        for k, comparison in enumerate(comparisons):
-            rows = sorted((r for r in records if r["comparison"] == comparison and r["metric"] == metric),
-                          key=lambda r: r["label_fraction"])
-            if not rows:
-                continue
-            nudge = 1 + 0.05 * (k - (len(comparisons) - 1) / 2)
-            x = [r["label_fraction"] * nudge for r in rows]
-            mean = np.array([r["diff_mean"] for r in rows])
-            low, high = np.array([r["ci_low"] for r in rows]), np.array([r["ci_high"] for r in rows])
-            ax.errorbar(x, mean, yerr=np.nan_to_num([mean - low, high - mean]), marker="o", capsize=3, label=comparison)
-        ax.axhline(0, color="black", linewidth=0.8)
-        fractions = sorted({r["label_fraction"] for r in records})
-        ax.set_xscale("log")
-        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-        ax.set_xlabel("fraction of training labels (log scale)")
-        better = "lower is better" if metric.endswith("ece") else "higher is better"
-        ax.set_ylabel(f"Δ {metric.removeprefix('test_').replace('_', ' ')} ({better})")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    """Mean paired difference (a − b) with its 95% interval against the label fraction: one row of
+    panels per SSL method, one panel per metric, one line per comparison, around a zero line."""
+    methods = list(dict.fromkeys(r.get("ssl_method", "") for r in records))
+    fig, axes = plt.subplots(len(methods), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(methods)), squeeze=False,
+                             constrained_layout=True)
+    fractions = sorted({r["label_fraction"] for r in records})
+    for row, method in enumerate(methods):
+        mine = [r for r in records if r.get("ssl_method", "") == method]
+        comparisons = list(dict.fromkeys(r["comparison"] for r in mine))
+        for ax, metric in zip(axes[row], metrics):
+            for k, comparison in enumerate(comparisons):
+                points = sorted((r for r in mine if r["comparison"] == comparison and r["metric"] == metric),
+                                key=lambda r: r["label_fraction"])
+                if not points:
+                    continue
+                nudge = 1 + 0.07 * (k - (len(comparisons) - 1) / 2)
+                mean = np.array([r["diff_mean"] for r in points])
+                low, high = np.array([r["ci_low"] for r in points]), np.array([r["ci_high"] for r in points])
+                ax.errorbar([r["label_fraction"] * nudge for r in points], mean, yerr=np.nan_to_num([mean - low, high - mean]),
+                            marker="o", capsize=3, label=comparison.replace(f" ({method})", ""))
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+            ax.set_xlabel("fraction of training labels (log scale)")
+            better = "lower is better" if metric.endswith("ece") else "higher is better"
+            ax.set_ylabel(f"Δ {metric.removeprefix('test_').replace('_', ' ')} ({better})")
+            ax.set_title(f"{method} encoder" if method else metric, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
     fig.suptitle(title)
     return fig

@@ -275,11 +275,11 @@ def paired_table(dataset: str, scope: Scope = None) -> Table:
               *(f"{m.removeprefix('test_')} verdict" for m in PAIRED_METRICS)]
     rows, _, newest = label_efficiency_rows(dataset, scope)
     rows += finetune_rows(dataset, scope)
-    comparisons = []
+    records = []
     for m in newest:
         probe, tune = f"{METHOD_LABELS['ssl_probe']} ({m})", f"{METHOD_LABELS['ssl_finetune']} ({m})"
-        comparisons += [(probe, "supervised"), (probe, "random_probe"), (tune, "supervised"), (tune, probe)]
-    records = paired.compare_methods(rows, comparisons, PAIRED_METRICS)
+        comparisons = [(probe, "supervised"), (probe, "random_probe"), (tune, "supervised"), (tune, probe)]
+        records += [{**r, "ssl_method": m} for r in paired.compare_methods(rows, comparisons, PAIRED_METRICS)]
     if not records:
         return _missing("week6_paired_differences", "Paired differences", header, "linear_probe", dataset)
     table = Table("week6_paired_differences", f"Paired differences a − b over subset seeds ({paired.INTERVAL})", header)

@@ -112,8 +112,8 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         mean, half = sum(diffs) / 2, stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5
         assert row.n == 2 and row.diff_mean == pytest.approx(mean)
         assert (row.ci_low, row.ci_high) == pytest.approx((mean - half, mean + half))
-        assert row.verdict == paired.verdict(row.ci_low, row.ci_high, higher_is_better=row.metric != "test_ece")
-    assert set(differences[differences.a.str.startswith("SSL fine-tune")].verdict) == {"too few seeds for an interval"}
+        assert row.verdict == paired.verdict(row.ci_low, row.ci_high, row.metric != "test_ece", row.n) == "too few seeds for a verdict (n = 2 < 3)"
+    assert set(differences[differences.a.str.startswith("SSL fine-tune")].verdict) == {"too few seeds for a verdict (n = 1 < 3)"}
     latex = (out / "draft.tex").read_text()
     assert "\\begin{document}" in latex and "\\includegraphics[width=0.7\\linewidth]{week3_augment_ablation.png}" in latex
     assert "![Augmentation ablation (smallcnn, 1 epoch, run" in draft

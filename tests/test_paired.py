@@ -25,11 +25,16 @@ def test_the_interval_is_the_student_t_interval_of_the_mean_difference():
     (math.nan, math.nan, True, "too few seeds for an interval"),
 ])
 def test_the_verdict_reads_the_interval_only(low, high, higher_is_better, expected):
-    assert paired.verdict(low, high, higher_is_better) == expected
+    assert paired.verdict(low, high, higher_is_better, n=5) == expected
+
+
+def test_two_identical_differences_are_no_verdict():
+    result = paired.paired_difference([0.78, 0.80], [0.75, 0.77])  # a zero-width interval at +0.03
+    assert result.low == pytest.approx(result.high) and result.verdict.startswith("too few seeds for a verdict (n = 2")
 
 
 def test_a_larger_mean_with_an_interval_across_zero_is_no_detectable_difference():
-    result = paired.paired_difference([0.9, 0.7, 0.95], [0.8, 0.8, 0.8])
+    result = paired.paired_difference([0.9, 0.7, 0.95], [0.8, 0.8, 0.8])  # n = 3
     assert result.mean > 0 and result.low < 0 < result.high and result.verdict == "no detectable difference"
 
 
