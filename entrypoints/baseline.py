@@ -20,22 +20,26 @@ from pipeline.data import check_dataset
 @click.option("--augment", default="", help="Augmentation preset.")
 @click.option("--label-fraction", default="", help="Fraction of training labels (stratified).")
 @click.option("--resume", default="", help="Id of a KILLED, FAILED or stale baseline run to finish from its last.pt.")
-def command(dataset: str, data_root: str, config_file: str, resume: str, **overrides: str) -> None:
+@click.option("--other-data", is_flag=True, help="With --resume: continue on a data file other than the one the run started on.")
+def command(dataset: str, data_root: str, config_file: str, resume: str, other_data: bool, **overrides: str) -> None:
     """Train one supervised classifier and log it to MLflow."""
+    if other_data and not resume:
+        raise click.UsageError("--other-data only applies with --resume")
     if resume:
-        results = resume_run(resume, dataset, data_root, config_file, **overrides)
+        results = resume_run(resume, dataset, data_root, config_file, other_data=other_data, **overrides)
     else:
         results = run_baseline(resolve("baseline", dataset, config_file, **overrides), data_root)
     report(dataset, results)
 
 
-def resume_run(run_id: str, dataset: str, data_root: str, config_file: str, device: str, **overrides: str) -> dict[str, float]:
+def resume_run(run_id: str, dataset: str, data_root: str, config_file: str, device: str, other_data: bool = False,
+               **overrides: str) -> dict[str, float]:
     """Finish a run with its own config; settings other than the device and data are refused."""
     given = [f"--{key.replace('_', '-')}" for key, value in overrides.items() if value] + (["--config"] if config_file else [])
     if given:
         raise click.UsageError(f"--resume continues run {run_id} with its own config; drop {', '.join(given)}")
     check_dataset(dataset)
-    return resume_baseline(run_id, dataset, data_root, device)
+    return resume_baseline(run_id, dataset, data_root, device, other_data)
 
 
 def report(dataset: str, results: dict[str, float]) -> None:

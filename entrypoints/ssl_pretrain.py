@@ -20,10 +20,11 @@ from pipeline.ssl_pretrain import run_ssl_pretrain
 @click.option("--moco-momentum", default="", help="MoCo key-encoder momentum.")
 @click.option("--bn-splits", default="", help="MoCo batch-norm groups per batch (1 = plain BN).")
 @click.option("--resume", default="", help="Run id of an interrupted ssl_pretrain run to continue.")
-def command(dataset: str, data_root: str, config_file: str, resume: str, **overrides: str) -> None:
+@click.option("--other-data", is_flag=True, help="With --resume: continue on a data file other than the one the run started on.")
+def command(dataset: str, data_root: str, config_file: str, resume: str, other_data: bool, **overrides: str) -> None:
     """Pretrain an encoder without labels and log it (checkpoints/encoder.pt) to MLflow."""
     cfg = resolve("ssl_pretrain", dataset, config_file, **overrides)
-    final = run_ssl_pretrain(cfg, data_root, resume)
+    final = run_ssl_pretrain(cfg, data_root, resume, other_data)
     click.echo(
         f"ssl_pretrain {dataset} {cfg['method']} {cfg['model']}: final loss {final['ssl_loss']:.4f}, "
         f"kNN val AUROC {final['knn_val_auroc_init']:.3f} at step 0 (random init) -> {final['knn_val_auroc']:.3f} "

@@ -11,7 +11,7 @@ import torch
 from pipeline import tracking
 from pipeline.checkpoint import load_train_state, load_weights
 from pipeline.config import config_hash
-from pipeline.data import DatasetSplits, Split, load_splits, stratified_subset
+from pipeline.data import DatasetSplits, Split, fingerprint, load_splits, stratified_subset
 from pipeline.errors import UserError
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
@@ -73,16 +73,18 @@ def train_supervised(
 def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float]:
     """Load data, build the model, train, log; returns the final metrics."""
     job = prepare(cfg, data_root)
-    with tracking.tracked_run("baseline", cfg["dataset"], job.tags, run_name=job.name):
+    data_md5 = fingerprint(cfg["dataset"], cfg["size"], data_root)  # a resume checks it reads the same file
+    with tracking.tracked_run("baseline", cfg["dataset"], {**job.tags, "data_md5": data_md5}, run_name=job.name):
         outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg)
     return outcome.metrics
 
 
-def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str = "") -> dict[str, float]:
+def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str = "", other_data: bool = False) -> dict[str, float]:
     """Reopen a KILLED, FAILED or stale baseline run and finish it from its `last.pt`.
 
     The run's own config (stored in the checkpoint, checked against its `config_hash` tag) is
-    used; only the device may change. Every check runs before the run is reopened.
+    used; only the device may change. The data file must be the one the run started on (its
+    `data_md5` tag) unless `other_data`. Every check runs before the run is reopened.
     """
     run = tracking.resumable_run("baseline", dataset, run_id)
     path = tracking.download_artifact(run_id, "checkpoints/last.pt")
@@ -91,6 +93,7 @@ def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str 
     if config_hash(cfg) != run.data.tags.get("config_hash"):
         raise UserError(f"checkpoints/last.pt of run {run_id} was not written with this run's config (config_hash differs)")
     state = checkpoint["train_state"]
+    tracking.check_same_data(run, fingerprint(cfg["dataset"], cfg["size"], data_root), other_data)
     job = prepare(cfg, data_root, device)
     load_weights(job.model, state["model"], f"checkpoints/last.pt of run {run_id}", cfg["model"])
     logged = tracking.last_logged_step(run_id, "train_loss")

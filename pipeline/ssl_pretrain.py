@@ -20,7 +20,7 @@ from pipeline import tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from pipeline.config import config_hash
-from pipeline.data import load_splits
+from pipeline.data import fingerprint, load_splits
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import pretrain, steps_per_epoch, total_steps
@@ -88,23 +88,27 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
                         "(MoCo's shuffling BN); choose another batch size, or bn_splits=1 for plain BN")
 
 
-def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "") -> dict[str, float]:
+def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "", other_data: bool = False) -> dict[str, float]:
     """Pretrain, log every epoch and the artifacts; returns the final epoch's metrics.
 
     With `resume_run_id` (an interrupted run: KILLED, FAILED or stale), that run is reopened and
-    training continues from its last checkpoint with the checkpoint's configuration.
+    training continues from its last checkpoint with the checkpoint's configuration, on the data file
+    it started on unless `other_data`.
     """
     state, logged_through = None, 0
     if resume_run_id:
         cfg, state, logged_through = _resume_state(cfg, resume_run_id)
     check_settings(cfg)
+    data_md5 = fingerprint(cfg["dataset"], cfg["size"], data_root)
+    if resume_run_id:  # the history must not mix two data files
+        tracking.check_same_data(tracking.get_run(resume_run_id), data_md5, other_data)
     device = resolve_device(cfg["device"])
     configure_speed(device, cfg.get("deterministic", False))
     seed_everything(cfg["seed"])
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
     module = prepare_model(build_ssl(cfg["method"], build_classifier(spec), cfg), device, cfg)
-    tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg)}
+    tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg), "data_md5": data_md5}
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
     with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \
             tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:

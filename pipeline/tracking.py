@@ -603,6 +603,15 @@ def resumable_run(stage: str, dataset: str, run_id: str) -> Run:
     return run
 
 
+def check_same_data(run: Run, data_md5: str, other_data: bool = False) -> None:
+    """A resumed run must read the data file it started on: otherwise its history, model selection
+    and test would mix two datasets."""
+    started_on = run.data.tags.get("data_md5")
+    if started_on and started_on != data_md5 and not other_data:
+        raise UserError(f"run {run.info.run_id} started on a data file with MD5 {started_on}, this data root's has {data_md5}: "
+                        "point --data-root at the original file, or pass --other-data to resume on this one anyway")
+
+
 CLAIM_WAIT_S = 1.5  # longer than a claimant takes from its check to reopening the run
 
 

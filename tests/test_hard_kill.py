@@ -218,3 +218,26 @@ def test_of_two_claims_made_at_once_exactly_one_wins(tracking_uri):
     for thread in threads:
         thread.join()
     assert sorted(outcomes)[1] == "won" and "is being resumed by another process" in sorted(outcomes)[0], outcomes
+
+
+def test_a_resume_refuses_another_data_file_unless_told(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
+    from pipeline.data import fingerprint
+    from pipeline.synthetic import write_synthetic
+
+    config = tmp_path / "kill.yaml"
+    config.write_text(CONFIG)
+    tracking.ensure_store()
+    env = cli_env(synthetic_root, tracking_uri)
+    killed, _ = kill_after_checkpoint(tracking_uri, env, ["--dataset", "breastmnist", "--config", str(config)], tmp_path)
+    run_id = killed.info.run_id
+    assert killed.data.tags["data_md5"] == fingerprint("breastmnist", 28, str(synthetic_root))
+    clean_stale(capsys)
+    other = tmp_path / "other-data"
+    write_synthetic(other, "breastmnist", seed=7)  # same name and shapes, other images
+    with pytest.raises(SystemExit) as exit_info:
+        main(baseline.command, ["--dataset", "breastmnist", "--resume", run_id, "--data-root", str(other)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"run {run_id} started on a data file with MD5" in err and "--other-data" in err
+    assert mlflow.get_run(run_id).info.status == "KILLED" and "resume_claim" not in mlflow.get_run(run_id).data.tags
+    main(baseline.command, ["--dataset", "breastmnist", "--resume", run_id, "--data-root", str(other), "--other-data"])
+    assert mlflow.get_run(run_id).info.status == "FINISHED"

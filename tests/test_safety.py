@@ -131,8 +131,6 @@ def test_every_torch_load_uses_weights_only():
 
 
 def test_steps_that_download_artifacts_leave_nothing_in_the_temp_folder(synthetic_root, tracking_uri, tmp_path):
-    import subprocess
-    import sys
 
     from tests.conftest import cli_env, run_step
 
