@@ -75,7 +75,7 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
     except (URLError, OSError, RuntimeError) as exc:
         raise UserError(
             f"ImageNet weights for resnet18 are not available offline ({type(exc).__name__}): "
-            f"download {weights.url} and place it at {target} (or set TORCH_HOME), or use weights=none"
+            f"download {weights.url} and place it at {target} (or set TORCH_HOME), or train from scratch with weights=none and finetune=all"
         ) from None
 
 
