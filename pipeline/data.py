@@ -82,12 +82,20 @@ def ensure_file(name: str, size: int, root: Path) -> Path:
     return path
 
 
+MAX_DATA_BYTES = 4 * 2**30  # the largest MedMNIST2D file (224 px) is well under this
+
+
 def fingerprint(name: str, size: int, data_root: str = "") -> str:
     """The MD5 of the npz file a step reads at `size` (what the study's reuse key and tags record,
     so a run on other data is never taken for this one)."""
-    path = ensure_file(name, size, resolve_root(data_root))
+    path = ensure_file(name, size, resolve_root(data_root)).resolve()
+    if not path.is_file():  # a device such as /dev/zero would be read forever
+        raise UserError(f"{path} is not a regular file; point data_root/MEDMNIST_ROOT at the folder of the official npz files")
     stat = path.stat()
-    return _file_md5(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if stat.st_size > MAX_DATA_BYTES:
+        raise UserError(f"{path} holds {stat.st_size / 2**30:.1f} GiB, more than any MedMNIST2D file "
+                        f"({MAX_DATA_BYTES / 2**30:.0f} GiB at most); it is not the official file")
+    return _file_md5(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=None)

@@ -126,3 +126,9 @@ def test_float_or_one_class_training_labels_are_refused(tmp_path, labels, messag
     np.savez(path, **arrays)
     with pytest.raises(UserError, match=message):
         data.load_arrays("breastmnist", 28, tmp_path)
+
+
+def test_a_data_file_that_is_not_a_regular_file_is_refused_before_hashing(tmp_path):
+    (tmp_path / "breastmnist.npz").symlink_to("/dev/zero")  # hashing it would never end
+    with pytest.raises(UserError, match="is not a regular file"):
+        data.fingerprint("breastmnist", 28, str(tmp_path))
