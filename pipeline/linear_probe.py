@@ -14,7 +14,7 @@ optimizer steps at every fraction. The parent logs the paired differences (pipel
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -37,6 +37,7 @@ METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only
                  "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
                  "majority_class": "majority class (control)"}
 RESULT_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece", "val_auroc")
+T = TypeVar("T")
 PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
 
 
@@ -85,10 +86,16 @@ def load_ssl_encoders(value: str, dataset: str, device: torch.device, cfg: Mappi
     return [(model, run) for model, run, _ in loaded]
 
 
+def for_seed(encoders: list[T], seeds: list[int], seed: int) -> T:
+    """The pretraining run (or its encoder) that serves a subset seed: number i of `seeds` takes
+    encoder i mod K, so K pretraining runs are crossed with the subset seeds in turn."""
+    return encoders[list(seeds).index(seed) % len(encoders)]
+
+
 def pretraining_seed_note(seeds: list[int], runs: list[Any]) -> str:
     """Which pretraining run serves which subset seed, as the tables state it."""
-    pairs = [f"subset seed {seed} → encoder {runs[k % len(runs)].info.run_id[:8]} "
-             f"(pretraining seed {runs[k % len(runs)].data.tags.get('seed', '?')})" for k, seed in enumerate(seeds)]
+    pairs = [f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).info.run_id[:8]} "
+             f"(pretraining seed {for_seed(runs, seeds, seed).data.tags.get('seed', '?')})" for seed in seeds]
     return f"{len(runs)} pretraining run(s) for {len(seeds)} subset seeds: " + "; ".join(pairs) + "."
 
 
@@ -251,17 +258,18 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     parent_tags = {"model": spec.model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
 
-    def encoder_run(seed: int) -> Any:
-        return ssl_runs[list(cfg["seeds"]).index(seed) % len(ssl_runs)]
+    random_encoders: dict[int, FrozenEncoder] = {}  # one per seed, shared by its fractions
 
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
         method, seed = tags["method"], tags["seed"]
         if method == "ssl_probe":
-            run = encoder_run(seed)
+            run = for_seed(ssl_runs, cfg["seeds"], seed)
             return probe_child(ssl_features[run.info.run_id], data, subset, cfg,
                                {**tags, "source_run_id": run.info.run_id, "pretrain_seed": run.data.tags.get("seed", "")})
         if method == "random_probe":
-            return probe_child(random_encoder(spec, data, cfg, device, seed), data, subset, cfg, tags)
+            if seed not in random_encoders:
+                random_encoders[seed] = random_encoder(spec, data, cfg, device, seed)
+            return probe_child(random_encoders[seed], data, subset, cfg, tags)
         if method == "imagenet_probe":
             return probe_child(imagenet, data, subset, cfg, {**tags, "model": "resnet18"})
         return supervised_child(data, spec, subset, cfg, tags, device)

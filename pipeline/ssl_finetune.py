@@ -26,7 +26,8 @@ from pipeline import config, paired, tables, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
-from pipeline.linear_probe import METHOD_LABELS, PAIRED_COLUMNS, label_efficiency_figure, majority_rows, run_grid, ssl_run_ids
+from pipeline.linear_probe import (METHOD_LABELS, PAIRED_COLUMNS, for_seed, label_efficiency_figure, majority_rows, run_grid,
+                                   ssl_run_ids)
 from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl_pretrain import load_encoder_checkpoint
@@ -163,12 +164,9 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     chosen: dict[float, float] = {}
     selection: list[dict[str, Any]] = []
 
-    def encoder_of(seed: int) -> tuple[Path, Any]:
-        return encoders[list(cfg["seeds"]).index(seed) % len(encoders)]
-
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
         fraction, seed = tags["label_fraction"], tags["seed"]
-        path, ssl_run = encoder_of(seed)
+        path, ssl_run = for_seed(encoders, cfg["seeds"], seed)
         if fraction not in chosen:
             chosen[fraction], scores = choose_scale(path, data, subset, cfg, fraction, seed, device)
             selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction],
