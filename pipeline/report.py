@@ -27,7 +27,7 @@ from pipeline import ablation, paired, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.errors import UserError
 from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
-from pipeline.ssl_finetune import recipe_hash, run_rows
+from pipeline.ssl_finetune import SHOWN_KEYS, recipe_hash, run_rows
 
 
 @dataclass
@@ -166,14 +166,10 @@ def child_rows(parent: Run, dataset: str) -> list[dict[str, Any]]:
     return run_rows(tracking.child_runs(parent.info.run_id, dataset))
 
 
-GROUPED_VALUES = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")
-
-
 def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     """Mean ± std over seeds per (method, label fraction), with n and the run ids."""
     header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
-    values = GROUPED_VALUES
-    summary = tables.aggregate(rows, ("method", "label_fraction"), values)
+    summary = tables.aggregate(rows, ("method", "label_fraction"), SHOWN_KEYS)
     summary.sort(key=lambda r: (r["method"], r["label_fraction"]))
     table = Table(name, title, header)
     for row in summary:
@@ -181,7 +177,7 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
         row.update(seeds=seed_list(mine), run_ids=" ".join(r["run_id"] for r in mine if r["run_id"]))
         table.records.append(row)
         table.rows.append([METHOD_LABELS.get(row["method"], row["method"]), f"{row['label_fraction']:.0%}", row["n"],
-                           *(tables.mean_std(row, value) for value in values)])
+                           *(tables.mean_std(row, value) for value in SHOWN_KEYS)])
     return table
 
 
@@ -227,7 +223,7 @@ def add_majority_rows(table: Table, parent: Run | None) -> None:
     for record in majority_records(parent):
         table.records.append(record)
         table.rows.append([METHOD_LABELS["majority_class"], f"{record['label_fraction']:.0%}", record["n"],
-                           *(tables.mean_std(record, v) for v in GROUPED_VALUES)])
+                           *(tables.mean_std(record, v) for v in SHOWN_KEYS)])
 
 
 def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:

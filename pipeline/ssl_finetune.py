@@ -35,6 +35,7 @@ from pipeline.supervised import fit_and_log
 from pipeline.train import epochs_for_steps, eval_interval, train_classifier
 
 TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
+SHOWN_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")  # the columns of the week-5/6 tables
 OPTIONAL_KEYS = ("test_balanced_acc", "val_auroc")  # absent from runs logged before they existed: NaN
 FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
 
@@ -100,14 +101,13 @@ def log_week6_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str
     """The week-6 comparison (accuracy, balanced accuracy, AUROC, ECE, mean ± std) as CSV and
     Markdown, with the `controls` rows (majority class), plus a figure and the paired differences."""
     others, notes = comparison_rows(dataset, ssl_run_id)
-    keys = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")
-    summary = tables.aggregate(finetune_rows + others + controls, ("method", "label_fraction"), keys)
+    summary = tables.aggregate(finetune_rows + others + controls, ("method", "label_fraction"), SHOWN_KEYS)
     summary.sort(key=lambda r: (r["label_fraction"], r["method"]))
-    columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")]
+    columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in SHOWN_KEYS for s in ("mean", "std")]
     tracking.log_text(tables.to_csv(summary, columns), "week6_comparison.csv")
     header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
     body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"],
-             *(tables.mean_std(r, k) for k in keys)] for r in summary]
+             *(tables.mean_std(r, k) for k in SHOWN_KEYS)] for r in summary]
     text = (f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
             "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
             + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
