@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.supervised import fit_and_log, model_spec
+from pipeline.train import check_resume_state
 
 
 @dataclass
@@ -96,6 +97,7 @@ def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str 
     tracking.check_same_data(run, fingerprint(cfg["dataset"], cfg["size"], data_root), other_data)
     job = prepare(cfg, data_root, device)
     load_weights(job.model, state["model"], f"checkpoints/last.pt of run {run_id}", cfg["model"])
+    check_resume_state(job.model, cfg, state, f"checkpoints/last.pt of run {run_id}")
     logged = tracking.last_logged_step(run_id, "train_loss")
     with tracking.tracked_run("baseline", dataset, {**job.tags, "resumed_from_epoch": state["epoch"]}, resume_run_id=run_id):
         outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, resume=state, logged_through=logged)

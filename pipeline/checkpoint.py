@@ -60,11 +60,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
+SPEC_VALUES: dict[str, tuple[Any, ...]] = {"model": ("smallcnn", "resnet18"), "in_channels": (1, 3),
+                                           "stem": ("cifar", "imagenet"), "weights": ("none", "imagenet", "auto")}
+
+
+def spec_from_checkpoint(raw: Any, path: Path) -> ModelSpec:
+    """The ModelSpec a checkpoint stores, checked before anything is built: a malformed or hostile
+    spec (a string for a number, `in_channels: 10**8`) is one UserError, not an allocation."""
+    if not isinstance(raw, dict):
+        raise UserError(f"checkpoint {path} has a malformed model spec (not a mapping)")
+    fields = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    spec = {k: v for k, v in raw.items() if k in fields}
+    for key, allowed in SPEC_VALUES.items():
+        if key in spec and (type(spec[key]) is not type(fields[key]) or spec[key] not in allowed):
+            raise UserError(f"checkpoint {path} has a malformed model spec: {key} must be one of {', '.join(map(str, allowed))}")
+    dropout = spec.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise UserError(f"checkpoint {path} has a malformed model spec: dropout must be a number in [0, 1)")
+    return ModelSpec(**spec)
+
+
 def load_classifier(path: Path, device: torch.device) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the classifier a checkpoint describes and load its weights (no weight download)."""
     data = load_checkpoint(path)
-    fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    spec = ModelSpec(**{k: v for k, v in data["spec"].items() if k in fields})
+    spec = spec_from_checkpoint(data["spec"], path)
     model = build_classifier(dataclasses.replace(spec, weights="none"))
     load_weights(model, data["state_dict"], f"checkpoint {path}", spec.model)
     return model.to(device).eval(), data

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,6 +22,25 @@ from pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SIZES = (28, 64, 128, 224)
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is a mistake
+MAX_INT = 2**31 - 1  # seeds, sizes and counts: beyond this, torch and numpy overflow or allocate without end
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """repr() bounded to a line: a user's value is echoed in errors, and it may be huge."""
+    return _REPR.repr(value)
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a config has no use for `*anchor`, and aliases let a few hundred
+    bytes expand into gigabytes (a "billion laughs" file)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 def _one_of(*allowed: Any) -> Callable[[Any], str | None]:
@@ -102,7 +122,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "size": _one_of(*SIZES),
     "epochs": _at_least(1),
     "eval_every": _at_least(1),
-    "batch_size": _at_least(1),
+    "batch_size": lambda value: None if value >= 2 else "must be >= 2 (batch norm trains on two images or more)",
     "eval_batch_size": _at_least(1),
     "lr": _positive,
     "weight_decay": _at_least(0),
@@ -164,11 +184,17 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing, unreadable or non-mapping file is a UserError."""
+    """Read a YAML mapping; a missing, unreadable, oversized or non-mapping file is a UserError."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES or not Path(path).is_file():
+            raise UserError(f"config file {path} must be a regular file under {MAX_CONFIG_BYTES >> 10} KiB")
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_PlainLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -194,10 +220,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) and isinstance(default, (int, float)):
             raise ValueError
         if isinstance(default, int):
-            as_float = float(value)
-            if not as_float.is_integer():
+            number = value if isinstance(value, int) else float(value)
+            if isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return int(as_float)
+            if abs(number) > MAX_INT:
+                raise UserError(f"{key}={_short(value)} is out of range (at most {MAX_INT} in magnitude)")
+            return int(number)
         if isinstance(default, float):
             number = float(value)
             if not math.isfinite(number):
@@ -208,10 +236,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             element = default[0] if default else ""
             return [_coerce(key, item, element) for item in items]
         return "" if value is None else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = {bool: "bool (true/false)", float: "finite float"}.get(type(default), type(default).__name__)
         kind = "list" if isinstance(default, list) else kind
-        raise UserError(f"{key}={value!r} is not a valid {kind}") from None
+        raise UserError(f"{key}={_short(value)} is not a valid {kind}") from None
 
 
 def _section(path: Path, stage: str) -> dict[str, Any]:
@@ -260,14 +288,14 @@ def resolve(
         for key, value in layer.items():
             if key not in defaults:
                 raise UserError(
-                    f"unknown {stage} setting {key!r} (from {source}); known: {', '.join(sorted(defaults))}"
+                    f"unknown {stage} setting {_short(key)} (from {source}); known: {', '.join(sorted(defaults))}"
                 )
             config[key] = _coerce(key, value, defaults[key])
     for key, value in config.items():
         check = RULES.get(f"{stage}.{key}") or RULES.get(key)
         problem = check(value) if check else None
         if problem:
-            raise UserError(f"{key}={value!r} {problem}")
+            raise UserError(f"{key}={_short(value)} {problem}")
     config["dataset"] = dataset
     return pretrained_head(config)
 

@@ -48,6 +48,8 @@ def check_dataset(name: str) -> None:
 def resolve_root(data_root: str = "") -> Path:
     """The data folder: `data_root`, else $MEDMNIST_ROOT, else medmnist's default (~/.medmnist)."""
     root = Path(data_root or os.environ.get("MEDMNIST_ROOT") or DEFAULT_ROOT).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the data root {root} is a file, not a folder; point data_root/MEDMNIST_ROOT at the folder of the npz files")
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -116,9 +118,51 @@ class ArraySplit:
     labels: np.ndarray
 
 
+def _array_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an npz file, read from the headers alone (nothing is
+    allocated, so a header claiming 10^13 images costs nothing); a header claiming more data than
+    its member holds is refused."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an npz (zip) archive")
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+            if int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+                raise ValueError(f"{info.filename} claims shape {shape}, more than the file holds")
+            shapes[info.filename.removesuffix(".npy")] = (tuple(shape), dtype)
+    return shapes
+
+
+def check_layout(path: Path, name: str, size: int) -> None:
+    """Refuse a file whose arrays are not the dataset's declared layout (uint8 N×size×size for one
+    channel, N×size×size×C otherwise; N labels), before anything is loaded."""
+    channels = INFO[name]["n_channels"]
+    image_shape = (size, size) if channels == 1 else (size, size, channels)
+    try:
+        shapes = _array_shapes(path)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path} is corrupted or truncated ({exc}): delete it and download it "
+                        f"again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})") from None
+    for split in SPLITS:
+        images, labels = shapes.get(f"{split}_images"), shapes.get(f"{split}_labels")
+        if images is None or labels is None:
+            raise UserError(f"{path} has no {split}_images/{split}_labels arrays; it is not MedMNIST's npz file")
+        if images[1] != np.uint8 or images[0][1:] != image_shape:
+            raise UserError(f"{path}: {split}_images must be uint8 N×{'×'.join(map(str, image_shape))} "
+                            f"({name} has {channels} channel{'s' * (channels > 1)}), got {images[1]} {images[0]}")
+        if labels[0][:1] != images[0][:1] or int(np.prod(labels[0][1:], dtype=object)) != 1:
+            raise UserError(f"{path}: {split}_labels must hold one label per image, got shape {labels[0]} "
+                            f"for {images[0][0]} images")
+
+
 def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
     """Read the three splits through medmnist's dataset class, validating shapes and labels."""
     path = ensure_file(name, size, root)
+    check_layout(path, name, size)
     data_class = getattr(medmnist, INFO[name]["python_class"])
     splits: dict[str, ArraySplit] = {}
     try:
@@ -136,11 +180,7 @@ def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
             f"again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})"
         ) from None
     for split, arrays in splits.items():
-        images, labels = arrays.images, arrays.labels
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1:3] != (size, size):
-            raise UserError(f"{path}: {split}_images must be uint8 N×{size}×{size}, got {images.dtype} {images.shape}")
-        if len(labels) != len(images) or not np.isin(labels, (0, 1)).all():
-            raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image")
+        labels = arrays.labels
         if len(np.unique(labels)) < 2:  # training, model selection (AUROC) and testing all need both classes
             raise UserError(f"{path}: the {split} split holds only class {labels[0] if len(labels) else '(none: it is empty)'}; "
                             "a binary classifier needs both classes in every split")

@@ -174,6 +174,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def run_eda(cfg: Mapping[str, Any], data_root: str = "") -> list[str]:
     """Explore one dataset at one size, log everything to one `eda` run; returns the summary lines."""
     dataset, size = cfg["dataset"], cfg["size"]
+    source, skipped = gallery_source(cfg)  # a wrong run id is refused before any work
     splits = load_arrays(dataset, size, resolve_root(data_root))
     label_names = dict(INFO[dataset]["label"])
     stats = {name: split_stats(splits[name]) for name in SPLITS}
@@ -199,19 +200,20 @@ def run_eda(cfg: Mapping[str, Any], data_root: str = "") -> list[str]:
                             "eda/intensity_histograms.png")
         tracking.log_figure(plots.duplicate_pairs(example_pairs(splits, report), f"{dataset}: example exact duplicates"),
                             "eda/duplicate_examples.png")
-        lines += gallery_lines(cfg, data_root)
-    return lines
+        if source is not None:
+            rows = log_run_gallery(source, cfg["gallery_n"], data_root)
+            lines.append(f"  error gallery of run {source.info.run_id}: {len(rows)} most confident test mistakes logged")
+    return lines + skipped
 
 
-def gallery_lines(cfg: Mapping[str, Any], data_root: str) -> list[str]:
-    """Add the error gallery of a classifier run (`run_id`); `latest` without a baseline is skipped."""
+def gallery_source(cfg: Mapping[str, Any]) -> tuple[tracking.Run | None, list[str]]:
+    """The classifier run whose error gallery to add (`run_id`), and a note when `latest` finds none;
+    an explicit id that is wrong is a UserError."""
     if cfg["run_id"] in ("", "none"):
-        return []
+        return None, []
     try:
-        run = tracking.find_run("baseline,classifier", cfg["dataset"], cfg["run_id"])
+        return tracking.find_run("baseline,classifier", cfg["dataset"], cfg["run_id"]), []
     except UserError:
         if cfg["run_id"] != "latest":
             raise
-        return ["  error gallery: skipped (no FINISHED baseline run yet; run `baseline` first or pass run_id=<id>)"]
-    rows = log_run_gallery(run, cfg["gallery_n"], data_root)
-    return [f"  error gallery of run {run.info.run_id}: {len(rows)} most confident test mistakes logged"]
+        return None, ["  error gallery: skipped (no FINISHED baseline run yet; run `baseline` first or pass run_id=<id>)"]

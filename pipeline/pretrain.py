@@ -11,6 +11,7 @@ kNN monitor runs. Shuffling and augmentation depend on (seed, epoch) only, so a 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterator, Mapping
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import two_views
 from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.data import DatasetSplits, batch_indices, to_float
-from pipeline.errors import DivergenceError
+from pipeline.errors import DivergenceError, UserError
 from pipeline.features import knn_monitor
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
@@ -105,6 +106,18 @@ class StepTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def check_resume_state(module: nn.Module, cfg: Mapping[str, Any], n_images: int, state: Mapping[str, Any], source: str) -> None:
+    """Load a saved training state into a copy of `module` and a fresh optimizer, so a damaged
+    `last.pt` is refused with one line before its run is reopened."""
+    trainer = StepTrainer(copy.deepcopy(module), cfg, total_steps(cfg, n_images), next(module.parameters()).device)
+    try:
+        trainer.load(state)
+        int(state["step"]), list(state["history"])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise UserError(f"{source} holds a training state this run cannot continue from "
+                        f"({type(exc).__name__}: {str(exc)[:120]}); start a new run instead") from None
 
 
 def pretrain(

@@ -87,6 +87,9 @@ def read_predictions(path: Path, name: str) -> Predictions:
     labels = table["label"]
     if len(table) < 2 or not np.isin(labels, (0, 1)).all() or not np.isfinite(table["logit"]).all():
         raise UserError(f"{name} must hold at least two rows with 0/1 labels and finite logits")
+    index = table["index"]
+    if not np.array_equal(np.sort(index), np.arange(len(index))):
+        raise UserError(f"{name}: its index column must number the split's images 0..{len(index) - 1}, each once")
     return Predictions(table["index"].astype(np.int64), labels.astype(np.int64), table["logit"])
 
 

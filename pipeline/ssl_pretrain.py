@@ -23,7 +23,7 @@ from pipeline.config import config_hash
 from pipeline.data import fingerprint, load_splits
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import pretrain, steps_per_epoch, total_steps
+from pipeline.pretrain import check_resume_state, pretrain, steps_per_epoch, total_steps
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl import build_ssl
 
@@ -108,6 +108,8 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
     module = prepare_model(build_ssl(cfg["method"], build_classifier(spec), cfg), device, cfg)
+    if state is not None:
+        check_resume_state(module, cfg, len(data.train), state, f"checkpoints/last.pt of run {resume_run_id}")
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg), "data_md5": data_md5}
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
     with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \

@@ -293,6 +293,7 @@ def fail_adopted_run(message: str, stage: str) -> None:
 
 
 STORE_PATIENCE_S = 180.0  # how long a write waits out a locked or unreachable store before the run gives up
+FULL = ("disk is full", "no space left on device", "disk quota exceeded")
 TRANSIENT = ("database is locked", "temporarily unavailable", "connection", "timed out", "max retries", "503", "502")
 
 
@@ -306,7 +307,13 @@ def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
         try:
             return call()
         except Exception as exc:  # MLflow passes SQLAlchemy's OperationalError through unwrapped
-            if not any(word in str(exc).lower() for word in TRANSIENT):
+            message = str(exc).lower()
+            if any(word in message for word in FULL):
+                run = mlflow.active_run()
+                resume = f", then `--resume {run.info.run_id}` continues from its last checkpoint" if run else ""
+                raise UserError(f"the tracking store {mlflow.get_tracking_uri()} (or its artifact folder) is out of disk "
+                                f"space: free some{resume}") from None
+            if not any(word in message for word in TRANSIENT):
                 raise
             if time.monotonic() + wait > deadline:
                 run = mlflow.active_run()
@@ -573,13 +580,32 @@ def find_stale_runs(older_than_s: float | None = None) -> list[StaleRun]:
     return found
 
 
+PARTIAL_UPLOAD = ".artifact.uploading."  # MLflow's local artifact store stages each upload under this prefix
+
+
+def remove_partial_uploads(run: Run) -> int:
+    """Delete the staging files a hard-killed upload left in a run's local artifact folder (MLflow
+    renames them into place only when an upload completes); returns how many. Remote stores keep none."""
+    uri = run.info.artifact_uri
+    if "://" in uri and not uri.startswith("file://"):
+        return 0
+    folder = Path(uri.removeprefix("file://"))
+    partial = list(folder.rglob(PARTIAL_UPLOAD + "*")) if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
+
+
 def mark_killed(stale: StaleRun) -> bool:
-    """Mark a stale run KILLED with its reason; False when it is no longer RUNNING."""
+    """Mark a stale run KILLED with its reason, removing half-written uploads; False when it is no
+    longer RUNNING."""
     client = MlflowClient()
-    if client.get_run(stale.run_id).info.status != "RUNNING":
+    run = client.get_run(stale.run_id)
+    if run.info.status != "RUNNING":
         return False
     client.set_tag(stale.run_id, "failure_reason", f"stale: {stale.reason} (marked KILLED by clean-stale)")
     client.set_terminated(stale.run_id, RunStatus.to_string(RunStatus.KILLED))
+    remove_partial_uploads(run)
     return True
 
 
@@ -636,4 +662,5 @@ def claim_run(run: Run, wait_s: float = CLAIM_WAIT_S) -> Run:
     if now.data.tags.get("resume_claim") != token or reopened:
         raise UserError(f"run {run.info.run_id} is being resumed by another process "
                         f"({now.data.tags.get('resume_claim', '?').rsplit(':', 1)[0]}); not resuming it twice")
+    remove_partial_uploads(now)
     return now

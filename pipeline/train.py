@@ -23,7 +23,7 @@ from pipeline import metrics
 from pipeline.augment import Augment, identity
 from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.data import Split, batch_indices, fold_single, to_float
-from pipeline.errors import DivergenceError
+from pipeline.errors import DivergenceError, UserError
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
 
 EpochCallback = Callable[[int, dict[str, float], Callable[[], dict[str, Any]]], None]
@@ -85,6 +85,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]) -> 
         milestones = [int(0.5 * epochs), int(0.75 * epochs)]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg["gamma"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def check_resume_state(model: nn.Module, cfg: Mapping[str, Any], state: Mapping[str, Any], source: str) -> None:
+    """Load a saved optimizer and scheduler state into fresh ones, so that a damaged `last.pt` is
+    refused with one line before its run is reopened (a failure mid-run would turn KILLED into FAILED)."""
+    optimizer = make_optimizer(model, cfg)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        make_scheduler(optimizer, cfg).load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise UserError(f"{source} holds an optimizer or scheduler state this run cannot continue from "
+                        f"({type(exc).__name__}: {str(exc)[:120]}); start a new run instead") from None
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ ROWS = [
     (["--dataset", "nodulemnist3d"], "3D binary-class task"),
     (["--size", "32"], "size=32 must be one of 28, 64, 128, 224"),
     (["--epochs", "0"], "epochs=0 must be >= 1"),
-    (["--batch-size", "0"], "batch_size=0 must be >= 1"),
+    (["--batch-size", "0"], "batch_size=0 must be >= 2"),
     (["--lr", "0"], "lr=0.0 must be > 0"),
     (["--lr", "abc"], "lr='abc' is not a valid finite float"),
     (["--model", "vgg16"], "model='vgg16' must be one of smallcnn, resnet18"),
@@ -189,3 +189,28 @@ def test_a_command_line_is_tagged_only_on_the_runs_it_starts(tracking_uri, monke
     with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run:
         pass
     assert mlflow.get_run(run.info.run_id).data.tags["command"] == "medmnist-ssl baseline --epochs 3"
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs (needs root, as in CI; skipped elsewhere), unmounted afterwards."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_store_on_a_full_disk_is_one_line(tiny_disk, synthetic_root, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_disk}/mlflow.db")
+    monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
+    tracking.ensure_store()
+    with open(tiny_disk / "filler", "wb") as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+    with pytest.raises(SystemExit) as exit_info:
+        main(baseline.command, ["--epochs", "1"])
+    err = capsys.readouterr().err
+    assert_one_clear_line(exit_info.value.code, err, "is out of disk space: free some")

@@ -26,7 +26,7 @@ def test_user_file_sits_between_dataset_and_cli(tmp_path):
     [
         ({"size": "32"}, "size=32 must be one of 28, 64, 128, 224"),
         ({"epochs": "0"}, "epochs=0 must be >= 1"),
-        ({"batch_size": "0"}, "batch_size=0 must be >= 1"),
+        ({"batch_size": "0"}, "batch_size=0 must be >= 2"),
         ({"lr": "0"}, "lr=0.0 must be > 0"),
         ({"lr": "-1e-3"}, "must be > 0"),
         ({"lr": "fast"}, "lr='fast' is not a valid finite float"),

@@ -132,6 +132,7 @@ def test_gallery_of_an_unknown_run_is_one_clear_line(synthetic_root, tracking_ur
         main(eda.command, ["--dataset", "breastmnist", "--run-id", "0123456789abcdef"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "run '0123456789abcdef' was not found" in err and "Traceback" not in err
+    assert all_runs(tracking_uri) == []  # refused before the exploration ran and logged anything
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -117,9 +118,16 @@ def test_clean_stale_touches_only_stale_running_runs(tracking_uri, capsys):
     elsewhere = fake_run(client, host="another-host", pid="1")
     untagged = fake_run(client)
     done = {s: fake_run(client, s, host=here, pid=str(dead_pid())) for s in ("FINISHED", "FAILED", "KILLED")}
+    folders = {run_id: Path(mlflow.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "checkpoints" for run_id in (gone, alive)}
+    for folder in folders.values():  # an upload cut short by a hard kill, and one still being written
+        folder.mkdir(parents=True)
+        (folder / f"{tracking.PARTIAL_UPLOAD}x1y2").write_bytes(b"half a checkpoint")
+        (folder / "best.pt").write_bytes(b"a finished upload")
 
     out = clean_stale(capsys)
     assert gone in out and "1 stale run(s) marked KILLED" in out
+    assert sorted(p.name for p in folders[gone].iterdir()) == ["best.pt"]
+    assert len(list(folders[alive].iterdir())) == 2
     status = {r.info.run_id: r.info.status for r in all_runs(tracking_uri)}
     assert status[gone] == "KILLED"
     assert status[alive] == status[elsewhere] == status[untagged] == "RUNNING"
@@ -203,6 +211,9 @@ def test_of_two_claims_made_at_once_exactly_one_wins(tracking_uri):
     run = client.create_run("0", tags={"dataset": "breastmnist", "stage": "baseline"})
     client.set_terminated(run.info.run_id, "KILLED")
     killed = client.get_run(run.info.run_id)
+    folder = Path(killed.info.artifact_uri.removeprefix("file://"))
+    folder.mkdir(parents=True)
+    (folder / f"{tracking.PARTIAL_UPLOAD}abc").write_bytes(b"left by the hard kill")
     outcomes: list[str] = []
 
     def claim():
@@ -218,6 +229,7 @@ def test_of_two_claims_made_at_once_exactly_one_wins(tracking_uri):
     for thread in threads:
         thread.join()
     assert sorted(outcomes)[1] == "won" and "is being resumed by another process" in sorted(outcomes)[0], outcomes
+    assert list(folder.iterdir()) == []  # the winner removed the half-written upload before reopening the run
 
 
 def test_a_resume_refuses_another_data_file_unless_told(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):

@@ -93,12 +93,15 @@ def test_resume_from_bad_checkpoints_writes_nothing(synthetic_root, tracking_uri
     other_config = save_checkpoint(tmp_path / "c" / "last.pt", small, ModelSpec("resnet18"), other_cfg, train_state=train_state(small))
     no_state = save_checkpoint(tmp_path / "d" / "last.pt", small, ModelSpec("resnet18"), cfg)
     pneumonia = config.resolve("baseline", "pneumoniamnist", {})
+    small_cfg = config.resolve("baseline", "breastmnist", {"model": "smallcnn"})
+    empty_optimizer = save_checkpoint(tmp_path / "e" / "last.pt", small, ModelSpec("smallcnn"), small_cfg, train_state=train_state(small))
     cases = [
         (killed_run_with(client, cfg, wrong_arch), "breastmnist", "does not match the architecture resnet18"),
         (killed_run_with(client, cfg, corrupted), "breastmnist", "cannot be read as data"),
         (killed_run_with(client, cfg, other_config), "breastmnist", "config_hash differs"),
         (killed_run_with(client, cfg, no_state), "breastmnist", "holds no resumable training state"),
         (killed_run_with(client, pneumonia, no_state), "breastmnist", "is a pneumoniamnist run, not breastmnist"),
+        (killed_run_with(client, small_cfg, empty_optimizer), "breastmnist", "holds an optimizer or scheduler state"),
     ]
     before = {r.info.run_id: (r.info.status, r.data.tags, r.data.metrics) for r in all_runs(tracking_uri)}
     capsys.readouterr()

@@ -229,22 +229,25 @@ def test_interrupted_pretraining_resumes_mid_epoch_to_the_same_result(data_env, 
     assert resumed.data.params["total_steps"] == "8" and resumed.data.params["steps_per_epoch"] == "3"
 
 
-def test_a_checkpoint_without_a_step_count_is_refused_on_resume(data_env, tracking_uri, monkeypatch, tmp_path, capsys):
+def test_a_damaged_training_state_is_refused_before_the_run_reopens(data_env, tracking_uri, monkeypatch, tmp_path, capsys):
     config = tmp_path / "short.yaml"
     config.write_text("steps: 4\nknn_every: 1\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbatch_size: 32\n")
     interrupted_pretraining(monkeypatch, ["--dataset", "breastmnist", "--config", str(config)], step=3)
     (run,) = all_runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     local = client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path))
-    old = torch.load(local, weights_only=True)
-    del old["train_state"]["step"]  # as an epoch-budgeted version wrote it
-    torch.save(old, local)
-    client.log_artifact(run.info.run_id, local, "checkpoints")
-    with pytest.raises(SystemExit) as exit_info:
-        main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
-    assert exit_info.value.code != 0
-    assert "holds no step-budgeted training state; start a new run instead" in capsys.readouterr().err
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    saved = torch.load(local, weights_only=True)
+    stepless = {**saved, "train_state": {k: v for k, v in saved["train_state"].items() if k != "step"}}  # an epoch-budgeted version's
+    no_optimizer = {**saved, "train_state": {**saved["train_state"], "optimizer": {}}}
+    for damaged, fragment in [(stepless, "holds no step-budgeted training state; start a new run instead"),
+                              (no_optimizer, "holds a training state this run cannot continue from")]:
+        torch.save(damaged, local)
+        client.log_artifact(run.info.run_id, local, "checkpoints")
+        with pytest.raises(SystemExit) as exit_info:
+            main(ssl_pretrain.command, ["--dataset", "breastmnist", "--resume", run.info.run_id])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err, err
+        assert client.get_run(run.info.run_id).info.status == "KILLED"  # refused before the run was reopened
 
 
 def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(tracking_uri):
