@@ -17,6 +17,7 @@ from pipeline.checkpoint import load_classifier, save_checkpoint
 from pipeline.config import config_hash
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
+from pipeline.synthetic import write_synthetic
 from tests.conftest import REPO, all_runs
 
 CPU = torch.device("cpu")
@@ -148,3 +149,14 @@ def test_steps_that_download_artifacts_leave_nothing_in_the_temp_folder(syntheti
         result = run_step(step, ["--dataset", "breastmnist", *args], env, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         assert list(scratch.iterdir()) == [], f"{step} left {[p.name for p in scratch.iterdir()]}"
+
+    (tmp_path / "ckpt.yaml").write_text("epochs: 2\ncheckpoint_every: 1\ncheckpoint_min_seconds: 0\nbootstrap: 0\n")
+    assert run_step("baseline", ["--config", str(tmp_path / "ckpt.yaml")], env, tmp_path).returncode == 0
+    client = mlflow.MlflowClient(tracking_uri)
+    (interrupted,) = [r.info.run_id for r in all_runs(tracking_uri) if r.data.tags.get("stage") == "baseline"]
+    client.set_terminated(interrupted, "KILLED")  # as if stopped after its first checkpoint
+    other = write_synthetic(tmp_path / "other-data", seed=7).parent  # other images than synthetic_root
+    for args, code in [(["--resume", interrupted, "--data-root", str(other)], 2), (["--resume", interrupted], 0)]:
+        result = run_step("baseline", args, env, tmp_path)  # a refused resume, then one that trains: both download last.pt
+        assert result.returncode == code and (code == 0 or "started on a data file" in result.stderr), result.stderr[-2000:]
+        assert list(scratch.iterdir()) == [], f"resume left {[p.name for p in scratch.iterdir()]}"
