@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.ablation import METRICS, run_augment_ablation
+from pipeline.ablation import run_augment_ablation
+from pipeline.grids import ABLATION_METRICS
 from pipeline.tables import mean_std
 
 
@@ -24,7 +25,7 @@ def command(dataset: str, data_root: str, config_file: str, seed: str, seeds: st
     cfg = resolve("augment_ablation", dataset, config_file, seeds=seeds or seed, **overrides)
     summary = run_augment_ablation(cfg, data_root)
     for entry in summary:
-        values = "  ".join(f"{m} {mean_std(entry, m)}" for m in METRICS)
+        values = "  ".join(f"{m} {mean_std(entry, m)}" for m in ABLATION_METRICS)
         click.echo(f"{entry['variant']:<20} n={entry['n']}  {values}")
 
 

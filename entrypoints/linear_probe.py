@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
-from pipeline.linear_probe import METHOD_LABELS, run_linear_probe
+from pipeline.grids import METHOD_LABELS
+from pipeline.linear_probe import run_linear_probe
 from pipeline.tables import mean_std
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
-from pipeline.linear_probe import METHOD_LABELS
+from pipeline.grids import METHOD_LABELS
 from pipeline.ssl_finetune import run_ssl_finetune
 from pipeline.tables import mean_std
 

@@ -5,8 +5,35 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main
+from pipeline.ablation import run_augment_ablation
+from pipeline.baseline import run_baseline
+from pipeline.calibration import run_calibrate
 from pipeline.data import check_dataset
-from pipeline.study import profile_note, run_study
+from pipeline.eda import run_eda
+from pipeline.linear_probe import run_linear_probe
+from pipeline.report import run_compare
+from pipeline.robustness import run_robustness
+from pipeline.ssl_finetune import run_ssl_finetune
+from pipeline.ssl_pretrain import run_ssl_pretrain
+from pipeline.study import Runner, profile_note, run_study
+from pipeline.thresholds import run_thresholds
+
+
+def stage_runners() -> dict[str, Runner]:
+    """Each stage's pipeline call as (config, data_root, input run ids) → None."""
+    return {
+        "eda": lambda cfg, root, ids: run_eda(cfg, root),
+        "baseline": lambda cfg, root, ids: run_baseline(cfg, root),
+        "augment_ablation": lambda cfg, root, ids: run_augment_ablation(cfg, root),
+        "ssl_pretrain": lambda cfg, root, ids: run_ssl_pretrain(cfg, root),
+        "linear_probe": lambda cfg, root, ids: run_linear_probe(cfg, root),
+        "ssl_finetune": lambda cfg, root, ids: run_ssl_finetune(cfg, root),
+        "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
+        "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
+        "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values()),
+                                                      not_run=cfg["not_run"]),
+    }
 
 
 @click.command("study")
@@ -16,7 +43,7 @@ from pipeline.study import profile_note, run_study
 def command(dataset: str, data_root: str, profile: str, out_root: str) -> None:
     """Run the study in order, reusing every step already FINISHED with the same config and code."""
     check_dataset(dataset)
-    outcomes = run_study(dataset, profile or "quick", data_root, out_root, echo=click.echo)
+    outcomes = run_study(dataset, profile or "quick", stage_runners(), data_root, out_root, echo=click.echo)
     ran = sum(o.status == "ran" for o in outcomes)
     reused = sum(o.status == "reused" for o in outcomes)
     click.echo(f"study {dataset} ({profile}): {ran} step{'s' if ran != 1 else ''} ran, {reused} reused; "

@@ -8,20 +8,17 @@ child that fails does not stop the others; the parent then ends FAILED naming th
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Mapping
 
-import numpy as np
 
 from pipeline import plots, tables, tracking
-from pipeline.baseline import train_supervised
 from pipeline.config import config_hash
 from pipeline.data import load_splits
 from pipeline.errors import PipelineError
+from pipeline.grids import ABLATION_METRICS, ablation_summary
 from pipeline.runtime import configure_speed, resolve_device
-
-METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc", "test_ece")
+from pipeline.supervised import train_supervised
 
 
 def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, Any]:
@@ -30,29 +27,9 @@ def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, A
     return {**child, "augment": variant, "seed": seed}
 
 
-def aggregate(rows: list[Mapping[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
-    """Per variant (in `variants` order, skipping those without rows): n, and mean, std, values of METRICS.
-
-    std is the sample standard deviation (ddof=1); NaN when n = 1.
-    """
-    summary = []
-    for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        if not mine:
-            continue
-        entry: dict[str, Any] = {"variant": variant, "n": len(mine)}
-        for metric in METRICS:
-            values = [float(r[metric]) for r in mine]
-            entry[f"{metric}_values"] = values
-            entry[f"{metric}_mean"] = float(np.mean(values))
-            entry[f"{metric}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        summary.append(entry)
-    return summary
-
-
 def summary_csv(summary: list[Mapping[str, Any]]) -> str:
     """ablation.csv: variant, n, then mean and std of each metric."""
-    header = ["variant", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    header = ["variant", "n"] + [f"{m}_{s}" for m in ABLATION_METRICS for s in ("mean", "std")]
     lines = [",".join(header)]
     for entry in summary:
         lines.append(",".join([entry["variant"], str(entry["n"])] + [f"{entry[h]:.6g}" for h in header[2:]]))
@@ -61,10 +38,10 @@ def summary_csv(summary: list[Mapping[str, Any]]) -> str:
 
 def summary_markdown(summary: list[Mapping[str, Any]], title: str) -> str:
     """ablation.md: one row per variant, metrics as mean ± std over seeds."""
-    lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+    lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in ABLATION_METRICS) + " |",
+             "|---|---|" + "---|" * len(ABLATION_METRICS)]
     for entry in summary:
-        lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(tables.mean_std(entry, m) for m in METRICS) + " |")
+        lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(tables.mean_std(entry, m) for m in ABLATION_METRICS) + " |")
     return "\n".join(lines) + "\n\nmean ± sample std (ddof=1) over seeds; n = finished child runs.\n"
 
 
@@ -76,7 +53,7 @@ def metric_key(variant: str) -> str:
 def summary_metrics(summary: list[Mapping[str, Any]]) -> dict[str, float]:
     """Parent metrics `<variant>/<metric>_mean` and `_std` (NaN std for a single seed)."""
     return {
-        f"{metric_key(e['variant'])}/{m}_{s}": e[f"{m}_{s}"] for e in summary for m in METRICS for s in ("mean", "std")
+        f"{metric_key(e['variant'])}/{m}_{s}": e[f"{m}_{s}"] for e in summary for m in ABLATION_METRICS for s in ("mean", "std")
     }
 
 
@@ -100,8 +77,8 @@ def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[di
                 except Exception as exc:  # the child is already FAILED with its reason; go on with the others
                     failures.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
                     continue
-                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in METRICS}})
-        summary = aggregate(rows, cfg["variants"])
+                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in ABLATION_METRICS}})
+        summary = ablation_summary(rows, cfg["variants"])
         if summary:
             log_summary(summary, rows, cfg)
         if failures:

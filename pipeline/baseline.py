@@ -3,54 +3,17 @@ interrupted baseline run resumed from its `checkpoints/last.pt`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
 
 from pipeline import tracking
 from pipeline.checkpoint import load_train_state, load_weights
 from pipeline.config import config_hash
-from pipeline.data import DatasetSplits, Split, fingerprint, load_splits, stratified_subset
+from pipeline.data import fingerprint, load_splits
 from pipeline.errors import UserError
-from pipeline.models import Classifier, ModelSpec, build_classifier
-from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log, model_spec
+from pipeline.runtime import configure_speed, resolve_device
+from pipeline.supervised import Prepared, build_job, fit_and_log
 from pipeline.train import check_resume_state
-
-
-@dataclass
-class Prepared:
-    """Everything a baseline run trains on, built before any run opens."""
-
-    data: DatasetSplits
-    spec: ModelSpec
-    model: Classifier
-    train: Split
-    tags: dict[str, Any]
-    name: str
-
-
-def supervised_tags(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The tags of a supervised classifier run."""
-    return {
-        "model": cfg["model"],
-        "seed": cfg["seed"],
-        "method": "supervised",
-        "finetune": cfg["finetune"],
-        "augment": cfg["augment"],
-        "label_fraction": cfg["label_fraction"],
-        "config_hash": config_hash(cfg),
-    }
-
-
-def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, name: str) -> Prepared:
-    """Seed, build the model on `device` and draw the stratified label subset of the config."""
-    seed_everything(cfg["seed"])
-    spec = model_spec(cfg, data.channels)
-    model = prepare_model(build_classifier(spec, cfg["finetune"]), device, cfg)
-    train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
-    return Prepared(data, spec, model, train, supervised_tags(cfg), name)
 
 
 def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepared:
@@ -60,15 +23,6 @@ def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepare
     configure_speed(target, cfg.get("deterministic", False))
     data = load_splits(cfg["dataset"], cfg["size"], data_root, target)
     return build_job(cfg, data, target, f"baseline-{cfg['model']}-{cfg['finetune']}-s{cfg['seed']}")
-
-
-def train_supervised(
-    cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False
-) -> dict[str, float]:
-    """Train one classifier on already loaded data and log it as a run of `stage`; returns metrics."""
-    job = build_job(cfg, data, device, name)
-    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested):
-        return fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics
 
 
 def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float]:

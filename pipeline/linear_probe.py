@@ -13,31 +13,25 @@ optimizer steps at every fraction. The parent logs the paired differences (pipel
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from pipeline import config, paired, tables, tracking
 from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.checkpoint import load_classifier
-from pipeline.data import DatasetSplits, load_splits, stratified_subset
+from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
 from pipeline.features import extract_features
+from pipeline.grids import (METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, for_seed, label_efficiency_figure,
+                            load_encoder_checkpoint, majority_rows, pretraining_seed_note, run_grid, ssl_run_ids)
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.ssl_pretrain import load_encoder_checkpoint
 from pipeline.supervised import fit_and_log, log_evaluation
 from pipeline.train import epochs_for_steps, eval_interval
 
-METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
-                 "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
-                 "majority_class": "majority class (control)"}
-RESULT_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece", "val_auroc")
-T = TypeVar("T")
 PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
 
 
@@ -62,14 +56,6 @@ def random_encoder(spec: ModelSpec, data: DatasetSplits, cfg: Mapping[str, Any],
     return FrozenEncoder(model.eval(), data, cfg)
 
 
-def ssl_run_ids(value: str) -> list[str]:
-    """The pretraining runs a grid uses: one id, `latest`, or several separated by commas or spaces."""
-    ids = value.replace(",", " ").split()
-    if not ids:
-        raise UserError("ssl_run_id is empty; give an ssl_pretrain run id, several separated by commas, or latest")
-    return ids
-
-
 def load_ssl_encoders(value: str, dataset: str, device: torch.device, cfg: Mapping[str, Any]) -> list[tuple[Classifier, Any]]:
     """(frozen SSL model, its ssl_pretrain run) for each id of `ssl_run_id`; they must share the
     method, architecture and image size, or the rows would average different things."""
@@ -84,19 +70,6 @@ def load_ssl_encoders(value: str, dataset: str, device: torch.device, cfg: Mappi
     if len(kinds) > 1:
         raise UserError(f"ssl_run_id names pretraining runs of different methods, encoders or sizes: {sorted(kinds)}")
     return [(model, run) for model, run, _ in loaded]
-
-
-def for_seed(encoders: list[T], seeds: list[int], seed: int) -> T:
-    """The pretraining run (or its encoder) that serves a subset seed: number i of `seeds` takes
-    encoder i mod K, so K pretraining runs are crossed with the subset seeds in turn."""
-    return encoders[list(seeds).index(seed) % len(encoders)]
-
-
-def pretraining_seed_note(seeds: list[int], runs: list[Any]) -> str:
-    """Which pretraining run serves which subset seed, as the tables state it."""
-    pairs = [f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).info.run_id[:8]} "
-             f"(pretraining seed {for_seed(runs, seeds, seed).data.tags.get('seed', '?')})" for seed in seeds]
-    return f"{len(runs)} pretraining run(s) for {len(seeds)} subset seeds: " + "; ".join(pairs) + "."
 
 
 def imagenet_encoder(data: DatasetSplits, cfg: Mapping[str, Any], device: torch.device) -> tuple[FrozenEncoder | None, str]:
@@ -151,42 +124,6 @@ def supervised_child(
     return {**values, "run_id": run.info.run_id}
 
 
-def majority_rows(data: DatasetSplits, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The majority-class control per (fraction, seed): always predict the subset's most common
-    label. Its AUROC is 0.5 and its balanced accuracy 0.5 by construction; no run is logged."""
-    train_labels = data.train.labels.cpu().numpy()
-    test_labels = data.test.labels.cpu().numpy()
-    rows = []
-    for fraction in cfg["label_fractions"]:
-        for seed in cfg["seeds"]:
-            majority = int(np.bincount(train_labels[stratified_subset(train_labels, fraction, seed)], minlength=2).argmax())
-            rows.append({"method": "majority_class", "label_fraction": fraction, "seed": seed, "run_id": "",
-                         "test_acc": float(np.mean(test_labels == majority)), "test_balanced_acc": 0.5, "test_auroc": 0.5,
-                         "test_ece": math.nan, "val_auroc": 0.5})
-    return rows
-
-
-def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: str) -> plt.Figure:
-    """Label fraction (log scale) vs. a test metric, one line per method with ±1 std error bars."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), constrained_layout=True)
-    methods = list(dict.fromkeys(row["method"] for row in summary))
-    for k, method in enumerate(methods):
-        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["label_fraction"])
-        nudge = 1 + 0.06 * (k - (len(methods) - 1) / 2)  # side by side on the log axis, so error bars do not hide each other
-        ax.errorbar([r["label_fraction"] * nudge for r in rows], [r[f"{metric}_mean"] for r in rows],
-                    yerr=np.nan_to_num([r[f"{metric}_std"] for r in rows]), marker="o", capsize=3,
-                    label=METHOD_LABELS.get(method, method))
-    fractions = sorted({r["label_fraction"] for r in summary})
-    ax.set_xscale("log")
-    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-    ax.set_xlabel("fraction of training labels (log scale)")
-    ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC").replace("acc", "accuracy"))
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
 def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str], title: str, notes: list[str]) -> list[dict[str, Any]]:
     """Aggregate child results (mean ± std over seeds) into the parent's table and figures, and the
     paired differences of the SSL probe against supervised-only and the random encoder."""
@@ -216,27 +153,6 @@ def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str],
     differences = paired.compare_methods(rows, PROBE_COMPARISONS)
     tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     return summary
-
-
-PAIRED_COLUMNS = ["a", "b", "label_fraction", "metric", "n", "seeds", "a_mean", "b_mean", "diff_mean", "ci_low", "ci_high", "verdict"]
-
-
-def run_grid(
-    cfg: Mapping[str, Any], data: DatasetSplits, child: Callable[[np.ndarray, dict[str, Any]], Mapping[str, float]],
-    methods: list[str], base_tags: Mapping[str, Any],
-) -> list[dict[str, Any]]:
-    """Call `child(subset, tags)` (returning metrics and its `run_id`) for every fraction × seed ×
-    method; the same stratified subset serves every method of a (fraction, seed)."""
-    train_labels = data.train.labels.cpu().numpy()
-    rows = []
-    for fraction in cfg["label_fractions"]:
-        for seed in cfg["seeds"]:
-            subset = stratified_subset(train_labels, fraction, seed)
-            for method in methods:
-                tags = {**base_tags, "method": method, "label_fraction": fraction, "seed": seed}
-                values = child(subset, tags)
-                rows.append({**tags, **{k: values[k] for k in RESULT_KEYS}, "run_id": values["run_id"]})
-    return rows
 
 
 def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:

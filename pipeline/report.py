@@ -23,11 +23,10 @@ from matplotlib.figure import Figure
 from medmnist.info import INFO
 from mlflow.entities import Run
 
-from pipeline import ablation, paired, plots, tables, tracking
+from pipeline import grids, paired, plots, tables, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.errors import UserError
-from pipeline.linear_probe import METHOD_LABELS, label_efficiency_figure
-from pipeline.ssl_finetune import SHOWN_KEYS, recipe_hash, run_rows
+from pipeline.grids import METHOD_LABELS, SHOWN_KEYS, label_efficiency_figure, recipe_hash, run_rows
 
 
 @dataclass
@@ -142,9 +141,9 @@ def ablation_table(dataset: str, scope: Scope = None) -> Table:
     p = parent.data.params
     rows = [{"variant": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **run.data.metrics,
              "run_id": run.info.run_id}
-            for run in tracking.child_runs(parent.info.run_id, dataset) if set(ablation.METRICS) <= set(run.data.metrics)]
+            for run in tracking.child_runs(parent.info.run_id, dataset) if set(grids.ABLATION_METRICS) <= set(run.data.metrics)]
     variants = list(dict.fromkeys([*p.get("cfg.variants", "").split(","), *(r["variant"] for r in rows)]))
-    summary = ablation.aggregate(rows, variants)
+    summary = grids.ablation_summary(rows, variants)
     what = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
     title = f"{what}, {SPREAD}"
     table = Table("week3_augment_ablation", title, header,
@@ -441,11 +440,10 @@ def environment_lines() -> list[str]:
     """The versions `compare` ran with (the cited runs' own code and commits are listed apart)."""
     import platform
 
-    import mlflow
     import torch
 
     return [f"compare ran with Python {platform.python_version()} on {platform.platform()}, torch {torch.__version__}, "
-            f"mlflow {mlflow.__version__}, code version {tracking.code_version()}"]
+            f"mlflow {tracking.MLFLOW_VERSION}, code version {tracking.code_version()}"]
 
 
 def cited_run_ids(built: list[Table]) -> list[str]:

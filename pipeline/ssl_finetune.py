@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -26,30 +26,14 @@ from pipeline import config, paired, tables, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
-from pipeline.linear_probe import (METHOD_LABELS, PAIRED_COLUMNS, for_seed, label_efficiency_figure, majority_rows, run_grid,
-                                   ssl_run_ids)
+from pipeline.grids import (METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
+                            majority_rows, recipe_hash, run_grid, run_rows, ssl_run_ids)
 from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.ssl_pretrain import load_encoder_checkpoint
 from pipeline.supervised import fit_and_log
 from pipeline.train import epochs_for_steps, eval_interval, train_classifier
 
-TABLE_KEYS = ("test_acc", "test_auroc", "test_ece")
-SHOWN_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece")  # the columns of the week-5/6 tables
-OPTIONAL_KEYS = ("test_balanced_acc", "val_auroc")  # absent from runs logged before they existed: NaN
 FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
-
-
-# Config keys that do not change what a baseline learns (or are columns of the table themselves).
-NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_last", "compile", "checkpoint_every",
-              "checkpoint_min_seconds", "eval_batch_size", "bootstrap", "ece_bins"}
-
-
-def recipe_hash(run: Run) -> str:
-    """A short hash of every logged setting that shapes what a classifier learns (lr, optimizer,
-    size, epochs, ...): runs with the same recipe differ only by seed."""
-    settings = tracking.logged_config(run)
-    return config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
 
 
 def baseline_label(run: Run) -> str:
@@ -63,21 +47,6 @@ def baseline_label(run: Run) -> str:
     weights = ", ImageNet weights" if settings.get("weights") == "imagenet" else ""
     return (f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {settings.get('epochs', '?')} epochs, "
             f"augment {settings.get('augment', '?')}; recipe {recipe})")
-
-
-def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data.tags.get("method", "?")) -> list[dict[str, Any]]:
-    """Result rows (method label, label_fraction, seed, test metrics, run_id) from classifier runs
-    (newest first); of runs with the same label, fraction and seed only the newest counts."""
-    rows, seen = [], set()
-    for run in runs:
-        tags, values = run.data.tags, run.data.metrics
-        key = (label(run), float(tags.get("label_fraction", 1.0)), tags.get("seed"))
-        if not all(k in values for k in TABLE_KEYS) or key in seen:
-            continue
-        seen.add(key)
-        rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2], **{k: values[k] for k in TABLE_KEYS},
-                     **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS}, "run_id": run.info.run_id})
-    return rows
 
 
 def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]], list[str]]:

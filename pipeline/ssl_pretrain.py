@@ -144,8 +144,3 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     return {**{k: v for k, v in history[-1].items() if k != "epoch"}, "knn_val_auroc_init": history[0]["knn_val_auroc"]}
 
 
-def load_encoder_checkpoint(ssl_run_id: str, dataset: str) -> tuple[Path, Any]:
-    """Download the encoder of an ssl_pretrain run (`latest` = newest FINISHED); returns (path, run)."""
-    run = tracking.find_run("ssl_pretrain", dataset, ssl_run_id)
-    return tracking.download_artifact(run.info.run_id, "checkpoints/encoder.pt"), run
-

@@ -24,34 +24,6 @@ from pipeline.models import imagenet_weights_cached
 Runner = Callable[[dict[str, Any], str, dict[str, str]], None]
 
 
-def _stage_runners() -> dict[str, Runner]:
-    """Each stage's pipeline call as (config, data_root, input run ids) → None."""
-    from pipeline.ablation import run_augment_ablation
-    from pipeline.baseline import run_baseline
-    from pipeline.calibration import run_calibrate
-    from pipeline.eda import run_eda
-    from pipeline.linear_probe import run_linear_probe
-    from pipeline.report import run_compare
-    from pipeline.robustness import run_robustness
-    from pipeline.ssl_finetune import run_ssl_finetune
-    from pipeline.ssl_pretrain import run_ssl_pretrain
-    from pipeline.thresholds import run_thresholds
-
-    return {
-        "eda": lambda cfg, root, ids: run_eda(cfg, root),
-        "baseline": lambda cfg, root, ids: run_baseline(cfg, root),
-        "augment_ablation": lambda cfg, root, ids: run_augment_ablation(cfg, root),
-        "ssl_pretrain": lambda cfg, root, ids: run_ssl_pretrain(cfg, root),
-        "linear_probe": lambda cfg, root, ids: run_linear_probe(cfg, root),
-        "ssl_finetune": lambda cfg, root, ids: run_ssl_finetune(cfg, root),
-        "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
-        "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
-        "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values()),
-                                                      not_run=cfg["not_run"]),
-    }
-
-
 @dataclass
 class Step:
     """One step of the study: its stage, config overrides, and the steps whose run ids it takes."""
@@ -186,14 +158,14 @@ def profile_note(profile_name: str) -> str:
     return str(config.load_profile(profile_name).get("note", ""))
 
 
-def run_study(dataset: str, profile_name: str, data_root: str = "", out_root: str = "reports",
-              echo: Callable[[str], None] = print) -> list[Outcome]:
-    """Run every step of the study under one parent `study` run."""
+def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], data_root: str = "",
+              out_root: str = "reports", echo: Callable[[str], None] = print) -> list[Outcome]:
+    """Run every step of the study under one parent `study` run; `runners` maps each stage to its
+    pipeline call (the entry point wires them, so no step module imports another)."""
     steps = plan(config.load_profile(profile_name))
     planned = {step.name: "planned" for step in steps}
     for step in steps:  # every profile value checked before any step runs (not after an hour of training)
         step_config(step, dataset, profile_name, planned, out_root)
-    runners = _stage_runners()
     outcomes: list[Outcome] = []
     run_ids: dict[str, str] = {}
     tags = {"model": "-", "seed": "-", "profile": profile_name}

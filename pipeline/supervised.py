@@ -15,13 +15,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import metrics, plots, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import CheckpointSchedule, save_checkpoint
-from pipeline.data import DatasetSplits, Split
+from pipeline.config import config_hash
+from pipeline.data import DatasetSplits, Split, stratified_subset
 from pipeline.gallery import log_gallery, most_confident_mistakes
-from pipeline.models import Classifier, ModelSpec
+from pipeline.models import Classifier, ModelSpec, build_classifier
+from pipeline.runtime import prepare_model, seed_everything
 from pipeline.train import TrainResult, predict_logits, train_classifier
 
 
@@ -168,3 +171,45 @@ def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:
         model=cfg["model"], in_channels=in_channels, stem=cfg["stem"], weights=cfg["weights"], dropout=cfg["dropout"]
     )
 
+
+@dataclass
+class Prepared:
+    """Everything a baseline run trains on, built before any run opens."""
+
+    data: DatasetSplits
+    spec: ModelSpec
+    model: Classifier
+    train: Split
+    tags: dict[str, Any]
+    name: str
+
+
+def supervised_tags(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags of a supervised classifier run."""
+    return {
+        "model": cfg["model"],
+        "seed": cfg["seed"],
+        "method": "supervised",
+        "finetune": cfg["finetune"],
+        "augment": cfg["augment"],
+        "label_fraction": cfg["label_fraction"],
+        "config_hash": config_hash(cfg),
+    }
+
+
+def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, name: str) -> Prepared:
+    """Seed, build the model on `device` and draw the stratified label subset of the config."""
+    seed_everything(cfg["seed"])
+    spec = model_spec(cfg, data.channels)
+    model = prepare_model(build_classifier(spec, cfg["finetune"]), device, cfg)
+    train = data.train.subset(stratified_subset(data.train.labels.cpu().numpy(), cfg["label_fraction"], cfg["seed"]))
+    return Prepared(data, spec, model, train, supervised_tags(cfg), name)
+
+
+def train_supervised(
+    cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False
+) -> dict[str, float]:
+    """Train one classifier on already loaded data and log it as a run of `stage`; returns metrics."""
+    job = build_job(cfg, data, device, name)
+    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested):
+        return fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics

@@ -38,6 +38,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import reproducibility_tags
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "mlruns_template"
+MLFLOW_VERSION = mlflow.__version__  # what `compare` reports in its reproducibility lines
 
 
 @lru_cache(maxsize=1)

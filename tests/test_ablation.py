@@ -11,7 +11,8 @@ from entrypoints import augment_ablation, baseline
 from entrypoints.cli import cli
 from entrypoints.common import main
 from pipeline import augment
-from pipeline.ablation import aggregate, summary_markdown
+from pipeline.ablation import summary_markdown
+from pipeline.grids import ablation_summary
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
 
@@ -32,7 +33,7 @@ def row(variant, seed, value):
 
 def test_aggregate_mean_and_sample_std_per_variant():
     rows = [row("flip", 0, 0.6), row("none", 0, 0.7), row("flip", 1, 0.8), row("flip", 2, 0.7)]
-    none, flip = aggregate(rows, ["none", "flip", "geometric"])  # no rows for geometric: left out
+    none, flip = ablation_summary(rows, ["none", "flip", "geometric"])  # no rows for geometric: left out
     assert (flip["variant"], flip["n"]) == ("flip", 3)
     assert flip["val_auroc_mean"] == pytest.approx(0.7)
     assert flip["val_auroc_std"] == pytest.approx(0.1)  # sample std (ddof=1) of 0.6, 0.8, 0.7

@@ -96,20 +96,18 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
 
 
 def test_interrupted_study_completes_without_duplicates(study_env, tracking_uri, monkeypatch):
-    import pipeline.linear_probe as probe
-
-    real = probe.run_linear_probe
+    real = study.run_linear_probe
 
     def interrupted(cfg, data_root=""):
         raise KeyboardInterrupt("simulated Ctrl-C")
 
-    monkeypatch.setattr(probe, "run_linear_probe", interrupted)
+    monkeypatch.setattr(study, "run_linear_probe", interrupted)  # the entry point wires each stage's call
     with pytest.raises(SystemExit) as exit_info:
         main(study.command, study_env)
     assert exit_info.value.code == 130
     (killed,) = [r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "study"]
     assert killed.info.status == "KILLED"
-    monkeypatch.setattr(probe, "run_linear_probe", real)
+    monkeypatch.setattr(study, "run_linear_probe", real)
 
     main(study.command, study_env)
     runs = all_runs(tracking_uri)
