@@ -41,17 +41,25 @@ def clean_stale(older_than: float | None, dry_run: bool) -> None:
 
     A run is stale when its process (tags host, pid) is gone from this host, or, with
     --older-than, when it has been RUNNING longer than that and its process is not alive here.
-    FINISHED, FAILED and KILLED runs and runs of live processes are never touched.
+    FINISHED, FAILED and KILLED runs and runs of live processes are never touched, nor, on a
+    shared server, runs the login may read but not change (listed as `not yours`).
     """
     stale = tracking.find_stale_runs(older_than)
     verb = "would mark" if dry_run else "marked"
-    changed = 0
+    changed = others = 0
     for run in stale:
-        if dry_run or tracking.mark_killed(run):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.start_time))
+        try:
+            marked = dry_run or tracking.mark_killed(run)
+        except tracking.NotYours as exc:  # a shared server: another user's run, readable but not ours to change
+            others += 1
+            click.echo(f"not yours      {run.run_id}  {run.stage}  {run.dataset}  started {started}  {exc}")
+            continue
+        if marked:
             changed += 1
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.start_time))
             click.echo(f"{verb} KILLED  {run.run_id}  {run.stage}  {run.dataset}  started {started}  {run.reason}")
-    click.echo(f"{changed} stale run(s) {verb} KILLED" if changed else "no stale runs")
+    summary = f"{changed} stale run(s) {verb} KILLED" if changed or others else "no stale runs"
+    click.echo(summary + (f"; {others} left alone: not yours to change" if others else ""))
 
 
 if __name__ == "__main__":

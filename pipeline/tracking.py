@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +61,7 @@ def prepare_store() -> None:
     store half-migrated for good. The lock makes them take turns: the first creates, the others
     find it made. Other stores (a server, PostgreSQL) serialise on their own.
     """
+    credentials_out_of_uri()
     uri = mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     try:
@@ -74,6 +76,8 @@ def prepare_store() -> None:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     except (MlflowException, OSError) as exc:
+        if refused(exc):
+            raise refusal(exc, "the store") from None
         raise UserError(f"the tracking store {uri} cannot be opened: {_one_line(exc)}") from None
 
 
@@ -85,8 +89,13 @@ def ensure_store() -> None:
     client = MlflowClient()
     layout = yaml.safe_load((TEMPLATE_DIR / "experiments.yaml").read_text())
     for name, spec in layout["experiments"].items():
-        if client.get_experiment_by_name(name) is not None:
-            continue
+        try:
+            if client.get_experiment_by_name(name) is not None:
+                continue
+        except MlflowException as exc:
+            if refused(exc) == 403:  # a server with access control: it exists, and is another user's
+                continue
+            raise
         try:
             client.create_experiment(
                 name,
@@ -104,6 +113,37 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]
+
+
+def credentials_out_of_uri() -> None:
+    """Move a login written into an http(s) tracking URI (http://user:pw@host) to
+    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (which MLflow reads too, and which win when
+    already set): the URI MLflow prints in its run links and this project in its messages then
+    holds no password."""
+    parts = urllib.parse.urlsplit(mlflow.get_tracking_uri())
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+    mlflow.set_tracking_uri(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+
+
+def refused(exc: BaseException) -> int | None:
+    """401 or 403 when a tracking server with access control turned a request away, else None."""
+    status = exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+    return status if status in (401, 403) else None
+
+
+def refusal(exc: BaseException, what: str, hint: str = "") -> UserError:
+    """One line for a refused request: a 401 points at the login settings, a 403 names what was not
+    this user's (and `hint`, what to do instead)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    if refused(exc) == 401:
+        login = f"the login of {user!r}" if user else "a request without a login"
+        return UserError(f"the tracking server {mlflow.get_tracking_uri()} refused {login} (HTTP 401): "
+                         "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return UserError(f"the tracking server {mlflow.get_tracking_uri()} refused {user or 'this client'} access to {what} "
+                     f"(HTTP 403, permission denied){': ' + hint if hint else ''}")
 
 
 @lru_cache(maxsize=1)
@@ -148,7 +188,13 @@ def tracked_run(
         # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, so that variable cannot mean "the
         # user chose": standalone runs go to MLFLOW_EXPERIMENT_NAME or the dataset's experiment.
         if not resume_run_id and not under_mlflow_run():
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset)
+            experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset
+            try:
+                mlflow.set_experiment(experiment)
+            except MlflowException as exc:
+                if not refused(exc):
+                    raise
+                raise refusal(exc, f"experiment {experiment!r}", "set MLFLOW_EXPERIMENT_NAME to an experiment of yours") from None
         # SIGTERM, and SIGINT even where the shell started us with it ignored (a background job),
         # raise KeyboardInterrupt so the run ends KILLED.
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -314,6 +360,9 @@ def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
                 resume = f", then `--resume {run.info.run_id}` continues from its last checkpoint" if run else ""
                 raise UserError(f"the tracking store {mlflow.get_tracking_uri()} (or its artifact folder) is out of disk "
                                 f"space: free some{resume}") from None
+            if refused(exc):
+                run = mlflow.active_run()
+                raise refusal(exc, f"run {run.info.run_id}" if run else "the store") from None
             if not any(word in message for word in TRANSIENT):
                 raise
             if time.monotonic() + wait > deadline:
@@ -597,14 +646,23 @@ def remove_partial_uploads(run: Run) -> int:
     return len(partial)
 
 
+class NotYours(UserError):
+    """A tracking server with access control refused to change a run this user may only read."""
+
+
 def mark_killed(stale: StaleRun) -> bool:
     """Mark a stale run KILLED with its reason, removing half-written uploads; False when it is no
-    longer RUNNING."""
+    longer RUNNING. NotYours, with the run unchanged, when the server refuses the first write."""
     client = MlflowClient()
     run = client.get_run(stale.run_id)
     if run.info.status != "RUNNING":
         return False
-    client.set_tag(stale.run_id, "failure_reason", f"stale: {stale.reason} (marked KILLED by clean-stale)")
+    try:
+        client.set_tag(stale.run_id, "failure_reason", f"stale: {stale.reason} (marked KILLED by clean-stale)")
+    except MlflowException as exc:
+        if refused(exc) != 403:
+            raise
+        raise NotYours("the tracking server refused to change it (HTTP 403): its owner or the server's admin can mark it") from None
     client.set_terminated(stale.run_id, RunStatus.to_string(RunStatus.KILLED))
     remove_partial_uploads(run)
     return True
