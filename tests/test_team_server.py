@@ -3,6 +3,7 @@
 Skipped (with the reason) where the PostgreSQL server binaries are missing; `.ci/run` installs them.
 """
 
+import contextlib
 import glob
 import os
 import pwd
@@ -15,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -55,9 +57,10 @@ def as_postgres_user(home: Path) -> list[str]:
     return ["runuser", "-u", "postgres", "--"]
 
 
-@pytest.fixture()
-def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>; stopped and removed afterwards."""
+@contextlib.contextmanager
+def running_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, as a SQLAlchemy URI of its `postgres`
+    database; stopped and removed afterwards."""
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; `apt-get install -y postgresql`")
@@ -77,6 +80,13 @@ def postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.fixture()
+def postgres():
+    """A throwaway PostgreSQL cluster for one test."""
+    with running_postgres() as uri:
+        yield uri
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     """Poll /health until it answers, the server dies, or the time is up."""
     deadline = time.time() + timeout
@@ -92,16 +102,18 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 2
     raise AssertionError(f"mlflow server not healthy in {timeout}s: {log.read_text()[-3000:]}")
 
 
-@pytest.fixture()
-def team_server(postgres, tmp_path):
-    """`mlflow server` on the PostgreSQL store, proxying artifacts to a local folder."""
-    port, log = free_port(), tmp_path / "mlflow-server.log"
-    artifacts = tmp_path / "artifacts"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
+@contextlib.contextmanager
+def serve(extra: list[str], backend: str, folder: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    """`mlflow server EXTRA` on `backend` at 127.0.0.1:<free port>, proxying artifacts to `folder`/artifacts;
+    yields (url, artifact folder) once /health answers and kills the server's process group afterwards.
+    The server sees no MLFLOW_TRACKING_* variable of the test process."""
+    port, log = free_port(), folder / "mlflow-server.log"
+    artifacts = folder / "artifacts"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    command = [sys.executable, "-m", "mlflow", "server", *extra, "--backend-store-uri", backend,
                "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with log.open("w") as handle:
-        proc = subprocess.Popen(command, cwd=tmp_path, env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        proc = subprocess.Popen(command, cwd=folder, env={**base, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})},
                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -116,6 +128,13 @@ def team_server(postgres, tmp_path):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 continue
+
+
+@pytest.fixture()
+def team_server(postgres, tmp_path):
+    """`mlflow server` on the PostgreSQL store, proxying artifacts to a local folder."""
+    with serve([], postgres, tmp_path) as server:
+        yield server
 
 
 def test_baseline_lands_on_a_postgres_backed_server(team_server, synthetic_root, tmp_path, monkeypatch):
