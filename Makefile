@@ -5,12 +5,6 @@ DATASET ?= breastmnist
 PROFILE ?= quick
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
-# Use the offline copies beside the checkout when present (this project's build machines).
-ifeq ($(MEDMNIST_ROOT),)
-ifneq ($(wildcard $(CURDIR)/../shared/data/medmnist/breastmnist.npz),)
-export MEDMNIST_ROOT := $(abspath $(CURDIR)/../shared/data/medmnist)
-endif
-endif
 
 .PHONY: setup demo test test-fast ui bench clean
 
@@ -25,6 +19,7 @@ demo: setup
 	mlflow run . -e study -P dataset=$(DATASET) -P profile=$(PROFILE) --env-manager local --experiment-name $(DATASET)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-fast: setup

@@ -19,7 +19,7 @@ from torchvision.models import ResNet18_Weights
 from pipeline.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_DATA = Path(os.environ.get("MEDMNIST_REAL_ROOT", REPO.parent / "shared" / "data" / "medmnist"))
+REAL_DATA = Path(os.environ.get("MEDMNIST_REAL_ROOT") or os.environ.get("MEDMNIST_ROOT") or "/nonexistent")  # the official files, when given
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TQDM_DISABLE", "1")
