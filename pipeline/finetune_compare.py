@@ -35,7 +35,7 @@ def fit_hint(train_loss_last: float, val_loss_last: float) -> str:
 
 def table_row(run: Run, history: list[Mapping[str, float]]) -> dict[str, Any]:
     """One table row from a baseline run and its per-epoch history."""
-    metrics = run.data.metrics
+    metrics = tracking.final_metrics(run)
     best = int(metrics["best_epoch"])
     at_best = next(h for h in history if int(h["epoch"]) == best)
     last = history[-1]

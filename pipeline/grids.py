@@ -128,7 +128,7 @@ def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data
     (newest first); of runs with the same label, fraction and seed only the newest counts."""
     rows, seen = [], set()
     for run in runs:
-        tags, values = run.data.tags, run.data.metrics
+        tags, values = run.data.tags, tracking.final_metrics(run)
         key = (label(run), float(tags.get("label_fraction", 1.0)), tags.get("seed"))
         if not all(k in values for k in TABLE_KEYS) or key in seen:
             continue

@@ -93,7 +93,7 @@ def probe_child(
     logits = {s: head.logits(encoder.features[s]) for s in ("val", "test")}
     install_head(encoder.model, head)
     child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C, "size": data.size}
-    name = f"{tags['method']}-f{tags['label_fraction']}-s{tags['seed']}"
+    name = f"{tags['method']}-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         tracking.log_config(child_cfg)
         values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, len(subset), logits=logits)
@@ -118,7 +118,7 @@ def supervised_child(
     child_cfg = config.resolve("baseline", cfg["dataset"], overrides)
     seed_everything(tags["seed"])
     model = prepare_model(build_classifier(spec), device, child_cfg)
-    name = f"supervised-f{tags['label_fraction']}-s{tags['seed']}"
+    name = f"supervised-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         values = fit_and_log(model, spec, data, data.train.subset(subset), child_cfg).metrics
     return {**values, "run_id": run.info.run_id}

@@ -93,7 +93,7 @@ def baselines_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week2_baselines", "Supervised baselines", header, "baseline", dataset)
     table = Table("week2_baselines", "Supervised baselines (one row per run, newest first)", header)
     for run in runs:
-        tags, params, m = run.data.tags, run.data.params, run.data.metrics
+        tags, params, m = run.data.tags, run.data.params, tracking.final_metrics(run)
         record = {"model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
                   "augment": params.get("cfg.augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
                   "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "lr": params.get("cfg.lr", ""),
@@ -139,9 +139,9 @@ def ablation_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week3_augment_ablation", "Augmentation ablation", header, "augment_ablation", dataset)
     parent = parents[0]
     p = parent.data.params
-    rows = [{"variant": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **run.data.metrics,
+    rows = [{"variant": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **tracking.final_metrics(run),
              "run_id": run.info.run_id}
-            for run in tracking.child_runs(parent.info.run_id, dataset) if set(grids.ABLATION_METRICS) <= set(run.data.metrics)]
+            for run in tracking.child_runs(parent.info.run_id, dataset) if set(grids.ABLATION_METRICS) <= set(tracking.final_metrics(run))]
     variants = list(dict.fromkeys([*p.get("cfg.variants", "").split(","), *(r["variant"] for r in rows)]))
     summary = grids.ablation_summary(rows, variants)
     what = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"

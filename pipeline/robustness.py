@@ -294,10 +294,11 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
     corrupted = rows[1:]
     values["mean_corrupted_auroc"] = float(np.mean([r["auroc"] for r in corrupted]))
     values["worst_corrupted_auroc"] = float(np.min([r["auroc"] for r in corrupted]))
-    values.update(mc)
+    values.update({k: v for k, v in mc.items() if k not in ("mc_dropout_p", "mc_passes")})  # settings, not results
     name = f"robustness-{source.tags()['model']}-{source.run_id[:8]}"
     with tracking.tracked_run("robustness", cfg["dataset"], {**source.tags(), "mc_dropout": dropout_note}, run_name=name):
         tracking.log_config(cfg)
+        tracking.log_params({"mc_dropout_p_used": p})
         tracking.log_metrics(values)
         for row in corrupted:
             tracking.log_metrics({f"{row['corruption']}_{k}": row[k] for k in ("auroc", "acc", "ece")}, step=row["severity"])

@@ -100,8 +100,6 @@ def fit_and_log(
             on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
         model.load_state_dict(result.best_state)
-        # val_acc/val_auroc/val_ece are also per-epoch keys: logging the selected model's values
-        # last, at the final step, makes them the run's summary value (MLflow keeps the latest).
         values = log_evaluation(model, spec, data, cfg, len(train), step=result.history[-1]["epoch"],
                                 best_epoch=result.best_epoch)
         tracking.log_file(workdir / "val_log.jsonl")
@@ -117,22 +115,21 @@ def log_evaluation(
     cfg: Mapping[str, Any],
     n_train: int,
     step: int = 0,
-    best_epoch: int = 0,
+    best_epoch: int | None = None,
     logits: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Evaluate val and test once (or take precomputed `logits`) and log metrics (with `n_train`, the
-    labelled training images used), predictions, `best.pt`, reliability and confusion plots; tags
-    the run `kind=classifier`."""
+    labelled training images used, and `best_epoch` for a trained model; a probe has none),
+    predictions, `best.pt`, reliability and confusion plots; tags the run `kind=classifier`."""
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
     if logits is None:
         logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
     tracking.set_tags({"kind": "classifier"})
     values = final_metrics(logits, labels, cfg)
-    values["best_epoch"] = best_epoch
-    values["n_train"] = n_train
-    tracking.log_metrics(values, step=step)
+    values.update({"best_epoch": best_epoch} if best_epoch is not None else {}, n_train=n_train)
+    tracking.log_metrics({f"best_{k}" if k.startswith("val_") else k: v for k, v in values.items()}, step=step)
     test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
-    tracking.log_json({**test_values, "best_epoch": best_epoch, "n_train": n_train}, "test_metrics.json")
+    tracking.log_json({**test_values, **{k: values[k] for k in ("best_epoch", "n_train") if k in values}}, "test_metrics.json")
     for split in ("val", "test"):
         tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:

@@ -450,6 +450,13 @@ def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
     return True
 
 
+def final_metrics(run: Run) -> dict[str, float]:
+    """A run's metrics with the selected checkpoint's validation values under `val_*`: they are
+    logged as `best_val_*` (runs logged before that logged them last under the per-epoch keys)."""
+    values = run.data.metrics
+    return {**values, **{k.removeprefix("best_"): v for k, v in values.items() if k.startswith("best_val_")}}
+
+
 def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[str, ...] = ()) -> Run:
     """A run by id (checked to be of this stage's kind and dataset) or the newest FINISHED one.
 

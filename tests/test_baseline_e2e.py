@@ -55,11 +55,11 @@ def test_standalone_run_logs_the_contract_and_consistent_metrics(synthetic_root,
     epochs = [json.loads(line) for line in open(download(tracking_uri, run.info.run_id, "val_log.jsonl", tmp_path))]
     assert [e["epoch"] for e in epochs] == [1, 2]
     history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "val_auroc")
-    assert [h.step for h in history] == [1, 2, 2]  # two epochs, then the selected model's value
+    assert [h.step for h in history] == [1, 2]  # one value per epoch: the selected model's is best_val_auroc
     best = epochs[int(m["best_epoch"]) - 1]
-    assert m["val_auroc"] == pytest.approx(best["val_auroc"]) == history[-1].value
+    assert m["best_val_auroc"] == pytest.approx(best["val_auroc"]) == history[int(m["best_epoch"]) - 1].value
     val = pd.read_csv(download(tracking_uri, run.info.run_id, "predictions/val.csv", tmp_path))
-    assert m["val_auroc"] == pytest.approx(roc_auc_score(val.label, val.prob), abs=1e-6)
+    assert m["best_val_auroc"] == pytest.approx(roc_auc_score(val.label, val.prob), abs=1e-6)
 
 
 def test_same_seed_same_test_metrics(synthetic_root, tracking_uri, tmp_path):

@@ -67,7 +67,8 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     assert len(children) == 2 * 2 * 2  # fractions × seeds × runnable methods
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["kind"] == "classifier"
-        assert {"method", "label_fraction", "seed"} <= set(child.data.tags)
+        assert {"method", "label_fraction", "seed"} <= set(child.data.tags) and child.data.tags["ssl_method"] == "simclr"
+        assert child.info.run_name.startswith(f"{child.data.tags['method']}-simclr-f")  # two grids' rows never share a name
         assert child.data.params["cfg.size"] == "28"  # robustness and thresholds rebuild the test images at this size
         assert_contract(tracking_uri, child, classifier=child.data.tags["method"] == "supervised")
     train_labels = load_arrays("breastmnist", 28, synthetic_root)["train"].labels
@@ -78,6 +79,7 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     supervised = [c for c in children if c.data.tags["method"] == "supervised"]
     assert {c.data.params["cfg.augment"] for c in supervised} == {"flip"}  # as ssl_finetune trains, for week 6
     probe_child = next(c for c in children if c.data.tags["method"] == "ssl_probe")
+    assert "best_epoch" not in probe_child.data.metrics and all("best_epoch" in c.data.metrics for c in supervised)  # a probe has no epochs
     assert probe_child.data.tags["source_run_id"] == ssl.info.run_id
     assert {"predictions/test.csv", "checkpoints/best.pt", "plots/reliability.png"} <= artifact_paths(tracking_uri, probe_child.info.run_id)
 

@@ -291,6 +291,8 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
     check_tags(run, "robustness", source_id)
     assert_contract(uri, run, classifier=False)
     assert "p = 0.2" in run.data.tags["mc_dropout"]
+    assert run.data.params["mc_dropout_p_used"] == "0.2" and run.data.params["cfg.mc_passes"] == "4"
+    assert not {"mc_dropout_p", "mc_passes"} & set(run.data.metrics)  # settings are params, not metrics
     assert {"robustness/table.csv", "robustness/table.md", "robustness/mc_dropout.csv", "robustness/week8_note.md",
             "plots/robustness.png", "plots/mc_dropout_entropy.png", "plots/corruption_examples.png"} <= artifact_paths(uri, run.info.run_id)
     m = run.data.metrics
