@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    overrides = {"method": args.method, "model": args.model, "steps": args.steps, "knn_every": args.every,
+    overrides = {"method": args.method, "model": args.model, "steps": args.steps, "epochs": 0, "knn_every": args.every,
                  "batch_size": args.batch_size, "seed": args.seed, "moco_momentum": args.moco_momentum,
                  "device": args.device}
     cfg = config.resolve("ssl_pretrain", args.dataset, overrides)

@@ -97,3 +97,15 @@ def test_head_only_training_defaults_to_imagenet_weights_and_refuses_a_random_en
     for overrides in ({"model": "resnet18", "finetune": "head", "weights": "none"}, {"model": "smallcnn", "finetune": "head"}):
         with pytest.raises(UserError, match="finetune=head trains only a linear head on a frozen encoder, so it needs pretrained weights"):
             config.resolve("baseline", "breastmnist", overrides)
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper", "full"])
+@pytest.mark.parametrize("dataset", ["breastmnist", "pneumoniamnist"])
+def test_a_profiles_ssl_step_budget_holds_on_every_dataset(profile, dataset):
+    """A dataset's defaults must not turn a profile's measured step budget back into epochs
+    (`epochs` > 0 replaces `steps`): PneumoniaMNIST's 15 epochs had cut the paper profile's 800 steps to 270."""
+    from pipeline.pretrain import total_steps
+
+    cfg = config.resolve("ssl_pretrain", dataset, {}, profile=profile)
+    wanted = config.load_profile(profile)["ssl_pretrain"]["steps"]
+    assert cfg["epochs"] == 0 and total_steps(cfg, 4708) == wanted
