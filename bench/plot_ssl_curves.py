@@ -17,12 +17,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def curve_label(point: dict) -> str:
+    """What tells two curves of one dataset apart: the method, MoCo's momentum, the schedule length."""
+    momentum = f" m={point['moco_momentum']}" if point.get("moco_momentum") else ""
+    return f"{point['method']}{momentum}, {point['steps']}-step schedule"
+
+
 def load(path: Path) -> dict[tuple[str, str], list[dict]]:
-    """Monitor points by (dataset, method), in step order."""
+    """Monitor points by (dataset, curve label), in step order."""
     curves: dict[tuple[str, str], list[dict]] = {}
     for line in path.read_text().splitlines():
         point = json.loads(line)
-        curves.setdefault((point["dataset"], point["method"]), []).append(point)
+        curves.setdefault((point["dataset"], curve_label(point)), []).append(point)
     return {key: sorted(points, key=lambda p: p["step"]) for key, points in curves.items()}
 
 
@@ -49,7 +55,7 @@ def figure(curves: dict[tuple[str, str], list[dict]], budget: int) -> plt.Figure
 
 def table(curves: dict[tuple[str, str], list[dict]], steps: list[int]) -> str:
     """Markdown: kNN / probe val AUROC at the chosen steps, and the wall time to the last point."""
-    lines = ["| dataset | method | " + " | ".join(f"step {s}" for s in steps) + " | wall time (s) |",
+    lines = ["| dataset | curve | " + " | ".join(f"step {s}" for s in steps) + " | wall time (s) |",
              "|---|---|" + "---|" * (len(steps) + 1)]
     for (dataset, method), points in sorted(curves.items()):
         at = {p["step"]: p for p in points}
