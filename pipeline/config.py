@@ -185,10 +185,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing, unreadable, oversized or non-mapping file is a UserError."""
+    path = Path(path)
     try:
-        if Path(path).stat().st_size > MAX_CONFIG_BYTES or not Path(path).is_file():
+        if path.stat().st_size > MAX_CONFIG_BYTES or not path.is_file():
             raise UserError(f"config file {path} must be a regular file under {MAX_CONFIG_BYTES >> 10} KiB")
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_PlainLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlainLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except UnicodeDecodeError:

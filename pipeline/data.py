@@ -137,6 +137,12 @@ def _array_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return shapes
 
 
+def corrupted(path: Path, name: str, size: int, reason: str) -> UserError:
+    """The one line for a data file that cannot be read as MedMNIST's: what failed and the MD5 to fetch."""
+    return UserError(f"{path} is corrupted or truncated ({reason}): delete it and download it again "
+                     f"(expected MD5 {INFO[name]['MD5' + _size_flag(size)]})")
+
+
 def check_layout(path: Path, name: str, size: int) -> None:
     """Refuse a file whose arrays are not the dataset's declared layout (uint8 N×size×size for one
     channel, N×size×size×C otherwise; N labels), before anything is loaded."""
@@ -145,8 +151,7 @@ def check_layout(path: Path, name: str, size: int) -> None:
     try:
         shapes = _array_shapes(path)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path} is corrupted or truncated ({exc}): delete it and download it "
-                        f"again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})") from None
+        raise corrupted(path, name, size, str(exc)) from None
     for split in SPLITS:
         images, labels = shapes.get(f"{split}_images"), shapes.get(f"{split}_labels")
         if images is None or labels is None:
@@ -175,10 +180,7 @@ def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
                                 f"{', '.join(map(str, np.unique(raw)[:4]))})")
             splits[split] = ArraySplit(images, raw.astype(np.int64))
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"{path} is corrupted or truncated ({type(exc).__name__}): delete it and download it "
-            f"again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})"
-        ) from None
+        raise corrupted(path, name, size, type(exc).__name__) from None
     for split, arrays in splits.items():
         labels = arrays.labels
         if len(np.unique(labels)) < 2:  # training, model selection (AUROC) and testing all need both classes

@@ -90,7 +90,7 @@ def read_predictions(path: Path, name: str) -> Predictions:
     index = table["index"]
     if not np.array_equal(np.sort(index), np.arange(len(index))):
         raise UserError(f"{name}: its index column must number the split's images 0..{len(index) - 1}, each once")
-    return Predictions(table["index"].astype(np.int64), labels.astype(np.int64), table["logit"])
+    return Predictions(index.astype(np.int64), labels.astype(np.int64), table["logit"])
 
 
 def load_source(stages: Sequence[str], dataset: str, run_id: str = "latest", extra: tuple[str, ...] = ()) -> SourceRun:
