@@ -40,10 +40,10 @@ PRESET = "geometric+intensity"
 
 
 def data_root() -> tuple[Path, str]:
-    """The real files when present ($MEDMNIST_ROOT or ../shared/data/medmnist), else synthetic ones."""
-    for candidate in (os.environ.get("MEDMNIST_ROOT"), REPO.parent / "shared" / "data" / "medmnist"):
-        if candidate and (Path(candidate) / "pneumoniamnist.npz").exists():
-            return Path(candidate), "real"
+    """The real files when $MEDMNIST_ROOT holds them, else synthetic ones."""
+    candidate = os.environ.get("MEDMNIST_ROOT")
+    if candidate and (Path(candidate) / "pneumoniamnist.npz").exists():
+        return Path(candidate), "real"
     root = Path(tempfile.mkdtemp(prefix="augment-bench-"))
     write_synthetic(root, "pneumoniamnist", counts={"train": TRAIN_SIZE, "val": 8, "test": 8})
     return root, "synthetic"
