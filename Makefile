@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(CURDIR)/$(VENV)/bin/python
 DATASET ?= breastmnist
 PROFILE ?= quick
+PORT ?= 5000
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
@@ -30,7 +31,8 @@ bench: setup
 	$(PY) bench/perf.py --dataset $(DATASET)
 
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///mlflow.db
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(PY) -m entrypoints.runs address --dataset $(DATASET) --url http://127.0.0.1:$(PORT)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(PORT)
 
 # Generated reports and caches only: the tracking store (mlflow.db, mlruns/) and exported results
 # hold what you logged and annotated; move them aside yourself for a fresh start.

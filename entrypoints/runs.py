@@ -1,4 +1,5 @@
-"""`runs`: housekeeping of the tracking store (`runs clean-stale` marks hard-killed runs KILLED)."""
+"""`runs`: the tracking store's housekeeping (`runs clean-stale` marks hard-killed runs KILLED) and
+the UI's address (`runs address`: where the study's runs table is, and what to look at)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,27 @@ def clean_stale(older_than: float | None, dry_run: bool) -> None:
             click.echo(f"{verb} KILLED  {run.run_id}  {run.stage}  {run.dataset}  started {started}  {run.reason}")
     summary = f"{changed} stale run(s) {verb} KILLED" if changed or others else "no stale runs"
     click.echo(summary + (f"; {others} left alone: not yours to change" if others else ""))
+
+
+TOUR = """In the runs table:
+  - the study is one row: expand it (+) for its steps; the grids (augment_ablation, linear_probe,
+    ssl_finetune) expand again into one run per method x labels x seed
+  - Columns: add metrics test_auroc, best_val_auroc, test_ece and tags method, ssl_method, label_fraction
+  - Group by tags.method (or tags.ssl_method) to compare methods; the Dataset column names each run's data
+  - the answers: the study run's description, and the compare run's reports/ (draft.md,
+    week6_paired_differences.md); models: the Models tab and models:/<dataset>-classifier@champion"""
+
+
+@group.command("address")
+@click.option("--dataset", default="breastmnist", show_default=True, help="The experiment to open.")
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="Where `mlflow ui` serves.")
+def address(dataset: str, url: str) -> None:
+    """Print the address of the dataset's runs table (the model-training view) and a short tour."""
+    experiment_id = tracking.experiment_id(dataset)
+    if experiment_id is None:
+        click.echo(f"no experiment {dataset!r} in {tracking.mlflow_uri()} yet: run `make demo` first; the UI opens at {url}")
+        return
+    click.echo(f"open {url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning\n{TOUR}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from pipeline import plots, tables, tracking
 from pipeline.config import config_hash
 from pipeline.data import load_splits
 from pipeline.errors import PipelineError
-from pipeline.grids import ABLATION_METRICS, ablation_summary
+from pipeline.grids import ABLATION_METRICS, GRID_GUIDE, ablation_summary
 from pipeline.runtime import configure_speed, resolve_device
-from pipeline.supervised import train_supervised
+from pipeline.supervised import log_selected_model, train_supervised
 
 
 def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, Any]:
@@ -77,7 +77,8 @@ def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[di
                 except Exception as exc:  # the child is already FAILED with its reason; go on with the others
                     failures.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
                     continue
-                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in ABLATION_METRICS}})
+                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in ABLATION_METRICS}, "run_id": values["run_id"]})
+        log_selected_model(rows, data, cfg["dataset"])
         summary = ablation_summary(rows, cfg["variants"])
         if summary:
             log_summary(summary, rows, cfg)
@@ -92,6 +93,7 @@ def log_summary(summary: list[Mapping[str, Any]], rows: list[Mapping[str, Any]],
     title = f"Augmentation ablation: {cfg['dataset']} {cfg['model']}, {cfg['epochs']} epochs"
     tracking.log_text(summary_csv(summary), "ablation.csv")
     tracking.log_text(summary_markdown(summary, title), "ablation.md")
+    tracking.describe_run(summary_markdown(summary, title) + GRID_GUIDE)
     tracking.log_json(rows, "ablation_runs.json")
     tracking.log_metrics(summary_metrics(summary))
     tracking.log_figure(plots.ablation_errorbars(summary, "test_auroc", f"{title}\ntest AUROC per variant"), "plots/ablation_test_auroc.png")

@@ -30,7 +30,7 @@ def run_baseline(cfg: Mapping[str, Any], data_root: str = "") -> dict[str, float
     job = prepare(cfg, data_root)
     data_md5 = fingerprint(cfg["dataset"], cfg["size"], data_root)  # a resume checks it reads the same file
     with tracking.tracked_run("baseline", cfg["dataset"], {**job.tags, "data_md5": data_md5}, run_name=job.name):
-        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg)
+        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, with_model=True)
     return outcome.metrics
 
 
@@ -54,5 +54,5 @@ def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str 
     check_resume_state(job.model, cfg, state, f"checkpoints/last.pt of run {run_id}")
     logged = tracking.last_logged_step(run_id, "train_loss")
     with tracking.tracked_run("baseline", dataset, {**job.tags, "resumed_from_epoch": state["epoch"]}, resume_run_id=run_id):
-        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, resume=state, logged_through=logged)
+        outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, resume=state, logged_through=logged, with_model=True)
     return outcome.metrics

@@ -214,6 +214,7 @@ class DatasetSplits:
     val: Split
     test: Split
     label_names: dict[str, str]
+    source: str = ""  # the .npz file the splits were read from
 
     @property
     def channels(self) -> int:
@@ -232,7 +233,8 @@ def to_split(arrays: ArraySplit, device: torch.device) -> Split:
 
 def load_splits(name: str, size: int, data_root: str, device: torch.device) -> DatasetSplits:
     """Load a dataset's three splits onto `device`."""
-    arrays = load_arrays(name, size, resolve_root(data_root))
+    root = resolve_root(data_root)
+    arrays = load_arrays(name, size, root)
     return DatasetSplits(
         name=name,
         size=size,
@@ -240,6 +242,7 @@ def load_splits(name: str, size: int, data_root: str, device: torch.device) -> D
         val=to_split(arrays["val"], device),
         test=to_split(arrays["test"], device),
         label_names=dict(INFO[name]["label"]),
+        source=str(root / file_name(name, size)),
     )
 
 

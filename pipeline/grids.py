@@ -32,6 +32,9 @@ OPTIONAL_KEYS = ("test_balanced_acc", "val_auroc")  # absent from runs logged be
 # Config keys that do not change what a baseline learns (or are columns of the table themselves).
 NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_last", "compile", "checkpoint_every",
               "checkpoint_min_seconds", "eval_batch_size", "bootstrap", "ece_bins"}
+GRID_GUIDE = ("\n\nEach child run (expand this row) is one classifier with its own predictions, reliability and confusion "
+              "plots and checkpoint; this run holds the tables and figures above, and its MLflow model is the child "
+              "with the best validation AUROC (tag `selected_run_id`).\n")
 ABLATION_METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc", "test_ece")
 
 

@@ -24,12 +24,12 @@ from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
 from pipeline.features import extract_features
-from pipeline.grids import (METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, for_seed, label_efficiency_figure,
+from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, for_seed, label_efficiency_figure,
                             load_encoder_checkpoint, majority_rows, pretraining_seed_note, run_grid, ssl_run_ids)
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log, log_evaluation
+from pipeline.supervised import fit_and_log, log_evaluation, log_selected_model
 from pipeline.train import epochs_for_steps, eval_interval
 
 PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
@@ -96,7 +96,7 @@ def probe_child(
     name = f"{tags['method']}-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
         tracking.log_config(child_cfg)
-        values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, len(subset), logits=logits)
+        values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, data.train.subset(subset), logits=logits)
     return {**values, "run_id": run.info.run_id}
 
 
@@ -142,14 +142,16 @@ def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str],
              tables.mean_std(r, "test_ece")]
             for r in summary]
     note = "".join(f"\n{METHOD_LABELS.get(m, m)}: not run ({reason}).\n" for m, reason in not_run.items())
-    tracking.log_text(f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header)
-                      + note + "".join(f"\n{line}\n" for line in notes), "label_efficiency.md")
+    text = (f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header)
+            + note + "".join(f"\n{line}\n" for line in notes))
+    tracking.log_text(text, "label_efficiency.md")
+    tracking.describe_run(text + GRID_GUIDE)
     ran = [r for r in summary if r["n"] and r["method"] != "majority_class"]
     tracking.log_figure(label_efficiency_figure(ran, "test_acc", f"{title}: accuracy"), "plots/label_efficiency_acc.png")
     tracking.log_figure(label_efficiency_figure(ran, "test_auroc", f"{title}: AUROC"), "plots/label_efficiency_auroc.png")
-    for row in ran:
-        key = f"{row['method']}/f{row['label_fraction']:g}"
-        tracking.log_metrics({f"{key}/test_auroc_mean": row["test_auroc_mean"], f"{key}/test_acc_mean": row["test_acc_mean"]})
+    for row in ran:  # one curve per method and metric in the UI's charts: step = percent of the labels
+        tracking.log_metrics({f"label_efficiency/{row['method']}_{k}_mean": row[f"{k}_mean"] for k in ("test_auroc", "test_acc")},
+                             step=round(row["label_fraction"] * 100))
     differences = paired.compare_methods(rows, PROBE_COMPARISONS)
     tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     return summary
@@ -196,6 +198,7 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         for method, why in not_run.items():
             tracking.set_tags({f"{method}_status": f"not run: {why}"[:4000]})
         rows = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method}) + majority_rows(data, cfg)
+        log_selected_model(rows, data, cfg["dataset"])
         prevalence = float(data.test.labels.float().mean())
         notes = [pretraining_seed_note(list(cfg["seeds"]), ssl_runs),
                  f"Test prevalence of class 1: {prevalence:.3f} (train {float(data.train.labels.float().mean()):.3f}); "

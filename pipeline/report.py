@@ -740,6 +740,24 @@ def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", 
         missing = [t.name for t in built if t.missing]
         tracking.set_tags({"missing_tables": ",".join(missing) or "none"})
         tracking.log_metrics({"tables_complete": len(built) - len(missing), "tables_missing": len(missing)})
+        register_champion(dataset)
         if export_name:
             export_results(built, written, Path(results_root), export_name, dataset)
     return built, out_dir
+
+
+def register_champion(dataset: str) -> None:
+    """Point `<dataset>-classifier@champion` at the logged model with the best validation AUROC and
+    say so; a server that refuses the registry write costs the champion, not the tables."""
+    try:
+        champion = tracking.register_champion(dataset)
+    except UserError as exc:
+        print(f"champion not registered: {exc}")
+        return
+    if champion is None:
+        print(f"champion not registered: no {dataset} run logged an MLflow model")
+        return
+    tracking.set_tags({"champion": f"{champion.name}@{champion.alias}", "champion_version": champion.version,
+                       "champion_model_id": champion.model_id})
+    print(f"champion: models:/{champion.name}@{champion.alias} = version {champion.version}, model {champion.model_id} "
+          f"of run {champion.run_id} (validation AUROC {champion.val_auroc:.3f})")

@@ -26,11 +26,11 @@ from pipeline import config, paired, tables, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
-from pipeline.grids import (METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
+from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
                             majority_rows, recipe_hash, run_grid, run_rows, ssl_run_ids)
 from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log
+from pipeline.supervised import fit_and_log, log_selected_model
 from pipeline.train import epochs_for_steps, eval_interval, train_classifier
 
 FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
@@ -81,6 +81,7 @@ def log_week6_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str
             "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
             + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
     tracking.log_text(text, "week6_comparison.md")
+    tracking.describe_run(text + GRID_GUIDE)
     differences = paired.compare_methods(finetune_rows + others, FINETUNE_COMPARISONS)
     tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     grid = [r for r in summary if r["method"] in METHOD_LABELS]
@@ -155,5 +156,6 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
         tracking.log_config(cfg)
         rows = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
+        log_selected_model(rows, data, cfg["dataset"])
         tracking.log_json(selection, "encoder_lr_scale_selection.json")
         return log_week6_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from tqdm.auto import tqdm
 
-from pipeline import tracking
+from pipeline import lineage, tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from pipeline.config import config_hash
@@ -123,6 +123,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
             tracking.log_config(cfg)
             tracking.log_params({"total_steps": steps, "steps_per_epoch": steps_per_epoch(n, cfg["batch_size"])})
             tracking.log_json(ssl_settings(cfg, n), "ssl_config.json")
+            tracking.log_inputs([lineage.split_input(data, "train"), lineage.split_input(data, "val")])
         else:
             tracking.set_tags({"resumed_from_step": state["step"]})
 

@@ -13,6 +13,7 @@ interpreter start-up is paid per step.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -153,6 +154,18 @@ def steps_table(outcomes: list[Outcome]) -> str:
     return tables.rows_to_markdown(rows, ["step", "stage", "status", "run", "seconds", "note"])
 
 
+def study_description(profile_name: str, outcomes: list[Outcome], out_root: str, dataset: str) -> str:
+    """The study run's description: what the profile is for, its steps with links to their runs,
+    and compare's headline tables (label efficiency, then the paired differences)."""
+    rows = [[o.step, o.status, tracking.run_link(o.run_id, o.run_id[:8]) if o.run_id else "—", f"{o.seconds:.0f}"] for o in outcomes]
+    parts = [f"**{profile_name} profile**: {profile_note(profile_name)}",
+             "## Steps\n\n" + tables.rows_to_markdown(rows, ["step", "status", "run", "seconds"])]
+    for name in ("week5_label_efficiency.md", "week6_paired_differences.md"):
+        path = Path(out_root) / dataset / name
+        parts.append(path.read_text() if path.is_file() else f"({name}: compare did not write it)")
+    return "\n\n".join(parts) + "\n"
+
+
 def profile_note(profile_name: str) -> str:
     """What a profile's numbers are for (its `note`), printed before and after a study and tagged on it."""
     return str(config.load_profile(profile_name).get("note", ""))
@@ -188,4 +201,5 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
             tracking.log_text(steps_table(outcomes), "study_steps.md")
         tracking.log_metrics({"steps_ran": sum(o.status == "ran" for o in outcomes),
                               "steps_reused": sum(o.status == "reused" for o in outcomes)})
+        tracking.describe_run(study_description(profile_name, outcomes, out_root, dataset))
     return outcomes

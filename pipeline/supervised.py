@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import metrics, plots, tracking
+from pipeline import lineage, metrics, plots, tracking
 from pipeline.augment import build_augment
-from pipeline.checkpoint import CheckpointSchedule, save_checkpoint
+from pipeline.checkpoint import CheckpointSchedule, load_classifier, save_checkpoint
 from pipeline.config import config_hash
 from pipeline.data import DatasetSplits, Split, stratified_subset
 from pipeline.gallery import log_gallery, most_confident_mistakes
@@ -83,8 +83,10 @@ def fit_and_log(
     cfg: Mapping[str, Any],
     resume: Mapping[str, Any] | None = None,
     logged_through: int = 0,
+    with_model: bool = False,
 ) -> ClassifierOutcome:
-    """Train `model` on `train` (possibly a label subset) and log the classifier artifacts.
+    """Train `model` on `train` (possibly a label subset) and log the classifier artifacts (and, with
+    `with_model`, an MLflow model).
 
     With `resume` (a `last.pt` training state of this run) training continues after its epoch;
     the config is already logged, and epochs up to `logged_through` are not logged again.
@@ -100,8 +102,8 @@ def fit_and_log(
             on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
         model.load_state_dict(result.best_state)
-        values = log_evaluation(model, spec, data, cfg, len(train), step=result.history[-1]["epoch"],
-                                best_epoch=result.best_epoch)
+        values = log_evaluation(model, spec, data, cfg, train, step=result.history[-1]["epoch"],
+                                best_epoch=result.best_epoch, with_model=with_model)
         tracking.log_file(workdir / "val_log.jsonl")
         title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
         tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
@@ -113,21 +115,25 @@ def log_evaluation(
     spec: ModelSpec,
     data: DatasetSplits,
     cfg: Mapping[str, Any],
-    n_train: int,
+    train: Split,
     step: int = 0,
     best_epoch: int | None = None,
     logits: Mapping[str, np.ndarray] | None = None,
+    with_model: bool = False,
 ) -> dict[str, float]:
-    """Evaluate val and test once (or take precomputed `logits`) and log metrics (with `n_train`, the
-    labelled training images used, and `best_epoch` for a trained model; a probe has none),
-    predictions, `best.pt`, reliability and confusion plots; tags the run `kind=classifier`."""
+    """Evaluate val and test once (or take precomputed `logits`) and log the inputs, metrics (with
+    `n_train`, the labelled training images used, and `best_epoch` for a trained model; a probe has
+    none), predictions, `best.pt`, reliability and confusion plots, and with `with_model` an MLflow
+    model that the metrics are linked to; tags the run `kind=classifier`."""
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
     if logits is None:
         logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
     tracking.set_tags({"kind": "classifier"})
+    tracking.log_inputs(lineage.classifier_inputs(data, train, cfg))
     values = final_metrics(logits, labels, cfg)
-    values.update({"best_epoch": best_epoch} if best_epoch is not None else {}, n_train=n_train)
-    tracking.log_metrics({f"best_{k}" if k.startswith("val_") else k: v for k, v in values.items()}, step=step)
+    values.update({"best_epoch": best_epoch} if best_epoch is not None else {}, n_train=len(train))
+    model_id = tracking.log_model(model, lineage.model_example(data), cfg["dataset"], {}) if with_model else None
+    tracking.log_metrics({f"best_{k}" if k.startswith("val_") else k: v for k, v in values.items()}, step=step, model_id=model_id)
     test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
     tracking.log_json({**test_values, **{k: values[k] for k in ("best_epoch", "n_train") if k in values}}, "test_metrics.json")
     for split in ("val", "test"):
@@ -141,6 +147,22 @@ def log_evaluation(
     tracking.log_figure(confusion, "plots/confusion_matrix.png")
     log_test_gallery(logits["test"], labels["test"], data)
     return values
+
+
+def log_selected_model(rows: list[Mapping[str, Any]], data: DatasetSplits, dataset: str) -> None:
+    """Log a grid's selected model (the child with the highest validation AUROC, never test) as an
+    MLflow model of the grid's parent run, its child's metrics linked as `selected_*`."""
+    candidates = [r for r in rows if r.get("run_id") and r.get("val_auroc") == r.get("val_auroc")]
+    if not candidates:
+        return
+    best = max(candidates, key=lambda r: r["val_auroc"])
+    with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        model, _ = load_classifier(tracking.download_artifact(best["run_id"], "checkpoints/best.pt", Path(tmp)), torch.device("cpu"))
+    child = tracking.get_run(best["run_id"])
+    values = {k: v for k, v in child.data.metrics.items() if k.startswith(("test_", "best_val_"))}
+    model_id = tracking.log_model(model, lineage.model_example(data), dataset, {"selected_run_id": best["run_id"]})
+    tracking.log_metrics({f"selected_{k}": v for k, v in values.items()}, model_id=model_id)
+    tracking.set_tags({"selected_run_id": best["run_id"]})
 
 
 def log_reliability_views(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> None:
@@ -206,7 +228,8 @@ def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device,
 def train_supervised(
     cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False
 ) -> dict[str, float]:
-    """Train one classifier on already loaded data and log it as a run of `stage`; returns metrics."""
+    """Train one classifier on already loaded data and log it as a run of `stage`; returns its metrics
+    and `run_id`."""
     job = build_job(cfg, data, device, name)
-    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested):
-        return fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics
+    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested) as run:
+        return {**fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics, "run_id": run.info.run_id}

@@ -22,13 +22,16 @@ import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import mlflow
+import numpy as np
 import psutil
+import torch
 import yaml
 from matplotlib.figure import Figure
 from mlflow.entities import Run, RunStatus, ViewType
@@ -97,13 +100,34 @@ def ensure_store() -> None:
                 continue
             raise
         try:
-            client.create_experiment(
-                name,
-                tags={"mlflow.note.content": spec["description"], "contract.version": str(contract()["version"])},
-            )
+            client.create_experiment(name, tags=experiment_tags(spec["description"]))
         except MlflowException:
             if client.get_experiment_by_name(name) is None:  # not a lost race with another process
                 raise
+
+
+def experiment_tags(description: str) -> dict[str, str]:
+    """An experiment's description, contract version, and the kind that makes MLflow's UI open it
+    on the runs table of model training (not on the GenAI overview)."""
+    return {"mlflow.note.content": description, "contract.version": str(contract()["version"]),
+            "mlflow.experimentKind": "custom_model_development"}
+
+
+def describe_experiment(experiment_id: str, dataset: str) -> None:
+    """Give the experiment a run is in (made by `mlflow run --experiment-name`, say) the tags of the
+    template's experiments, unless it has a description; a server that refuses leaves it as it is."""
+    client = MlflowClient()
+    try:
+        experiment = client.get_experiment(experiment_id)
+        if "mlflow.note.content" in experiment.tags:
+            return
+        layout = yaml.safe_load((TEMPLATE_DIR / "experiments.yaml").read_text())["experiments"]
+        description = layout.get(dataset, {}).get("description", f"medmnist-ssl study runs ({dataset}).")
+        for key, value in experiment_tags(description).items():
+            _write(lambda key=key, value=value: client.set_experiment_tag(experiment_id, key, value))
+    except MlflowException as exc:
+        if not refused(exc):
+            raise
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -202,6 +226,8 @@ def tracked_run(
     _open_runs.append(run.info.run_id)
     outcome: BaseException | None = None
     try:
+        if not nested:
+            describe_experiment(run.info.experiment_id, dataset)
         week = contract()["weeks"].get(stage, "")
         started_here = not (nested or resume_run_id or under_mlflow_run())  # else the command is the parent's or mlflow's
         command = {"command": _command_line or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])} if started_here else {}
@@ -397,9 +423,27 @@ def logged_config(run: Run) -> dict[str, str]:
     return {k.removeprefix("cfg."): v for k, v in run.data.params.items() if k.startswith("cfg.")}
 
 
-def log_metrics(values: Mapping[str, float], step: int | None = None) -> None:
-    """Log numeric metrics (NaN kept: MLflow stores it) at an optional step."""
-    _write(lambda: mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step))
+NOTE_LIMIT = 7800  # MLflow keeps tag values up to 8000 characters
+
+
+def describe_run(markdown: str) -> None:
+    """The active run's description (the UI's Description box, Markdown); a long one is cut at a
+    line, saying so."""
+    if len(markdown) > NOTE_LIMIT:
+        markdown = markdown[:NOTE_LIMIT].rpartition("\n")[0] + "\n\n(cut here: the full tables are in the artifacts)\n"
+    set_tags({"mlflow.note.content": markdown})
+
+
+def run_link(run_id: str, text: str = "") -> str:
+    """A Markdown link to a run's page in the UI (relative, so it works on any server)."""
+    run = MlflowClient().get_run(run_id)
+    return f"[{text or run.info.run_name or run_id[:8]}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+
+
+def log_metrics(values: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
+    """Log numeric metrics (NaN kept: MLflow stores it) at an optional step; with `model_id` they are
+    also the metrics of that logged model (its page and the Models tab show them)."""
+    _write(lambda: mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step, model_id=model_id))
 
 
 def log_figure(fig: Figure, artifact_file: str) -> None:
@@ -432,6 +476,106 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_file(local_path: Path, artifact_dir: str | None = None) -> None:
     """Log a local file under `artifact_dir`."""
     _write(lambda: mlflow.log_artifact(str(local_path), artifact_dir))
+
+
+@dataclass(frozen=True)
+class InputData:
+    """One dataset a run reads, for MLflow's lineage (the runs table's Dataset column): the arrays
+    (MLflow keeps their digest, shape and dtype, not the data), the file they came from, their role."""
+
+    name: str
+    context: str
+    source: str
+    features: np.ndarray
+    targets: np.ndarray
+
+
+def log_inputs(inputs: Iterable[InputData]) -> None:
+    """Log each input with `mlflow.log_input` (the same dataset logged again is kept once)."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")  # made at import
+    for item in inputs:
+        dataset = mlflow.data.from_numpy(item.features, source=local(item.source),
+                                         targets=item.targets, name=item.name)
+        _write(lambda dataset=dataset, context=item.context: mlflow.log_input(dataset, context=context))
+
+
+def log_model(model: torch.nn.Module, example: np.ndarray, dataset: str, tags: Mapping[str, str]) -> str:
+    """Log a classifier as an MLflow model of the active run and return its model id.
+
+    Saved as a `torch.export` graph (MLflow's pt2 format): it loads with `mlflow.pytorch.load_model`
+    without this project's code, and loading executes no pickled code. The signature and input
+    example are float [0, 1] images N×C×H×W → one logit per image; normalisation is inside the model.
+    """
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.from_numpy(example).to(next(model.parameters()).device)).cpu().numpy()
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={MLFLOW_VERSION}"]
+        with warnings.catch_warnings():  # torch.export's archive writer warns about every buffer of a CPU model
+            warnings.filterwarnings("ignore", message="No complete tensor found")
+            info = _write(lambda: mlflow.pytorch.log_model(
+                model, name="model", signature=infer_signature(example, output), input_example=example,
+                serialization_format="pt2", pip_requirements=requirements, params={"dataset": dataset}, tags=dict(tags)))
+    finally:
+        model.train(was_training)
+    return info.model_id
+
+
+SELECTION_KEYS = ("best_val_auroc", "selected_best_val_auroc")  # a run's own model; a grid's selected child's
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered model version that an alias points at, and why it was chosen."""
+
+    name: str
+    alias: str
+    version: str
+    model_id: str
+    run_id: str
+    val_auroc: float
+
+
+def logged_models(dataset: str) -> list[Any]:
+    """Every READY logged model of `dataset` (the `dataset` param `log_model` gives it), in any experiment."""
+    experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
+    found = mlflow.search_logged_models(experiment_ids=experiments, filter_string=f"params.dataset = '{dataset}'",
+                                        output_format="list")
+    return [m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+
+
+def validation_auroc(model: Any) -> float:
+    """The validation AUROC linked to a logged model (NaN when none is)."""
+    values = {m.key: m.value for m in model.metrics or []}
+    return next((float(values[k]) for k in SELECTION_KEYS if k in values), float("nan"))
+
+
+def register_champion(dataset: str, alias: str = "champion") -> Champion | None:
+    """Register the logged model of `dataset` with the highest validation AUROC (never test) as
+    `<dataset>-classifier` and point `alias` at that version; a model registered before is reused.
+    None when no run of the dataset logged a model; a server's refusal is one UserError line."""
+    name, client = f"{dataset}-classifier", MlflowClient()
+    try:
+        candidates = [m for m in logged_models(dataset) if validation_auroc(m) == validation_auroc(m)]
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda m: (validation_auroc(m), m.creation_timestamp))
+        source = f"models:/{best.model_id}"
+        version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
+        if version is None:
+            version = _write(lambda: mlflow.register_model(source, name))
+        _write(lambda: client.set_registered_model_alias(name, alias, version.version))
+    except MlflowException as exc:
+        if not refused(exc):
+            raise
+        raise refusal(exc, f"registered model {name!r}", "an administrator can grant it, or register under another name") from None
+    return Champion(name, alias, str(version.version), best.model_id, best.source_run_id, validation_auroc(best))
 
 
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
@@ -544,6 +688,17 @@ def find_latest(stage: str, dataset: str, tags: Mapping[str, str]) -> Run:
     return runs[0]
 
 
+def experiment_id(name: str) -> str | None:
+    """The id of the experiment called `name`, or None when the store has none."""
+    experiment = MlflowClient().get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
+
+
+def mlflow_uri() -> str:
+    """The tracking URI in use."""
+    return mlflow.get_tracking_uri()
+
+
 def experiment_name(run: Run) -> str:
     """The name of the experiment a run is in."""
     return MlflowClient().get_experiment(run.info.experiment_id).name
@@ -607,11 +762,35 @@ def _process_alive(pid: str) -> bool:
         return True
 
 
+def _entry_point(words: list[str]) -> str | None:
+    """The entry point of an `mlflow run` command line (`main` when not given), or None for another command."""
+    at = next((i for i, word in enumerate(words[:4]) if Path(word).name == "mlflow"), None)
+    if at is None or words[at + 1:at + 2] != ["run"]:
+        return None
+    for i, word in enumerate(words):
+        if word in ("-e", "--entry-point") and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--entry-point="):
+            return word.partition("=")[2]
+    return "main"
+
+
+def _mlflow_run_alive(entry_point: str, started_s: float) -> bool:
+    """Whether an `mlflow run -e <entry_point>` that began before `started_s` still runs on this
+    host (it may be building its environment)."""
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        if _entry_point(process.info.get("cmdline") or []) == entry_point and (process.info.get("create_time") or 0) <= started_s:
+            return True
+    return False
+
+
 def stale_reason(run: Run, older_than_s: float | None, now: float) -> str | None:
     """Why a RUNNING run is stale, or None while its process may still be working on it.
 
-    A run whose `pid` on this `host` is gone is stale; a live process on this host never is;
-    otherwise (another host, or no pid tag) a run older than `older_than_s` is.
+    A run whose `pid` on this `host` is gone is stale; a live process on this host never is. A run
+    `mlflow run` created in a local store whose step never began (no `stage` tag: e.g. its
+    environment could not be built) is stale once no `mlflow run` of its entry point, started
+    before it, runs here. Otherwise (another host, or no pid tag) a run older than `older_than_s` is.
     """
     tags = run.data.tags
     age = now - run.info.start_time / 1000
@@ -619,6 +798,10 @@ def stale_reason(run: Run, older_than_s: float | None, now: float) -> str | None
         if _process_alive(tags["pid"]):
             return None
         return f"process {tags['pid']} on {tags['host']} is gone"
+    if ("stage" not in tags and "mlflow.project.entryPoint" in tags and sqlite_path(mlflow.get_tracking_uri())
+            and not _mlflow_run_alive(tags["mlflow.project.entryPoint"], run.info.start_time / 1000)):
+        return (f"`mlflow run -e {tags['mlflow.project.entryPoint']}` exited before its step began "
+                "(e.g. it could not build its environment: see docs/steps.md)")
     if older_than_s is not None and age > older_than_s:
         where = f"on {tags['host']}" if tags.get("host") else "with no host/pid tags"
         return f"RUNNING for {age / 3600:.1f} h {where} (older than {older_than_s / 3600:.2g} h)"

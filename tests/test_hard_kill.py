@@ -16,7 +16,7 @@ import torch
 from entrypoints import baseline, runs
 from entrypoints.common import main
 from pipeline import tracking
-from tests.conftest import all_runs, artifact_paths, cli_env
+from tests.conftest import REPO, all_runs, artifact_paths, cli_env
 
 CONFIG = "epochs: 8\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nbootstrap: 50\ndevice: cpu\n"
 TAGS = {"model": "-", "seed": "-"}
@@ -253,3 +253,19 @@ def test_a_resume_refuses_another_data_file_unless_told(synthetic_root, tracking
     assert mlflow.get_run(run_id).info.status == "KILLED" and "resume_claim" not in mlflow.get_run(run_id).data.tags
     main(baseline.command, ["--dataset", "breastmnist", "--resume", run_id, "--data-root", str(other), "--other-data"])
     assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_run_mlflow_run_opened_but_could_not_start_is_stale_by_default(tracking_uri, tmp_path, capsys):
+    """The card's command without --env-manager on a machine without pyenv: MLflow opens the run,
+    fails to build python_env.yaml, and exits; `clean-stale` with no options marks that run KILLED."""
+    tracking.ensure_store()
+    env = cli_env(tmp_path, tracking_uri, HOME=str(tmp_path))
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "pyenv" not in p and Path(p, "pyenv").exists() is False)
+    result = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "ssl_pretrain", "-P", "dataset=breastmnist"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    (opened,) = all_runs(tracking_uri)
+    assert opened.info.status == "RUNNING" and "stage" not in opened.data.tags  # MLflow's, left behind
+    out = clean_stale(capsys)
+    assert opened.info.run_id in out and "exited before its step began" in out
+    assert mlflow.get_run(opened.info.run_id).info.status == "KILLED"
