@@ -92,8 +92,9 @@ def log_summary(summary: list[Mapping[str, Any]], rows: list[Mapping[str, Any]],
     """Log the parent's tables, per-variant metrics and the error-bar plot."""
     title = f"Augmentation ablation: {cfg['dataset']} {cfg['model']}, {cfg['epochs']} epochs"
     tracking.log_text(summary_csv(summary), "ablation.csv")
-    tracking.log_text(summary_markdown(summary, title), "ablation.md")
-    tracking.describe_run(summary_markdown(summary, title) + GRID_GUIDE)
+    text = summary_markdown(summary, title)
+    tracking.log_text(text, "ablation.md")
+    tracking.describe_run(text + GRID_GUIDE)
     tracking.log_json(rows, "ablation_runs.json")
     tracking.log_metrics(summary_metrics(summary))
     tracking.log_figure(plots.ablation_errorbars(summary, "test_auroc", f"{title}\ntest AUROC per variant"), "plots/ablation_test_auroc.png")

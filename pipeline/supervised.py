@@ -8,6 +8,7 @@ log metrics, predictions, checkpoint, plots and tables.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def log_evaluation(
 def log_selected_model(rows: list[Mapping[str, Any]], data: DatasetSplits, dataset: str) -> None:
     """Log a grid's selected model (the child with the highest validation AUROC, never test) as an
     MLflow model of the grid's parent run, its child's metrics linked as `selected_*`."""
-    candidates = [r for r in rows if r.get("run_id") and r.get("val_auroc") == r.get("val_auroc")]
+    candidates = [r for r in rows if r.get("run_id") and not math.isnan(r.get("val_auroc", math.nan))]
     if not candidates:
         return
     best = max(candidates, key=lambda r: r["val_auroc"])

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ import psutil
 import torch
 import yaml
 from matplotlib.figure import Figure
-from mlflow.entities import Run, RunStatus, ViewType
+from mlflow.entities import LoggedModelStatus, Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -84,14 +85,19 @@ def prepare_store() -> None:
         raise UserError(f"the tracking store {uri} cannot be opened: {_one_line(exc)}") from None
 
 
+@lru_cache(maxsize=1)
+def template_experiments() -> dict[str, dict[str, str]]:
+    """The experiments mlruns_template/experiments.yaml declares, by name."""
+    return yaml.safe_load((TEMPLATE_DIR / "experiments.yaml").read_text())["experiments"]
+
+
 def ensure_store() -> None:
     """Create the template's experiments in the current tracking store if they are missing.
 
     Creating the store once here, before any parallel work, also avoids SQLite's first-use race.
     """
     client = MlflowClient()
-    layout = yaml.safe_load((TEMPLATE_DIR / "experiments.yaml").read_text())
-    for name, spec in layout["experiments"].items():
+    for name, spec in template_experiments().items():
         try:
             if client.get_experiment_by_name(name) is not None:
                 continue
@@ -121,8 +127,7 @@ def describe_experiment(experiment_id: str, dataset: str) -> None:
         experiment = client.get_experiment(experiment_id)
         if "mlflow.note.content" in experiment.tags:
             return
-        layout = yaml.safe_load((TEMPLATE_DIR / "experiments.yaml").read_text())["experiments"]
-        description = layout.get(dataset, {}).get("description", f"medmnist-ssl study runs ({dataset}).")
+        description = template_experiments().get(dataset, {}).get("description", f"medmnist-ssl study runs ({dataset}).")
         for key, value in experiment_tags(description).items():
             _write(lambda key=key, value=value: client.set_experiment_tag(experiment_id, key, value))
     except MlflowException as exc:
@@ -435,7 +440,8 @@ def describe_run(markdown: str) -> None:
 
 
 def run_link(run_id: str, text: str = "") -> str:
-    """A Markdown link to a run's page in the UI (relative, so it works on any server)."""
+    """A Markdown link to a run's page in the UI (relative, so it works on any server); the run is
+    looked up, since a step a study reused may sit in another experiment."""
     run = MlflowClient().get_run(run_id)
     return f"[{text or run.info.run_name or run_id[:8]}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
 
@@ -547,7 +553,7 @@ def logged_models(dataset: str) -> list[Any]:
     experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
     found = mlflow.search_logged_models(experiment_ids=experiments, filter_string=f"params.dataset = '{dataset}'",
                                         output_format="list")
-    return [m for m in found if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+    return [m for m in found if m.status == LoggedModelStatus.READY]
 
 
 def validation_auroc(model: Any) -> float:
@@ -562,10 +568,11 @@ def register_champion(dataset: str, alias: str = "champion") -> Champion | None:
     None when no run of the dataset logged a model; a server's refusal is one UserError line."""
     name, client = f"{dataset}-classifier", MlflowClient()
     try:
-        candidates = [m for m in logged_models(dataset) if validation_auroc(m) == validation_auroc(m)]
-        if not candidates:
+        scored = [(validation_auroc(m), m.creation_timestamp, m) for m in logged_models(dataset)]
+        scored = [entry for entry in scored if not math.isnan(entry[0])]
+        if not scored:
             return None
-        best = max(candidates, key=lambda m: (validation_auroc(m), m.creation_timestamp))
+        auroc, _, best = max(scored, key=lambda entry: entry[:2])
         source = f"models:/{best.model_id}"
         version = next((v for v in client.search_model_versions(f"name = '{name}'") if v.source == source), None)
         if version is None:
@@ -575,7 +582,7 @@ def register_champion(dataset: str, alias: str = "champion") -> Champion | None:
         if not refused(exc):
             raise
         raise refusal(exc, f"registered model {name!r}", "an administrator can grant it, or register under another name") from None
-    return Champion(name, alias, str(version.version), best.model_id, best.source_run_id, validation_auroc(best))
+    return Champion(name, alias, str(version.version), best.model_id, best.source_run_id, auroc)
 
 
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
