@@ -4,7 +4,7 @@ Times, per call, `tracking.log_inputs` for one classifier run's three inputs (Pn
 synthetic splits: 4,708 / 524 / 624 images), `tracking.log_model` (torch.export graph) for smallcnn
 and ResNet-18, and `mlflow.pytorch.load_model` of each. A grid logs inputs for every child and one
 model (its selected child's) in the parent. Usage: `python bench/model_logging.py [--repeats 3]`;
-prints a table and writes JSON to stdout's last line.
+prints median, min and max seconds and the same as JSON on stdout's last line.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.synthetic import write_synthetic  # noqa: E402
 
 
-def timed(call, repeats: int) -> float:
-    """Median seconds of `repeats` calls."""
+def timed(call, repeats: int) -> dict[str, float]:
+    """Median, min and max seconds of `repeats` calls."""
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
 def main() -> None:
@@ -64,9 +64,9 @@ def main() -> None:
                 rows[f"log_model {name}"] = timed(lambda: ids.append(tracking.log_model(model, lineage.model_example(data), "bench", {})),
                                                   args.repeats)
                 rows[f"load_model {name}"] = timed(lambda: mlflow.pytorch.load_model(f"models:/{ids[-1]}"), args.repeats)
-    print(f"{'what':40s} {'median s':>9s}")
+    print(f"{'what':40s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
     for what, seconds in rows.items():
-        print(f"{what:40s} {seconds:9.2f}")
+        print(f"{what:40s} {seconds['median']:9.2f} {seconds['min']:7.2f} {seconds['max']:7.2f}")
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                       "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "seconds": rows}))
 
