@@ -67,6 +67,47 @@ def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
     mlflow.set_tracking_uri(None)
 
 
+OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9"}  # ImageNet weights unreachable, as on a machine with no internet
+
+
+@pytest.fixture(scope="session")
+def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Path]:
+    """A store the smoke study of breastmnist filled once per session (ImageNet weights
+    unavailable, as offline), and its folder (reports under `reports/`). Tests that add runs to it
+    add, never replace; a test that must change what the study left copies the store first."""
+    folder = tmp_path_factory.mktemp("smoke-study")
+    uri = fresh_store(empty_store, folder)
+    from entrypoints import study
+    from entrypoints.common import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(synthetic_root),
+                           "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
+            patch.setenv(key, value)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        try:
+            main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports")])
+        finally:
+            mlflow.set_tracking_uri(None)
+    return uri, folder
+
+
+@pytest.fixture()
+def smoke_store(smoke_study, synthetic_root, monkeypatch) -> tuple[str, Path]:
+    """The session's smoke-study store, active for this test (tracking URI, data root, cwd)."""
+    uri, folder = smoke_study
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(synthetic_root),
+                       "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(folder)
+    mlflow.set_tracking_uri(uri)
+    yield uri, folder
+    mlflow.set_tracking_uri(None)
+
+
 def cli_env(data_root: Path | str, tracking: str, **extra: str) -> dict[str, str]:
     """Environment for a subprocess: the venv's bin first on PATH, data root, tracking store."""
     env = dict(os.environ)

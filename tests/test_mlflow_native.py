@@ -20,27 +20,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from entrypoints import compare, study
+from entrypoints import compare
 from entrypoints.common import main
 from pipeline.data import load_splits
-from tests.conftest import REPO, all_runs, fresh_store
-
-
-@pytest.fixture(scope="module")
-def smoke_store(synthetic_root, empty_store, tmp_path_factory):
-    """A store the smoke study of breastmnist filled (ImageNet weights unavailable, as offline)."""
-    folder = tmp_path_factory.mktemp("smoke-study")
-    uri = fresh_store(empty_store, folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(synthetic_root),
-                           "TORCH_HOME": str(folder / "no-weights"), "https_proxy": "http://127.0.0.1:9"}.items():
-            patch.setenv(key, value)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
-        main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports")])
-        yield uri, folder
-        mlflow.set_tracking_uri(None)
+from tests.conftest import REPO, all_runs
 
 
 def float_test_images(root) -> torch.Tensor:

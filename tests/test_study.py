@@ -48,9 +48,9 @@ def test_plans_follow_the_profiles():
         assert len(config.resolve(stage, "breastmnist", {}, profile="paper")["seeds"]) >= 5
 
 
-def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, tmp_path, capsys):
-    main(study.command, study_env)
-    runs = all_runs(tracking_uri)
+def test_study_runs_every_step_nested_then_reuses_them(smoke_store, synthetic_root, tmp_path, monkeypatch, capsys):
+    uri, folder = smoke_store
+    runs = all_runs(uri)
     (parent,) = [r for r in runs if r.data.tags["stage"] == "study"]
     assert parent.info.status == "FINISHED" and parent.data.metrics["steps_ran"] == len(STEPS) - 1  # the head baseline: skipped
     steps = {r.data.tags["study_step"]: r for r in runs if "study_step" in r.data.tags}
@@ -62,7 +62,7 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
     assert [r.data.params["cfg.seed"] for r in encoders] == ["0", "1"]
     for name in ("linear_probe_simclr", "ssl_finetune_simclr"):
         assert steps[name].data.tags["source_run_id"] == ",".join(r.info.run_id for r in encoders)
-    reports = tmp_path / "reports" / "breastmnist"
+    reports = folder / "reports" / "breastmnist"
     weights_file = "resnet18-f37072fd.pth"  # skipped offline: the table and the draft say why and which file to place
     for text in ((reports / "week2_baselines.md").read_text(), (reports / "draft.md").read_text()):
         assert "**not run**: study step `baseline_1_resnet18_head`: ImageNet weights for resnet18 are not available offline" in text
@@ -77,19 +77,24 @@ def test_study_runs_every_step_nested_then_reuses_them(study_env, tracking_uri, 
                      "temperature scaling fitted on the validation predictions", "Decision thresholds for run",
                      "Robustness of run"):
         assert fragment in methods, fragment
-    capsys.readouterr()
 
-    # a student's own pretraining after the study: the study's tables keep to the study's runs
+    # the study again in a copy of that store (runs added to the copy only), after a student's own
+    # pretraining: finished steps are reused, and the study's tables keep to the study's runs
+    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
+    copy = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", copy)
+    mlflow.set_tracking_uri(copy)
     client = MlflowClient()
     own = client.create_run(parent.info.experiment_id, tags={"dataset": "breastmnist", "stage": "ssl_pretrain", "method": "moco"})
     client.set_terminated(own.info.run_id, "FINISHED")
-    main(study.command, study_env)
+    capsys.readouterr()
+    main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(tmp_path / "reports")])
     assert f"{len(STEPS) - 2} reused" in capsys.readouterr().out
-    runs = all_runs(tracking_uri)
+    runs = all_runs(copy)
     second = [r for r in runs if r.data.tags["stage"] == "study"][0]
     assert second.data.metrics["steps_reused"] == len(STEPS) - 2 and second.data.metrics["steps_ran"] == 1
     assert len(top_level(runs, "ssl_pretrain")) == 2
-    week4 = (reports / "week4_ssl_pretraining.csv").read_text()
+    week4 = (tmp_path / "reports" / "breastmnist" / "week4_ssl_pretraining.csv").read_text()
     assert steps["ssl_pretrain_simclr_s0"].info.run_id in week4 and own.info.run_id not in week4
     main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "mine")])  # compare alone: newest of each stage
     assert own.info.run_id in (tmp_path / "mine" / "breastmnist" / "week4_ssl_pretraining.csv").read_text()
