@@ -8,10 +8,10 @@ from entrypoints.common import DATA_OPTIONS, apply, main
 from pipeline.ablation import run_augment_ablation
 from pipeline.baseline import run_baseline
 from pipeline.calibration import run_calibrate
+from pipeline.compare import run_compare
 from pipeline.data import check_dataset
 from pipeline.eda import run_eda
 from pipeline.linear_probe import run_linear_probe
-from pipeline.report import run_compare
 from pipeline.robustness import run_robustness
 from pipeline.ssl_finetune import run_ssl_finetune
 from pipeline.ssl_pretrain import run_ssl_pretrain
@@ -31,8 +31,8 @@ def stage_runners() -> dict[str, Runner]:
         "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
         "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
         "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], scope=frozenset(ids.values()),
-                                                      not_run=cfg["not_run"]),
+        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], cfg["export_name"], cfg["results_root"],
+                                                      scope=frozenset(ids.values()), not_run=cfg["not_run"], echo=click.echo),
     }
 
 
@@ -40,10 +40,13 @@ def stage_runners() -> dict[str, Runner]:
 @apply(DATA_OPTIONS)
 @click.option("--profile", default="quick", show_default=True, help="configs/profiles/<name>.yaml: quick (wiring check) | paper (CPU evidence) | full (GPU) | smoke.")
 @click.option("--out", "out_root", default="reports", show_default=True, help="Folder for reports/<dataset>/.")
-def command(dataset: str, data_root: str, profile: str, out_root: str) -> None:
+@click.option("--export-results", "export_name", default="", help="Also write the weekly hand-ins to results/weekN/<dataset>/NAME/.")
+@click.option("--results-root", default="results", show_default=True, help="Root of --export-results.")
+def command(dataset: str, data_root: str, profile: str, out_root: str, export_name: str, results_root: str) -> None:
     """Run the study in order, reusing every step already FINISHED with the same config and code."""
     check_dataset(dataset)
-    outcomes = run_study(dataset, profile or "quick", stage_runners(), data_root, out_root, echo=click.echo)
+    outcomes = run_study(dataset, profile or "quick", stage_runners(), data_root, out_root, echo=click.echo,
+                         export=(export_name, results_root))
     ran = sum(o.status == "ran" for o in outcomes)
     reused = sum(o.status == "reused" for o in outcomes)
     click.echo(f"study {dataset} ({profile}): {ran} step{'s' if ran != 1 else ''} ran, {reused} reused; "

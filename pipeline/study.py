@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 from pipeline import config, tables, tracking
 from pipeline.data import fingerprint
 from pipeline.errors import UserError
+from pipeline.handin import check_export_is_new
 from pipeline.models import imagenet_weights_cached
 
 Runner = Callable[[dict[str, Any], str, dict[str, str]], None]
@@ -77,7 +78,8 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
     ]
 
 
-def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str) -> tuple[dict[str, Any], dict[str, str]]:
+def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str,
+                export: tuple[str, str] = ("", "results")) -> tuple[dict[str, Any], dict[str, str]]:
     """The resolved config of a step and the run ids it consumes (config keys go into the config)."""
     inputs = {}
     for key, sources in step.needs.items():
@@ -86,7 +88,7 @@ def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[st
                 raise UserError(f"study step {step.name} needs step {source}, which produced no run")
         inputs[key] = ",".join(run_ids[source] for source in sources)
     if step.stage == "compare":  # the study's tables cite this study's steps, not newer runs of their stages
-        return {"dataset": dataset, "out_root": out_root}, dict(run_ids)
+        return {"dataset": dataset, "out_root": out_root, "export_name": export[0], "results_root": export[1]}, dict(run_ids)
     defaults = config.stage_defaults(step.stage)
     in_config = {k: v for k, v in inputs.items() if k in defaults}
     cfg = config.resolve(step.stage, dataset, {**step.overrides, **in_config}, profile=profile_name)
@@ -172,13 +174,16 @@ def profile_note(profile_name: str) -> str:
 
 
 def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], data_root: str = "",
-              out_root: str = "reports", echo: Callable[[str], None] = print) -> list[Outcome]:
+              out_root: str = "reports", echo: Callable[[str], None] = print, export: tuple[str, str] = ("", "results")) -> list[Outcome]:
     """Run every step of the study under one parent `study` run; `runners` maps each stage to its
-    pipeline call (the entry point wires them, so no step module imports another)."""
+    pipeline call (the entry point wires them, so no step module imports another). `export`: the
+    hand-in name (empty: none) and results root that compare writes the weekly folders to."""
     steps = plan(config.load_profile(profile_name))
     planned = {step.name: "planned" for step in steps}
     for step in steps:  # every profile value checked before any step runs (not after an hour of training)
         step_config(step, dataset, profile_name, planned, out_root)
+    if export[0]:  # and a hand-in name already used
+        check_export_is_new(Path(export[1]), export[0], dataset)
     outcomes: list[Outcome] = []
     run_ids: dict[str, str] = {}
     tags = {"model": "-", "seed": "-", "profile": profile_name}
@@ -189,7 +194,7 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
         tracking.log_json({"profile": profile_name, "steps": [s.name for s in steps]}, "study_plan.json")
         for step in steps:
             echo(f"[study] {step.name} ...")
-            cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root)
+            cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root, export)
             if step.stage == "compare":  # the tables and the draft say what the study could not run
                 cfg["not_run"] = {o.step: o.note for o in outcomes if o.status == "skipped"}
             outcome = run_step(step, cfg, inputs, data_root, runners[step.stage], dataset, study_run.info.run_id)

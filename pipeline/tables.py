@@ -78,13 +78,15 @@ def latex_escape(value: Any) -> str:
 
 
 def to_latex(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str = "") -> str:
-    """A booktabs LaTeX table."""
+    """A booktabs LaTeX table; one wider than seven columns is scaled to the text width (graphicx)."""
     cell = latex_escape
 
-    lines = ["\\begin{table}[t]", "\\centering", f"\\begin{{tabular}}{{{'l' * len(header)}}}", "\\toprule",
+    wide = len(header) > 7  # scaled to the text width (needs graphicx), so it never runs off the page
+    lines = ["\\begin{table}[t]", "\\centering", *(["\\resizebox{\\linewidth}{!}{%"] if wide else []),
+             f"\\begin{{tabular}}{{{'l' * len(header)}}}", "\\toprule",
              " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
     lines += [" & ".join(cell(c) for c in row) + " \\\\" for row in rows]
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += ["\\bottomrule", "\\end{tabular}" + ("}" if wide else "")]
     if caption:
         lines.append(f"\\caption{{{cell(caption)}}}")
     lines.append("\\end{table}")

@@ -73,7 +73,8 @@ OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9"}  # ImageNet weights unreacha
 @pytest.fixture(scope="session")
 def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Path]:
     """A store the smoke study of breastmnist filled once per session (ImageNet weights
-    unavailable, as offline), and its folder (reports under `reports/`). Tests that add runs to it
+    unavailable, as offline), and its folder (tables under `reports/`, the hand-ins it exported as
+    `smoke` under `results/`). Tests that add runs to it
     add, never replace; a test that must change what the study left copies the store first."""
     folder = tmp_path_factory.mktemp("smoke-study")
     uri = fresh_store(empty_store, folder)
@@ -88,7 +89,8 @@ def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Pat
         patch.chdir(folder)
         mlflow.set_tracking_uri(uri)
         try:
-            main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports")])
+            main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports"),
+                                 "--export-results", "smoke", "--results-root", str(folder / "results")])
         finally:
             mlflow.set_tracking_uri(None)
     return uri, folder

@@ -10,6 +10,7 @@ import pytest
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
 from pipeline import paired, report, tables, tracking
+from pipeline.compare import run_compare
 from scipy import stats
 from tests.conftest import all_runs, artifact_paths
 
@@ -98,7 +99,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert "1 epochs" not in draft  # the fine-tuning settings:
     assert "encoder lr × one of 0.1, 1.0, chosen per label fraction on the first seed's validation AUROC, augmentation flip, seed 0." in draft
     assert "(stratified subsets, seeds 0, 1; pretraining runs per SSL method: " in draft and "random_resized_crop" in draft
-    assert "## Findings" in draft and "SSL linear probe (simclr) − supervised only, 50% of the labels (n = 2): auroc " in draft
+    assert "## Discussion" in draft and "SSL linear probe (simclr) − supervised only, 50% of the labels (n = 2): auroc " in draft
 
     # every paired interval recomputes from the child runs it cites; the verdict follows from the interval
     differences = pd.read_csv(out / "week6_paired_differences.csv")
@@ -115,21 +116,23 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         assert row.verdict == paired.verdict(row.ci_low, row.ci_high, row.metric != "test_ece", row.n) == "too few seeds for a verdict (n = 2 < 3)"
     assert set(differences[differences.a.str.startswith("SSL fine-tune")].verdict) == {"too few seeds for a verdict (n = 1 < 3)"}
     latex = (out / "draft.tex").read_text()
-    assert "\\begin{document}" in latex and "\\includegraphics[width=0.7\\linewidth]{week3_augment_ablation.png}" in latex
-    assert "![Augmentation ablation (smallcnn, 1 epoch, run" in draft
+    assert "\\begin{document}" in latex and "\\includegraphics[width=0.7\\linewidth]{figures/week3_augment_ablation.png}" in latex
+    assert "![Augmentation ablation: test AUROC per variant](figures/week3_augment_ablation.png)" in draft
+    assert (out / "figures" / "week3_augment_ablation.png").is_file() and (out / "figures" / "ssl_curves_moco.png").is_file()
 
     compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")
     assert {"reports/week2_baselines.md", "reports/draft.md"} <= artifact_paths(tracking_uri, compare_run.info.run_id)
     week2 = results_root / "week2" / "breastmnist" / "v1"
-    assert {"README.md", "week2_baselines.csv", "best_baseline_reliability.png", "best_baseline_test_metrics.json"} <= {
+    assert {"README_week2.md", "week2_baselines.csv", "reliability_smallcnn.png", "metrics_smallcnn.json"} <= {
         p.name for p in week2.iterdir()}
-    assert f"{base.test_auroc[1]:.3f}" in (week2 / "README.md").read_text()
-    assert f"run {older} " in (week2 / "README.md").read_text()  # which run best_baseline_* came from
-    exported = json.loads((week2 / "best_baseline_test_metrics.json").read_text())
+    readme = (week2 / "README_week2.md").read_text()
+    assert f"{base.test_auroc[1]:.3f}" in readme
+    assert f"| smallcnn | {older[:8]} |" in readme  # the smallcnn files came from the run best on validation
+    exported = json.loads((week2 / "metrics_smallcnn.json").read_text())
     assert exported["auroc"] == pytest.approx(runs[older].data.metrics["test_auroc"])
-    week6_readme = (results_root / "week6" / "breastmnist" / "v1" / "README.md").read_text()
-    assert week6_readme.count("## SSL fine-tune vs. probe") == 1 and week6_readme.count("## Calibration before/after") == 1
-    assert week6_readme.count("## Calibration change on test") == 1 and week6_readme.count("## Paired differences") == 1
+    week6_readme = (results_root / "week6" / "breastmnist" / "v1" / "README_week6.md").read_text()
+    assert week6_readme.count("### SSL fine-tune vs. probe") == 1 and week6_readme.count("Calibration before/after") == 1
+    assert week6_readme.count("Calibration change on test") == 1 and week6_readme.count("### Paired differences") == 1
 
     # the checklist: every top-level run the tables cite, with its command, code version and seeds
     roots = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags and r.data.tags["stage"] != "compare"]
@@ -173,7 +176,7 @@ def test_a_grid_without_results_is_missing_and_its_stale_figure_goes(tracking_ur
     out = tmp_path / "reports"
     (out / "breastmnist").mkdir(parents=True)
     (out / "breastmnist" / "week3_augment_ablation.png").write_bytes(b"an earlier compare's figure")
-    built, _ = report.run_compare("breastmnist", str(out))
+    built, _ = run_compare("breastmnist", str(out))
     ablation = next(t for t in built if t.name == "week3_augment_ablation")
     assert not ablation.rows and ablation.missing.startswith("missing: the newest FINISHED run of this stage")
     assert not (out / "breastmnist" / "week3_augment_ablation.png").exists()
