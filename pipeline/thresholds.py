@@ -20,6 +20,7 @@ from medmnist.info import INFO
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from pipeline import metrics, plots, tables, tracking
+from pipeline.gallery import STUDENT_COLUMNS
 from pipeline.source import Predictions, load_source
 
 RATES = ("tpr", "specificity", "fpr", "precision", "npv", "f1")
@@ -190,15 +191,24 @@ def metric_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return values
 
 
+ERROR_COLUMNS = ["index", "true", "predicted", "prob", "note", *STUDENT_COLUMNS]
+
+
 def high_confidence_errors(test: Predictions, confidence: float) -> list[dict[str, Any]]:
-    """Test errors at threshold 0.5 whose top-label confidence max(p, 1 − p) is >= `confidence`."""
+    """Test errors at threshold 0.5 whose top-label confidence max(p, 1 − p) is >= `confidence`.
+
+    Each row leaves three columns empty for the student: `note` (what the image shows), `hypothesis`
+    (why the model erred) and `possible_fix` (what might prevent it): a note is an observation, not
+    yet a hypothesis.
+    """
     probs = test.probs
     predicted = (probs >= 0.5).astype(int)
     top = np.maximum(probs, 1 - probs)
     wrong = np.flatnonzero((predicted != test.labels) & (top >= confidence))
     wrong = wrong[np.argsort(-top[wrong], kind="stable")]
     return [{"position": int(k), "index": int(test.index[k]), "true": int(test.labels[k]), "predicted": int(predicted[k]),
-             "prob": float(probs[k]), "confidence": float(top[k]), "note": ""} for k in wrong]
+             "prob": float(probs[k]), "confidence": float(top[k]), "note": "", **dict.fromkeys(STUDENT_COLUMNS, "")}
+            for k in wrong]
 
 
 def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: str = "") -> dict[str, float]:
@@ -221,8 +231,7 @@ def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         tracking.log_text(tables.to_csv(rows, CSV_COLUMNS), "thresholds/table.csv")
         short = markdown_rows(rows)
         tracking.log_text(tables.to_markdown(short, list(short[0])), "thresholds/table.md")
-        tracking.log_text(tables.to_csv(errors, ["index", "true", "predicted", "prob", "note"]),
-                          "thresholds/high_confidence_errors.csv")
+        tracking.log_text(tables.to_csv(errors, ERROR_COLUMNS), "thresholds/high_confidence_errors.csv")
         tracking.log_figure(plots.roc_with_points(test.logits, test.labels, rows, names["1"]), "plots/roc.png")
         tracking.log_figure(plots.pr_with_points(test.logits, test.labels, rows, names["1"]), "plots/pr.png")
         gallery = plots.error_gallery(images, errors, names, cfg["confidence"], cfg["gallery_max"])

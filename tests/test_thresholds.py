@@ -107,4 +107,5 @@ def test_high_confidence_errors_are_wrong_and_confident_most_confident_first():
     expected = np.flatnonzero(((probs >= 0.5) != test.labels) & (np.maximum(probs, 1 - probs) >= 0.8))
     assert sorted(e["index"] for e in errors) == sorted(expected.tolist()) and len(errors) > 0
     assert [e["confidence"] for e in errors] == sorted((e["confidence"] for e in errors), reverse=True)
-    assert all(e["predicted"] != e["true"] and e["note"] == "" for e in errors)
+    assert all(e["predicted"] != e["true"] and e["note"] == e["hypothesis"] == e["possible_fix"] == "" for e in errors)
+    assert thresholds.ERROR_COLUMNS == ["index", "true", "predicted", "prob", "note", "hypothesis", "possible_fix"]

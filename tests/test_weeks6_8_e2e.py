@@ -251,7 +251,8 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
     expected_errors = np.flatnonzero(((test_p >= 0.5) != test_y) & (np.maximum(test_p, 1 - test_p) >= 0.6))
     assert sorted(errors["index"].astype(int).tolist()) == expected_errors.tolist()
     if len(expected_errors):
-        assert list(errors) == ["index", "true", "predicted", "prob", "note"] and set(errors["note"]) == {""}
+        assert list(errors) == ["index", "true", "predicted", "prob", "note", "hypothesis", "possible_fix"]
+        assert {*errors["note"], *errors["hypothesis"], *errors["possible_fix"]} == {""}
 
 
 def val_rates(probs: np.ndarray, labels: np.ndarray, cut: float) -> tuple[float, float, float]:
