@@ -2,7 +2,8 @@
 
 Each stage has `configs/<stage>.yaml`; its keys and the types of their default values are the
 schema. `configs/datasets/<dataset>.yaml` and `configs/profiles/<profile>.yaml` hold per-stage
-sections that override them. Values are coerced to the default's type and checked against RULES,
+sections that override them (a dataset file also names its `finding_class`, the label of the
+clinical finding). Values are coerced to the default's type and checked against RULES,
 so every mistake becomes one `UserError` line naming the key, the value and what is allowed.
 """
 
@@ -111,6 +112,10 @@ def _confidence(value: Any) -> str | None:
     return None if 0.5 <= value <= 1 else "must be in [0.5, 1] (top-label confidence)"
 
 
+def _positive_class(value: Any) -> str | None:
+    return None if value in ("", "finding", "0", "1") else "must be 0, 1 or finding (the dataset's finding class)"
+
+
 def _variants(values: Any) -> str | None:
     unknown = [v for v in values if v not in preset_names()]
     if not values or unknown or len(set(values)) != len(values):
@@ -168,6 +173,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "target_tprs": _open_fractions,
     "target_fprs": _open_fractions,
     "confidence": _confidence,
+    "positive_class": _positive_class,
     "gallery_max": _at_least(1),
     "corruptions": _subset("gaussian_noise", "gaussian_blur", "contrast", "brightness"),
     "severities": _subset(1, 2, 3, 4, 5),
@@ -298,7 +304,24 @@ def resolve(
         if problem:
             raise UserError(f"{key}={_short(value)} {problem}")
     config["dataset"] = dataset
-    return pretrained_head(config)
+    return pretrained_head(positive_class(config))
+
+
+def finding_class(dataset: str) -> int:
+    """The label of the dataset's clinical finding (`finding_class` in configs/datasets/<dataset>.yaml)."""
+    path = CONFIG_DIR / "datasets" / f"{dataset}.yaml"
+    value = load_yaml(path).get("finding_class") if path.exists() else None
+    if type(value) is not int or value not in (0, 1):
+        raise UserError(f"configs/datasets/{dataset}.yaml names no finding_class (0 or 1): set positive_class=0 or 1")
+    return value
+
+
+def positive_class(config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve `positive_class` to the label 0 or 1; `finding` (or empty) is the dataset's finding class."""
+    if "positive_class" in config:
+        value = config["positive_class"]
+        config["positive_class"] = finding_class(config["dataset"]) if value in ("", "finding") else int(value)
+    return config
 
 
 def pretrained_head(config: dict[str, Any]) -> dict[str, Any]:

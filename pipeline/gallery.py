@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 GALLERY_PNG = "gallery/misclassified_gallery.png"
 GALLERY_CSV = "gallery/misclassified_gallery.csv"
 COLUMNS = ["index", "label", "predicted", "prob", "confidence"]
+STUDENT_COLUMNS = ["hypothesis", "possible_fix"]  # logged empty: why the model erred, and what might fix it, in the student's words
 
 
 def most_confident_mistakes(predictions: pd.DataFrame, n: int = 5, threshold: float = 0.5) -> pd.DataFrame:
@@ -39,10 +40,11 @@ def most_confident_mistakes(predictions: pd.DataFrame, n: int = 5, threshold: fl
 
 
 def log_gallery(mistakes: pd.DataFrame, test_images: np.ndarray, label_names: Mapping[str, str], title: str) -> None:
-    """Log the gallery figure and its rows (CSV) to the active run."""
+    """Log the gallery figure and its rows (CSV, with empty STUDENT_COLUMNS to fill in) to the active run."""
     tiles = test_images[mistakes["index"].to_numpy(dtype=int)] if len(mistakes) else test_images[:0]
     tracking.log_figure(plots.mistake_gallery(tiles, mistakes, label_names, title), GALLERY_PNG)
-    tracking.log_text(mistakes.to_csv(index=False, float_format="%.6g"), GALLERY_CSV)
+    annotated = mistakes.assign(**dict.fromkeys(STUDENT_COLUMNS, ""))
+    tracking.log_text(annotated.to_csv(index=False, float_format="%.6g"), GALLERY_CSV)
 
 
 def log_run_gallery(run: Run, n: int, data_root: str = "") -> pd.DataFrame:

@@ -128,10 +128,11 @@ def _point_label(row: Mapping) -> str:
     return f"{row['rule']} (t={row['threshold']:.3f}): TPR {row['tpr']:.2f}, FPR {row['fpr']:.2f}"
 
 
-def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive_name: str) -> Figure:
-    """Test ROC curve of class-1 scores (logits: they rank without the ties of saturated
-    probabilities) with the operating points (thresholds chosen on validation) marked as rings of
-    decreasing size, so points that coincide stay visible."""
+def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive: str) -> Figure:
+    """Test ROC curve of the positive class's scores against 0/1 labels (1 = `positive`, e.g.
+    `0 (malignant)`; logits: they rank without the ties of saturated probabilities) with the operating
+    points (thresholds chosen on validation) marked as rings of decreasing size, so points that
+    coincide stay visible."""
     from sklearn.metrics import roc_curve
 
     from pipeline.metrics import auroc
@@ -145,14 +146,14 @@ def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappi
                 label=_point_label(row))
     ax.set_xlabel("false positive rate (1 − specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title(f"ROC on test (n = {len(labels)}), positive class 1 = {positive_name}\nthresholds chosen on validation")
+    ax.set_title(f"ROC on test (n = {len(labels)}), positive class: {positive}\nthresholds chosen on validation")
     ax.legend(loc="lower right", fontsize=7)
     return fig
 
 
-def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive_name: str) -> Figure:
-    """Test precision–recall curve of the positive class (class-1 scores, e.g. logits) with average
-    precision and operating points."""
+def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mapping], positive: str) -> Figure:
+    """Test precision–recall curve of the positive class (its scores, e.g. logits, against 0/1 labels,
+    1 = `positive`) with average precision and operating points."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     precision, recall, _ = precision_recall_curve(labels, scores)
@@ -168,7 +169,7 @@ def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappin
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")
-    ax.set_title(f"Precision–recall on test, positive class 1 = {positive_name}")
+    ax.set_title(f"Precision–recall on test, positive class: {positive}")
     ax.legend(loc="lower left", fontsize=7)
     return fig
 

@@ -582,8 +582,9 @@ def posthoc_text(by_name: Mapping[str, Table]) -> list[str]:
                      f"fitted on the validation predictions and applied to test; ECE over {cal.settings.get('ece_bins')} "
                      "equal-width bins of the top-label confidence.")
     if thr and thr.records:
-        parts.append(f"Decision thresholds for run {thr.settings['source_run_id'][:8]} (positive class: label 1, "
-                     f"{INFO[thr.settings['dataset']]['label']['1']}; TPR and FPR refer to it): default 0.5, Youden's J, max F1, "
+        positive = thr.settings.get("positive_class", "1")  # runs logged before the setting took label 1
+        parts.append(f"Decision thresholds for run {thr.settings['source_run_id'][:8]} (positive class: label {positive}, "
+                     f"{INFO[thr.settings['dataset']]['label'][positive]}; TPR and FPR refer to it): default 0.5, Youden's J, max F1, "
                      f"target TPR {listed(thr.settings.get('target_tprs', ''))} and target FPR "
                      f"{listed(thr.settings.get('target_fprs', ''))}, each chosen on validation and applied unchanged to test "
                      f"(bootstrap 95% CIs, {thr.settings.get('bootstrap')} resamples).")

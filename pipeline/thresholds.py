@@ -1,12 +1,16 @@
 """Week 7: decision thresholds chosen on validation and applied unchanged to test.
 
-A sample is called positive (label 1) when p(class 1) >= threshold, as in sklearn's `roc_curve`.
-Rules: the default 0.5, Youden's J (max TPR − FPR), max F1, the most specific threshold reaching a
-target TPR, and the most sensitive threshold staying within a target FPR. A target the validation
-split cannot support is reported with `status = unreachable` and an explanation, never clipped:
-a TPR target τ needs at least one allowed miss, n_pos·(1 − τ) >= 1, or it cannot be told apart
-from TPR 1 (likewise an FPR target φ needs n_neg·φ >= 1); an FPR target below the smallest FPR any
-threshold reaches (negatives tied with the top scores) could only be met by calling nothing positive.
+A sample is called positive when p(positive class) >= threshold, as in sklearn's `roc_curve`. The
+positive class is label 1 or label 0 (`positive_class`; by default the dataset's clinical finding):
+with 0, every rule, rate and curve works on p(class 0) = 1 − p(class 1) against flipped labels
+(`oriented`), so thresholds are on p(class 0). The high-confidence errors stay in class labels, at
+p(class 1) >= 0.5. Rules: the default 0.5, Youden's J (max TPR − FPR), max F1, the most specific
+threshold reaching a target TPR, and the most sensitive threshold staying within a target FPR. A
+target the validation split cannot support is reported with `status = unreachable` and an
+explanation, never clipped: a TPR target τ needs at least one allowed miss, n_pos·(1 − τ) >= 1, or
+it cannot be told apart from TPR 1 (likewise an FPR target φ needs n_neg·φ >= 1); an FPR target
+below the smallest FPR any threshold reaches (negatives tied with the top scores) could only be met
+by calling nothing positive.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from medmnist.info import INFO
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from pipeline import metrics, plots, tables, tracking
+from pipeline.gallery import STUDENT_COLUMNS
 from pipeline.source import Predictions, load_source
 
 RATES = ("tpr", "specificity", "fpr", "precision", "npv", "f1")
@@ -36,6 +41,18 @@ class OperatingPoint:
     threshold: float
     status: str = "ok"
     note: str = ""
+
+
+def oriented(predictions: Predictions, positive_class: int) -> Predictions:
+    """The predictions with `positive_class` as label 1: for class 0, labels flipped and logits negated (probs = p(class 0))."""
+    if positive_class == 1:
+        return predictions
+    return Predictions(predictions.index, 1 - predictions.labels, -predictions.logits)
+
+
+def positive_text(dataset: str, positive_class: int) -> str:
+    """The positive class with its name, as tables, plots and the terminal show it: `0 (malignant)`."""
+    return f"{positive_class} ({INFO[dataset]['label'][str(positive_class)]})"
 
 
 def rates_from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
@@ -164,7 +181,7 @@ def threshold_rows(
     return rows
 
 
-CSV_COLUMNS = ["rule", "key", "target", "status", "threshold", "val_tpr", "val_fpr", "tp", "fp", "tn", "fn",
+CSV_COLUMNS = ["rule", "key", "target", "status", "positive_class", "threshold", "val_tpr", "val_fpr", "tp", "fp", "tn", "fn",
                *(f"{r}{s}" for r in RATES for s in ("", "_ci_low", "_ci_high")), "note"]
 
 
@@ -181,6 +198,13 @@ def markdown_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def markdown_table(rows: Sequence[Mapping[str, Any]], positive: str) -> str:
+    """table.md: which class is positive, then one row per rule (markdown_rows)."""
+    short = markdown_rows(rows)
+    heading = f"Positive class: {positive}. Thresholds are on its probability; TPR, FPR, precision, NPV and F1 refer to it.\n\n"
+    return heading + tables.to_markdown(short, list(short[0]))
+
+
 def metric_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """`threshold_<key>` and `test_<rate>_<key>` per rule (NaN where unreachable)."""
     values = {}
@@ -190,41 +214,50 @@ def metric_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return values
 
 
+ERROR_COLUMNS = ["index", "true", "predicted", "prob", "note", *STUDENT_COLUMNS]
+
+
 def high_confidence_errors(test: Predictions, confidence: float) -> list[dict[str, Any]]:
-    """Test errors at threshold 0.5 whose top-label confidence max(p, 1 − p) is >= `confidence`."""
+    """Test errors at threshold 0.5 whose top-label confidence max(p, 1 − p) is >= `confidence`.
+
+    Each row leaves three columns empty for the student: `note` (what the image shows), `hypothesis`
+    (why the model erred) and `possible_fix` (what might prevent it): a note is an observation, not
+    yet a hypothesis.
+    """
     probs = test.probs
     predicted = (probs >= 0.5).astype(int)
     top = np.maximum(probs, 1 - probs)
     wrong = np.flatnonzero((predicted != test.labels) & (top >= confidence))
     wrong = wrong[np.argsort(-top[wrong], kind="stable")]
     return [{"position": int(k), "index": int(test.index[k]), "true": int(test.labels[k]), "predicted": int(predicted[k]),
-             "prob": float(probs[k]), "confidence": float(top[k]), "note": ""} for k in wrong]
+             "prob": float(probs[k]), "confidence": float(top[k]), "note": "", **dict.fromkeys(STUDENT_COLUMNS, "")}
+            for k in wrong]
 
 
 def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: str = "") -> dict[str, float]:
     """Choose operating points on validation, report them on test, plot curves and an error gallery."""
     source = load_source(cfg["source_stages"], cfg["dataset"], run_id)
     images = source.test_arrays(data_root, source.image_size()).images
-    points = choose_points(source.val, cfg["target_tprs"], cfg["target_fprs"])
-    rows = threshold_rows(points, source.val, source.test, cfg["bootstrap"], cfg["seed"])
+    val, test = oriented(source.val, cfg["positive_class"]), oriented(source.test, cfg["positive_class"])
+    positive = positive_text(cfg["dataset"], cfg["positive_class"])
+    points = choose_points(val, cfg["target_tprs"], cfg["target_fprs"])
+    rows = [{**row, "positive_class": positive} for row in threshold_rows(points, val, test, cfg["bootstrap"], cfg["seed"])]
     values = metric_values(rows)
-    test = source.test
     values["test_auroc"] = metrics.auroc(test.logits, test.labels)
     values["test_average_precision"] = float(average_precision_score(test.labels, test.logits))
-    errors = high_confidence_errors(test, cfg["confidence"])
+    errors = high_confidence_errors(source.test, cfg["confidence"])
     values["high_confidence_errors"] = len(errors)
     names = dict(INFO[cfg["dataset"]]["label"])
     name = f"thresholds-{source.tags()['model']}-{source.run_id[:8]}"
-    with tracking.tracked_run("thresholds", cfg["dataset"], source.tags(), run_name=name):
+    tags = {**source.tags(), "positive_class": str(cfg["positive_class"])}
+    with tracking.tracked_run("thresholds", cfg["dataset"], tags, run_name=name):
         tracking.log_config(cfg)
         tracking.log_metrics(values)
         tracking.log_text(tables.to_csv(rows, CSV_COLUMNS), "thresholds/table.csv")
-        short = markdown_rows(rows)
-        tracking.log_text(tables.to_markdown(short, list(short[0])), "thresholds/table.md")
-        tracking.log_text(tables.to_csv(errors, ["index", "true", "predicted", "prob", "note"]),
-                          "thresholds/high_confidence_errors.csv")
-        tracking.log_figure(plots.roc_with_points(test.logits, test.labels, rows, names["1"]), "plots/roc.png")
-        tracking.log_figure(plots.pr_with_points(test.logits, test.labels, rows, names["1"]), "plots/pr.png")
+        tracking.log_text(markdown_table(rows, positive), "thresholds/table.md")
+        tracking.log_text(tables.to_csv(errors, ERROR_COLUMNS), "thresholds/high_confidence_errors.csv")
+        tracking.log_figure(plots.roc_with_points(test.logits, test.labels, rows, positive), "plots/roc.png")
+        tracking.log_figure(plots.pr_with_points(test.logits, test.labels, rows, positive), "plots/pr.png")
         gallery = plots.error_gallery(images, errors, names, cfg["confidence"], cfg["gallery_max"])
         tracking.log_figure(gallery, "plots/high_confidence_errors.png")
     return values

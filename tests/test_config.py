@@ -109,3 +109,15 @@ def test_a_profiles_ssl_step_budget_holds_on_every_dataset(profile, dataset):
     cfg = config.resolve("ssl_pretrain", dataset, {}, profile=profile)
     wanted = config.load_profile(profile)["ssl_pretrain"]["steps"]
     assert cfg["epochs"] == 0 and total_steps(cfg, 4708) == wanted
+
+
+def test_positive_class_defaults_to_the_datasets_finding(tmp_path):
+    assert config.resolve("thresholds", "breastmnist", {})["positive_class"] == 0  # malignant
+    assert config.resolve("thresholds", "pneumoniamnist", {})["positive_class"] == 1  # pneumonia
+    assert config.resolve("thresholds", "pneumoniamnist", {"positive_class": "finding"})["positive_class"] == 1
+    assert config.resolve("thresholds", "breastmnist", {"positive_class": "1"})["positive_class"] == 1
+    path = tmp_path / "mine.yaml"
+    path.write_text("positive_class: 0\n")
+    assert config.resolve("thresholds", "pneumoniamnist", {}, config_file=str(path))["positive_class"] == 0
+    with pytest.raises(UserError, match=r"positive_class='2' must be 0, 1 or finding"):
+        config.resolve("thresholds", "breastmnist", {"positive_class": "2"})

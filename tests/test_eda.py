@@ -114,7 +114,9 @@ def test_gallery_of_a_classifier_run(synthetic_root, tracking_uri, monkeypatch, 
     assert {GALLERY_PNG, GALLERY_CSV} <= artifact_paths(tracking_uri, base_run.info.run_id)
     assert {GALLERY_PNG, GALLERY_CSV} <= artifact_paths(tracking_uri, eda_run.info.run_id)
     predictions = pd.read_csv(download(tracking_uri, base_run.info.run_id, "predictions/test.csv", tmp_path / "p"))
-    gallery = pd.read_csv(download(tracking_uri, eda_run.info.run_id, GALLERY_CSV, tmp_path / "g"))
+    gallery = pd.read_csv(download(tracking_uri, eda_run.info.run_id, GALLERY_CSV, tmp_path / "g"), keep_default_na=False)
+    assert list(gallery) == ["index", "label", "predicted", "prob", "confidence", "hypothesis", "possible_fix"]
+    assert {*gallery.hypothesis, *gallery.possible_fix} <= {""}  # left for the student's words
     wrong = predictions[(predictions.prob >= 0.5) != (predictions.label == 1)]
     expected = np.sort(np.maximum(wrong.prob, 1 - wrong.prob).to_numpy())[::-1][:3]
     assert len(gallery) == min(3, len(wrong))
@@ -123,7 +125,7 @@ def test_gallery_of_a_classifier_run(synthetic_root, tracking_uri, monkeypatch, 
     assert (merged.label == merged.label_logged).all() and merged.prob.to_numpy() == pytest.approx(merged.prob_logged.to_numpy(), abs=1e-5)
     assert (merged.predicted != merged.label).all()
     own = pd.read_csv(download(tracking_uri, base_run.info.run_id, GALLERY_CSV, tmp_path / "o"))
-    assert own["index"].tolist()[:3] == gallery["index"].tolist()
+    assert own["index"].tolist()[:3] == gallery["index"].tolist() and list(own) == list(gallery)
 
 
 def test_gallery_of_an_unknown_run_is_one_clear_line(synthetic_root, tracking_uri, monkeypatch, capsys):

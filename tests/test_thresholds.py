@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from pipeline import thresholds
+from pipeline import report, thresholds
 from pipeline.source import Predictions
 
 
@@ -93,6 +93,45 @@ def test_rows_apply_validation_thresholds_to_test_and_match_sklearn():
     assert rows[3]["val_tpr"] >= 0.9 and rows[4]["val_fpr"] <= 0.1
 
 
+def test_positive_class_zero_rates_refer_to_label_zero_and_p_class_0():
+    """With class 0 positive, each rule's threshold is on p(class 0) = 1 − p(class 1), and TPR is the share of
+    label-0 test images at or above it (FPR of label 1, precision among those called), counted here directly."""
+    val, test = scores(seed=0, positive_rate=0.3), scores(seed=1, positive_rate=0.3)  # label 0 is the majority
+    rows = thresholds.threshold_rows(thresholds.choose_points(thresholds.oriented(val, 0), [0.9], [0.1]),
+                                     thresholds.oriented(val, 0), thresholds.oriented(test, 0), n_resamples=0, seed=0)
+    val_p0, test_p0 = 1 - 1 / (1 + np.exp(-val.logits)), 1 - 1 / (1 + np.exp(-test.logits))
+    youden = max(np.unique(val_p0), key=lambda t: np.mean(val_p0[val.labels == 0] >= t) - np.mean(val_p0[val.labels == 1] >= t))
+    assert rows[1]["threshold"] == pytest.approx(youden, abs=1e-12)
+    for row in rows:
+        called = test_p0 >= row["threshold"] - 1e-12  # the cut is a validation score: allow the last bit of 1 − p
+        assert row["tpr"] == pytest.approx(called[test.labels == 0].mean())
+        assert row["fpr"] == pytest.approx(called[test.labels == 1].mean())
+        assert row["precision"] == pytest.approx(np.mean(test.labels[called] == 0))
+        assert row["npv"] == pytest.approx(np.mean(test.labels[~called] == 1))
+        assert row["f1"] == pytest.approx(f1_score(test.labels, ~called, pos_label=0))  # ~called: predicted class 1
+        val_called = val_p0 >= row["threshold"] - 1e-12
+        assert row["val_tpr"] == pytest.approx(val_called[val.labels == 0].mean())
+    assert rows[3]["val_tpr"] >= 0.9 and rows[4]["val_fpr"] <= 0.1
+
+
+def test_oriented_predictions_flip_labels_and_scores_only_for_class_0():
+    test = scores(seed=2)
+    assert thresholds.oriented(test, 1) is test
+    flipped = thresholds.oriented(test, 0)
+    assert np.array_equal(flipped.index, test.index) and np.array_equal(flipped.labels, 1 - test.labels)
+    assert flipped.probs == pytest.approx(1 - test.probs, abs=1e-15)
+    assert thresholds.positive_text("breastmnist", 0) == "0 (malignant)"
+    assert thresholds.positive_text("pneumoniamnist", 1) == "1 (pneumonia)"
+
+
+def test_draft_sentence_of_a_run_logged_before_positive_class_says_label_1():
+    settings = {"source_run_id": "0123456789abcdef", "dataset": "breastmnist", "target_tprs": "0.9", "target_fprs": "0.1", "bootstrap": "10"}
+    table = report.Table("week7_thresholds", "thresholds", ["rule"], records=[{"rule": "default 0.5"}], settings=settings)
+    assert "(positive class: label 1, normal, benign; TPR and FPR refer to it)" in report.posthoc_text({"week7_thresholds": table})[0]
+    table.settings = {**settings, "positive_class": "0"}
+    assert "(positive class: label 0, malignant; TPR and FPR refer to it)" in report.posthoc_text({"week7_thresholds": table})[0]
+
+
 def test_bootstrap_is_seeded():
     test = scores()
     first = thresholds.bootstrap_rates(test.probs, test.labels, 0.5, 100, seed=3)
@@ -107,4 +146,5 @@ def test_high_confidence_errors_are_wrong_and_confident_most_confident_first():
     expected = np.flatnonzero(((probs >= 0.5) != test.labels) & (np.maximum(probs, 1 - probs) >= 0.8))
     assert sorted(e["index"] for e in errors) == sorted(expected.tolist()) and len(errors) > 0
     assert [e["confidence"] for e in errors] == sorted((e["confidence"] for e in errors), reverse=True)
-    assert all(e["predicted"] != e["true"] and e["note"] == "" for e in errors)
+    assert all(e["predicted"] != e["true"] and e["note"] == e["hypothesis"] == e["possible_fix"] == "" for e in errors)
+    assert thresholds.ERROR_COLUMNS == ["index", "true", "predicted", "prob", "note", "hypothesis", "possible_fix"]

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, confusion
 
 from entrypoints import calibrate, robustness, thresholds
 from entrypoints.common import main
+from pipeline import report
 from pipeline.data import load_arrays
 from pipeline.supervised import predictions_csv
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step
@@ -208,20 +209,33 @@ def test_high_confidence_errors_are_listed_most_confident_first(store, synthetic
     assert errors["true"].astype(int).tolist() == test_y[expected].tolist()
 
 
-def test_thresholds_end_to_end(store, tmp_path, capsys):
+@pytest.mark.parametrize("given, positive", [([], 0), (["--positive-class", "1"], 1)], ids=["finding", "class1"])
+def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
+    """BreastMNIST's finding (the default) is class 0, malignant: every rule, rate and AP then refers to
+    p(class 0) = 1 − p(class 1) and label 0, recomputed here from the source run's class-1 logits."""
     uri, source_id = store
     main(thresholds.command, ["--dataset", "breastmnist", "--target-tprs", "0.9,0.99", "--target-fprs", "0.1",
-                              "--confidence", "0.6", "--bootstrap", "200"])
-    assert "Youden t =" in capsys.readouterr().out
+                              "--confidence", "0.6", "--bootstrap", "200", *given])
+    name = {0: "malignant", 1: "normal, benign"}[positive]
+    shown = f"{positive} ({name})"
+    assert f"positive class {shown}: Youden t =" in capsys.readouterr().out
     run = newest(uri, "thresholds")
     check_tags(run, "thresholds", source_id)
     assert_contract(uri, run, classifier=False)
+    assert run.data.tags["positive_class"] == run.data.params["cfg.positive_class"] == str(positive)
     assert {"thresholds/table.csv", "thresholds/table.md", "thresholds/high_confidence_errors.csv", "plots/roc.png",
             "plots/pr.png", "plots/high_confidence_errors.png"} <= artifact_paths(uri, run.info.run_id)
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/thresholds/table.md").startswith(f"Positive class: {shown}.")
     preds = source_predictions(uri, source_id, tmp_path)
+    class1_p, test_labels = sigmoid(floats(preds["test"]["logit"])), preds["test"]["label"].astype(int)
     val_p, val_y = sigmoid(floats(preds["val"]["logit"])), preds["val"]["label"].astype(int)
-    test_p, test_y = sigmoid(floats(preds["test"]["logit"])), preds["test"]["label"].astype(int)
+    test_p, test_y = class1_p, test_labels
+    if positive == 0:  # the analysis' view: p(positive class) against "is the positive class"
+        val_p, val_y, test_p, test_y = 1 - val_p, 1 - val_y, 1 - test_p, 1 - test_y
     table = read_csv(uri, run.info.run_id, "thresholds/table.csv", tmp_path / "table")
+    assert set(table["positive_class"]) == {shown}
+    (methods,) = report.posthoc_text({"week7_thresholds": report.thresholds_table("breastmnist")})  # the draft reads the run's cfg
+    assert f"(positive class: label {positive}, {name}; TPR and FPR refer to it)" in methods
     assert list(table["key"]) == ["default", "youden", "max_f1", "tpr90", "tpr99", "fpr10"]
     status = dict(zip(table["key"], table["status"]))
     assert status["tpr99"] == "unreachable" and status["default"] == "ok"
@@ -231,7 +245,8 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
     assert float(table["threshold"][1]) == pytest.approx(youden, rel=1e-6)
     check_rules_on_validation(table, val_p, val_y)
     m = run.data.metrics
-    assert m["test_average_precision"] == pytest.approx(average_precision_score(test_y, test_p), abs=1e-9)
+    assert m["test_average_precision"] == pytest.approx(
+        average_precision_score(test_labels, class1_p if positive else 1 - class1_p, pos_label=positive), abs=1e-9)
     for k, key in enumerate(table["key"]):
         if table["status"][k] != "ok":
             assert np.isnan(m[f"threshold_{key}"]) and table["threshold"][k] == "" and table["note"][k]
@@ -248,10 +263,11 @@ def test_thresholds_end_to_end(store, tmp_path, capsys):
             assert (np.isnan(value) and np.isnan(m[f"test_{rate}_{key}"])) or m[f"test_{rate}_{key}"] == pytest.approx(value)
     errors = read_csv(uri, run.info.run_id, "thresholds/high_confidence_errors.csv", tmp_path / "errors") \
         if m["high_confidence_errors"] else {"index": np.array([])}
-    expected_errors = np.flatnonzero(((test_p >= 0.5) != test_y) & (np.maximum(test_p, 1 - test_p) >= 0.6))
+    expected_errors = np.flatnonzero(((class1_p >= 0.5) != test_labels) & (np.maximum(class1_p, 1 - class1_p) >= 0.6))
     assert sorted(errors["index"].astype(int).tolist()) == expected_errors.tolist()
     if len(expected_errors):
-        assert list(errors) == ["index", "true", "predicted", "prob", "note"] and set(errors["note"]) == {""}
+        assert list(errors) == ["index", "true", "predicted", "prob", "note", "hypothesis", "possible_fix"]
+        assert {*errors["note"], *errors["hypothesis"], *errors["possible_fix"]} == {""}
 
 
 def val_rates(probs: np.ndarray, labels: np.ndarray, cut: float) -> tuple[float, float, float]:
@@ -336,6 +352,7 @@ BAD_PARAMETERS = [
     ("calibrate", ["--methods", "platt"], "including temperature"),
     ("thresholds", ["--target-tprs", "0.9,1.5"], "target_tprs=[0.9, 1.5] must be a list of rates in (0, 1)"),
     ("thresholds", ["--confidence", "0.2"], "confidence=0.2 must be in [0.5, 1]"),
+    ("thresholds", ["--positive-class", "2"], "positive_class='2' must be 0, 1 or finding"),
     ("robustness", ["--severities", "1,7"], "severities=[1, 7] must be a non-empty list of 1, 2, 3, 4, 5"),
     ("robustness", ["--mc-passes", "1"], "mc_passes=1 must be >= 2"),
     ("robustness", ["--mc-dropout-p", "1"], "mc_dropout_p=1.0 must be in (0, 1)"),
@@ -388,7 +405,7 @@ def test_latest_without_any_classifier_run(synthetic_root, tracking_uri, monkeyp
 @pytest.mark.slow
 @pytest.mark.parametrize("step, params", [
     ("calibrate", {"methods": "temperature,platt"}),
-    ("thresholds", {"target_tprs": "0.9", "bootstrap": "100"}),
+    ("thresholds", {"target_tprs": "0.9", "bootstrap": "100", "positive_class": "finding"}),
     ("robustness", {"severities": "1,2,3", "mc_passes": "5", "device": "cpu"}),
 ])
 def test_mlflow_run_finishes(step, params, store, synthetic_root, tmp_path):
