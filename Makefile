@@ -4,6 +4,7 @@ PY := $(CURDIR)/$(VENV)/bin/python
 DATASET ?= breastmnist
 PROFILE ?= quick
 PORT ?= 5000
+EXPORT ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	mlflow run . -e study -P dataset=$(DATASET) -P profile=$(PROFILE) --env-manager local --experiment-name $(DATASET)
+	mlflow run . -e study -P dataset=$(DATASET) -P profile=$(PROFILE) -P export_results=$(EXPORT) --env-manager local --experiment-name $(DATASET)
 
 test: setup
 	$(PY) -m ruff check .

@@ -11,6 +11,7 @@ from pipeline.calibration import run_calibrate
 from pipeline.compare import run_compare
 from pipeline.data import check_dataset
 from pipeline.eda import run_eda
+from pipeline.finetune_compare import run_finetune_table
 from pipeline.linear_probe import run_linear_probe
 from pipeline.robustness import run_robustness
 from pipeline.ssl_finetune import run_ssl_finetune
@@ -24,6 +25,7 @@ def stage_runners() -> dict[str, Runner]:
     return {
         "eda": lambda cfg, root, ids: run_eda(cfg, root),
         "baseline": lambda cfg, root, ids: run_baseline(cfg, root),
+        "finetune_table": lambda cfg, root, ids: run_finetune_table(cfg),
         "augment_ablation": lambda cfg, root, ids: run_augment_ablation(cfg, root),
         "ssl_pretrain": lambda cfg, root, ids: run_ssl_pretrain(cfg, root),
         "linear_probe": lambda cfg, root, ids: run_linear_probe(cfg, root),

@@ -1,7 +1,8 @@
 """Week 3 head-only vs. full fine-tuning: one table from two finished `baseline` runs.
 
 Reads each run's final metrics and its per-epoch `val_log.jsonl` (no retraining) and writes a
-Markdown/CSV table with an over/under-fitting hint. The fitting hint is a rule of thumb, stated in
+Markdown/CSV table with an over/under-fitting hint, and says whether the two runs started from the
+same weights and stem (only then do the rows differ in the fine-tuning mode alone). The fitting hint is a rule of thumb, stated in
 the table: over-fitting when the last epoch's val loss exceeds its train loss by more than
 OVERFIT_GAP; under-fitting when the last train loss is still above UNDERFIT_LOSS (BCE).
 """
@@ -18,8 +19,9 @@ from pipeline.errors import UserError
 
 OVERFIT_GAP = 0.1
 UNDERFIT_LOSS = 0.4
+WEIGHTS = {"imagenet": "ImageNet weights", "none": "random weights"}  # a baseline's `weights`, in the table's words
 COLUMNS = [
-    "finetune", "run_id", "model", "weights", "epochs", "best_epoch", "train_loss_at_best", "val_loss_at_best",
+    "finetune", "run_id", "model", "weights", "stem", "epochs", "best_epoch", "train_loss_at_best", "val_loss_at_best",
     "gap_at_best", "gap_last", "val_auroc", "test_auroc", "test_acc", "test_ece", "fit_hint",
 ]
 
@@ -44,6 +46,7 @@ def table_row(run: Run, history: list[Mapping[str, float]]) -> dict[str, Any]:
         "run_id": run.info.run_id,
         "model": run.data.tags.get("model", "?"),
         "weights": run.data.params.get("cfg.weights", "?"),
+        "stem": run.data.params.get("cfg.stem", "?"),
         "epochs": len(history),
         "best_epoch": best,
         "train_loss_at_best": at_best["train_loss"],
@@ -62,9 +65,20 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def start_note(head: Mapping[str, Any], full: Mapping[str, Any]) -> str:
+    """Whether the head-only and full fine-tuning rows start from the same model, weights and stem."""
+    starts = {mode: f"{row['model']} with {WEIGHTS.get(row['weights'], row['weights'] + ' weights')} and the {row['stem']} stem"
+              for mode, row in (("head", head), ("all", full))}
+    if starts["head"] == starts["all"]:
+        return f"Same start: both runs begin from {starts['head']}, so the rows differ only in what is trained."
+    return (f"Different starts: head-only from {starts['head']}, full fine-tuning from {starts['all']}; the rows differ in "
+            "initialisation as well as in what is trained. For a like-for-like comparison, train the full fine-tuning "
+            "baseline from the head-only one's weights and stem.")
+
+
 def table_markdown(rows: list[Mapping[str, Any]], title: str) -> str:
-    """The comparison as a Markdown table with its legend."""
-    lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The comparison (head-only row first) as a Markdown table with its starting points and legend."""
+    lines = [f"# {title}", "", start_note(*rows), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += [
         "",

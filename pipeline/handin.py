@@ -29,10 +29,6 @@ STUDENT_COLUMNS = ("hypothesis", "possible_fix")
 WEEK_OF_TABLE = {"week2_baselines": 2, "week3_augment_ablation": 3, "week4_ssl_pretraining": 4,
                  "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_paired_differences": 6,
                  "week6_calibration": 6, "week6_calibration_change": 6, "week7_thresholds": 7, "week8_robustness": 8}
-STAGE_WEEK = {"eda": 1, "baseline": 2, "augment_ablation": 3, "finetune_table": 3, "ssl_pretrain": 4, "linear_probe": 5,
-              "ssl_finetune": 6, "calibrate": 6, "thresholds": 7, "robustness": 8}
-
-
 @dataclass
 class Folder:
     """One week's hand-in while it is assembled in a staging folder: its files and README parts."""
@@ -162,6 +158,13 @@ def baseline_key(record: Mapping[str, Any]) -> str:
     return f"{record['model']}_{'head' if record['finetune'] == 'head' else 'full'}"
 
 
+def analysed_runs(table: Table | None) -> list[tuple[str, str]]:
+    """(file suffix, run id) of each post-hoc run a table cites: no suffix for the baseline's,
+    `_ssl_finetune` for the SSL fine-tuned model's."""
+    runs = dict.fromkeys((r["analysed"], r["run_id"]) for r in table.records) if table is not None else {}
+    return [("" if analysed == "baseline" else "_ssl_finetune", run_id) for analysed, run_id in runs]
+
+
 Context = dict[str, Any]  # dataset, scope, tables by name, written table files, paper files under out_dir
 
 
@@ -289,11 +292,9 @@ def week6(folder: Folder, ctx: Context) -> None:
             folder.add_table(table, ctx["written"])
         elif table is not None:
             folder.readme.append(f"### {table.title}\n\n_{table.missing}_\n")
-    calibration = ctx["tables"].get("week6_calibration")
-    if calibration is not None and calibration.records:
-        run_id = calibration.records[0]["run_id"]
+    for suffix, run_id in analysed_runs(ctx["tables"].get("week6_calibration")):
         for file in ("reliability_before", "reliability_after", "reliability_side_by_side"):
-            folder.add_artifact(run_id, f"plots/{file}.png", f"{file}.png", "reliability diagram (test)")
+            folder.add_artifact(run_id, f"plots/{file}.png", f"{file}{suffix}.png", "reliability diagram (test)")
     folder.readme += [prompt("Does fine-tuning beat the probe, and at which fractions? Quote the intervals, not the means."),
                       prompt("Does temperature scaling improve test calibration beyond the bootstrap interval?")]
 
@@ -305,12 +306,12 @@ def week7(folder: Folder, ctx: Context) -> None:
         folder.readme.append(f"_{table.missing if table else 'no thresholds table'}_\n")
         return
     folder.add_table(table, ctx["written"])
-    run_id = table.records[0]["run_id"]
-    folder.add_artifact(run_id, "plots/roc.png", "roc.png", "ROC curve with the operating points (test)")
-    folder.add_artifact(run_id, "plots/pr.png", "pr.png", "precision-recall curve with the operating points (test)")
-    folder.add_artifact(run_id, "plots/high_confidence_errors.png", "high_confidence_errors.png", "the most confident test errors")
-    add_error_csv(folder, run_id, "thresholds/high_confidence_errors.csv", "high_confidence_errors.csv",
-                  "those errors, with `note`, `hypothesis` and `possible_fix` for you")
+    for suffix, run_id in analysed_runs(table):
+        folder.add_artifact(run_id, "plots/roc.png", f"roc{suffix}.png", "ROC curve with the operating points (test)")
+        folder.add_artifact(run_id, "plots/pr.png", f"pr{suffix}.png", "precision-recall curve with the operating points (test)")
+        folder.add_artifact(run_id, "plots/high_confidence_errors.png", f"high_confidence_errors{suffix}.png", "the most confident test errors")
+        add_error_csv(folder, run_id, "thresholds/high_confidence_errors.csv", f"high_confidence_errors{suffix}.csv",
+                      "those errors, with `note`, `hypothesis` and `possible_fix` for you")
     folder.readme += [prompt("Which operating point would you recommend for screening, and what does it cost in false alarms?"),
                       prompt("Fill in `high_confidence_errors.csv`: what do the confident errors have in common?")]
 
@@ -367,31 +368,22 @@ WEEK_BUILDERS: dict[int, tuple[str, Callable[[Folder, Context], None]]] = {
     7: ("decision thresholds", week7), 8: ("robustness and the ethics note", week8), 9: ("the paper", week9), 10: ("the talk", week10)}
 
 
-def week_of_step(step: str) -> int:
-    """The week a study step serves, from its stage prefix (the paper weeks for the rest)."""
-    stage = max((s for s in STAGE_WEEK if step.startswith(s)), key=len, default="")
-    return STAGE_WEEK.get(stage, 9)
-
-
-def not_run_by_week(built: list[Table], not_run: Mapping[str, str]) -> dict[int, list[str]]:
-    """What was asked for but did not run, with the reason, by the week it belongs to."""
+def not_run_by_week(built: list[Table]) -> dict[int, list[str]]:
+    """What was asked for but did not run, with the reason (the tables carry it), by week."""
     found: dict[int, list[str]] = {week: [] for week in WEEKS}
-    for step, reason in not_run.items():
-        found[week_of_step(step)].append(f"study step `{step}`: {reason}")
     for table in built:
-        week = WEEK_OF_TABLE.get(table.name)
-        if week is not None:
-            found[week] += [line for line in table.not_run if line not in found[week] and not line.startswith("study step")]
+        if table.name in WEEK_OF_TABLE:
+            found[WEEK_OF_TABLE[table.name]] += table.not_run
     return found
 
 
 def export_results(built: list[Table], written: Mapping[str, list[Path]], out_dir: Path, results_root: Path, name: str,
-                   dataset: str, scope: Scope = None, not_run: Mapping[str, str] | None = None) -> list[Path]:
+                   dataset: str, scope: Scope = None) -> list[Path]:
     """Write every week's hand-in folder; each is assembled in a staging folder and renamed into
     place, so an interrupted export leaves whole weeks only."""
     check_export_is_new(results_root, name, dataset)
     ctx: Context = {"dataset": dataset, "scope": scope, "tables": {t.name: t for t in built}, "written": written, "out_dir": out_dir}
-    skipped = not_run_by_week(built, not_run or {})
+    skipped = not_run_by_week(built)
     done = []
     for week, target in targets(results_root, name, dataset).items():
         title, build = WEEK_BUILDERS[week]

@@ -297,8 +297,15 @@ def interval_text(record: Mapping[str, Any] | None) -> str:
     return f"{record['diff_mean']:+.3f} [{record['ci_low']:+.3f}, {record['ci_high']:+.3f}]"
 
 
+def baseline_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
+    """Per-seed rows of the week-2 baselines (100% of the labels), labelled `baseline <model> (<finetune>)`."""
+    runs = in_scope(tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'"), scope)
+    return run_rows(runs, lambda run: f"baseline {run.data.tags.get('model')} ({run.data.tags.get('finetune', 'all')})")
+
+
 def week6_table(dataset: str, scope: Scope = None) -> Table:
-    """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE."""
+    """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE, and the
+    week-2 baselines (all labels) as reference rows."""
     finetunes = in_scope(tracking.stage_parents(dataset, "ssl_finetune"), scope)
     if not finetunes:
         return _missing("week6_probe_vs_finetune", "Probe vs. fine-tune", ["method", "labels", "n"], "ssl_finetune", dataset)
@@ -308,7 +315,8 @@ def week6_table(dataset: str, scope: Scope = None) -> Table:
     probes = [r for r in in_scope(tracking.stage_parents(dataset, "linear_probe"), scope) if r.data.tags.get("source_run_id") == source]
     if probes:
         rows += child_rows(probes[0], dataset)
-    table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised (SSL run {source[:8]}), {SPREAD}", rows)
+    rows += baseline_rows(dataset, scope)
+    table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised, with the baselines (SSL run {source[:8]}), {SPREAD}", rows)
     add_majority_rows(table, probes[0] if probes else None)
     table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "steps", "lr", "encoder_lr_scale", "augment", "seeds")}
     if not probes:
@@ -316,24 +324,43 @@ def week6_table(dataset: str, scope: Scope = None) -> Table:
     return table
 
 
+ANALYSED_LABELS = {"baseline": "baseline", "ssl_finetune": "SSL fine-tune"}
+
+
+def analysed_of(run: Run) -> str:
+    """Which kind of classifier a post-hoc run analysed: the study's `analysed` tag, else the
+    stage of its source run (`source_stage`)."""
+    return run.data.tags.get("analysed") or run.data.tags.get("source_stage") or "baseline"
+
+
+def newest_per_analysed(runs: list[Run]) -> list[Run]:
+    """The newest run per analysed kind, the baseline's first (runs come newest first)."""
+    newest: dict[str, Run] = {}
+    for run in runs:
+        newest.setdefault(analysed_of(run), run)
+    return sorted(newest.values(), key=lambda r: analysed_of(r) != "baseline")
+
+
 def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: str, title: str, columns: list[str]) -> Table:
-    """A table a step already logged as CSV (newest FINISHED run of `stage`), citing that run
-    and the classifier run it analysed."""
-    runs = in_scope(tracking.stage_parents(dataset, stage), scope)
+    """A table a step already logged as CSV: the newest FINISHED run of `stage` for each kind of
+    model it analysed (baseline, SSL fine-tune), citing that run and the classifier it analysed."""
+    runs = newest_per_analysed(in_scope(tracking.stage_parents(dataset, stage), scope))
     if not runs:
         return _missing(name, title, columns, stage, dataset)
-    run = runs[0]
-    if not tracking.has_artifacts(run.info.run_id, (artifact,)):
-        return Table(name, title, columns, missing=f"missing: {stage} run {run.info.run_id[:8]} has no {artifact} (rerun {stage})")
-    text = tracking.download_artifact(run.info.run_id, artifact).read_text()
-    records = list(csv.DictReader(io.StringIO(text)))
-    source = run.data.tags.get("source_run_id", "")
-    settings = tracking.logged_config(run)
-    table = Table(name, f"{title} (run {run.info.run_id[:8]}, source {source[:8]})", columns,
-                  settings={**settings, "source_run_id": source})
-    for record in records:
-        table.records.append({**record, "run_id": run.info.run_id, "source_run_id": source})
-        table.rows.append([fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns])
+    missing = [r for r in runs if not tracking.has_artifacts(r.info.run_id, (artifact,))]
+    if missing:
+        return Table(name, title, columns, missing=f"missing: {stage} run {missing[0].info.run_id[:8]} has no {artifact} (rerun {stage})")
+    cited = ", ".join(f"{ANALYSED_LABELS.get(analysed_of(r), analysed_of(r))}: run {r.info.run_id[:8]}, "
+                      f"source {r.data.tags.get('source_run_id', '')[:8]}" for r in runs)
+    table = Table(name, f"{title} ({cited})", ["model", *columns],
+                  settings={**tracking.logged_config(runs[0]), "source_run_id": runs[0].data.tags.get("source_run_id", "")})
+    for run in runs:
+        text = tracking.download_artifact(run.info.run_id, artifact).read_text()
+        analysed = ANALYSED_LABELS.get(analysed_of(run), analysed_of(run))
+        source = run.data.tags.get("source_run_id", "")
+        for record in csv.DictReader(io.StringIO(text)):
+            table.records.append({"analysed": analysed, **record, "run_id": run.info.run_id, "source_run_id": source})
+            table.rows.append([analysed, *(fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns)])
     return table
 
 
@@ -400,13 +427,19 @@ def markdown(table: Table) -> str:
     return f"## {table.title}\n\n{body}{note}{skipped}"
 
 
+STEP_TABLES = {"baseline": "week2_baselines", "finetune_table": "week3_augment_ablation", "augment_ablation": "week3_augment_ablation",
+               "ssl_pretrain": "week4_ssl_pretraining", "linear_probe": "week5_label_efficiency",
+               "ssl_finetune": "week6_probe_vs_finetune", "calibrate": "week6_calibration", "thresholds": "week7_thresholds",
+               "robustness": "week8_robustness"}
+
+
 def add_not_run(built: list[Table], not_run: Mapping[str, str]) -> None:
-    """Mark steps a study skipped (e.g. a baseline without ImageNet weights) in the table they would
-    have filled, with the reason and what to do about it."""
+    """Mark steps a study skipped (e.g. a baseline without ImageNet weights) in the table of their
+    stage, with the reason and what to do about it."""
     by_name = {t.name: t for t in built}
     for step, reason in not_run.items():
-        table = by_name["week2_baselines" if step.startswith("baseline") else "week5_label_efficiency"]
-        table.not_run.append(f"study step `{step}`: {reason}")
+        stage = max((s for s in STEP_TABLES if step.startswith(s)), key=len, default="linear_probe")
+        by_name[STEP_TABLES[stage]].not_run.append(f"study step `{step}`: {reason}")
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:

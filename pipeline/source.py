@@ -8,6 +8,7 @@ before the consuming step opens its own run, so a mistake logs nothing.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +107,19 @@ def load_source(stages: Sequence[str], dataset: str, run_id: str = "latest", ext
             raise UserError(f"run {run.info.run_id} {split} predictions hold a single class; both classes are needed")
     return SourceRun(run, splits["val"], splits["test"])
 
+
+
+def best_selected_run(grid_run_ids: Sequence[str]) -> str:
+    """Of grid parent runs (e.g. each SSL method's `ssl_finetune`), the selected child (tag
+    `selected_run_id`) whose validation AUROC (`selected_best_val_auroc`, never test) is the highest;
+    a tie goes to the grid listed first."""
+    scored = []
+    for run_id in grid_run_ids:
+        run = tracking.get_run(run_id)
+        auroc = run.data.metrics.get("selected_best_val_auroc", math.nan)
+        if "selected_run_id" in run.data.tags and not math.isnan(auroc):
+            scored.append((auroc, run.data.tags["selected_run_id"]))
+    if not scored:
+        raise UserError(f"none of the grid runs {', '.join(grid_run_ids)} selected a child with a validation AUROC "
+                        "(tag selected_run_id, metric selected_best_val_auroc)")
+    return max(scored, key=lambda entry: entry[0])[1]

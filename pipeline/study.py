@@ -1,13 +1,16 @@
 """Week 10: the whole study for one dataset in one command, each step a nested run of a `study` run.
 
-Order: eda → baselines → augment ablation → SSL pretraining (each method × pretraining seed) →
-linear probe (each method) → SSL fine-tune (each method) → calibrate → thresholds → robustness →
-compare. A probe or fine-tune step takes every pretraining run of its method, one per pretraining
-seed, so its SSL rows count pretraining variance. A step's configuration (its resolved
-config, the run ids it consumes and the MD5 of the data file it reads) is hashed; a FINISHED step
-run with the same hash and code version is reused instead of recomputed, so an interrupted study
-continues where it stopped and a repeated one finishes in seconds. Steps run in this process: the data stay loaded, and no
-interpreter start-up is paid per step.
+Order: eda → baselines → head-only vs. full fine-tuning table (when the profile trains both on
+ResNet-18) → augment ablation → SSL pretraining (each method × pretraining seed) → linear probe (each
+method) → SSL fine-tune (each method) → calibrate and thresholds of the best SSL fine-tuned model →
+calibrate → thresholds → robustness of the first baseline → compare. A probe or fine-tune step takes
+every pretraining run of its method, one per pretraining seed, so its SSL rows count pretraining
+variance. A step that needs a skipped step (a baseline without ImageNet weights) is skipped too, with
+the reason, when it is optional, and stops the study when it is not. A step's configuration (its
+resolved config, the run ids it consumes and the MD5 of the data file it reads) is hashed; a FINISHED
+step run with the same hash and code version is reused instead of recomputed, so an interrupted study
+continues where it stopped and a repeated one finishes in seconds. Steps run in this process: the
+data stay loaded, and no interpreter start-up is paid per step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pipeline.data import fingerprint
 from pipeline.errors import UserError
 from pipeline.handin import check_export_is_new
 from pipeline.models import imagenet_weights_cached
+from pipeline.source import best_selected_run
 
 Runner = Callable[[dict[str, Any], str, dict[str, str]], None]
 
@@ -34,7 +38,9 @@ class Step:
     stage: str
     overrides: dict[str, Any] = field(default_factory=dict)
     needs: dict[str, list[str]] = field(default_factory=dict)  # input name -> the steps whose run ids it takes (comma-joined)
-    optional: bool = False
+    optional: bool = False  # skipped, with the reason, when its runner raises a UserError or a step it needs was skipped
+    best_selected: bool = False  # takes the selected child with the best validation AUROC of the grids it needs
+    tags: dict[str, str] = field(default_factory=dict)  # set on its run
 
 
 @dataclass
@@ -47,6 +53,29 @@ class Outcome:
     run_id: str
     seconds: float
     note: str = ""
+
+
+ANALYSED = "analysed"  # the tag that tells a post-hoc run's classifier: the first baseline or the best SSL fine-tuned one
+
+
+def starting_point(overrides: Mapping[str, Any]) -> tuple[str, str, str]:
+    """A baseline's model, initial weights (`auto` resolved as the baseline resolves it) and stem."""
+    resolved = config.pretrained_head({**config.stage_defaults("baseline"), **overrides})
+    return resolved["model"], resolved["weights"], resolved["stem"]
+
+
+def finetune_table_steps(baselines: list[Step]) -> list[Step]:
+    """Week 3's head-only vs. full fine-tuning table when the baselines hold both on ResNet-18: the
+    first head-only one against the full fine-tuning one with the same starting point (weights and
+    stem), else the first ResNet-18 full fine-tuning one (the table then says the starts differ)."""
+    resnets = [s for s in baselines if starting_point(s.overrides)[0] == "resnet18"]
+    heads = [s for s in resnets if s.overrides.get("finetune") == "head"]
+    fulls = [s for s in resnets if s.overrides.get("finetune", "all") == "all"]
+    if not heads or not fulls:
+        return []
+    head = heads[0]
+    full = next((s for s in fulls if starting_point(s.overrides) == starting_point(head.overrides)), fulls[0])
+    return [Step("finetune_table", "finetune_table", needs={"head_run_id": [head.name], "all_run_id": [full.name]}, optional=True)]
 
 
 def plan(profile: Mapping[str, Any]) -> list[Step]:
@@ -64,16 +93,22 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
     seeds = spec.get("pretraining_seeds", [0])
     pretraining = {m: [f"ssl_pretrain_{m}_s{seed}" for seed in seeds] for m in methods}
     analysed = baselines[0].name
+    finetunes = [f"ssl_finetune_{m}" for m in methods]
     return [
         Step("eda", "eda"),
         *baselines,
+        *finetune_table_steps(baselines),
         Step("augment_ablation", "augment_ablation"),
         *[Step(f"ssl_pretrain_{m}_s{seed}", "ssl_pretrain", {"method": m, "seed": seed}) for m in methods for seed in seeds],
         # The supervised-only and control rows do not depend on the SSL method: only the first probe trains them.
         *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]},
                needs={"ssl_run_id": pretraining[m]}) for i, m in enumerate(methods)],
         *[Step(f"ssl_finetune_{m}", "ssl_finetune", needs={"ssl_run_id": pretraining[m]}) for m in methods],
-        *[Step(stage, stage, needs={"run_id": [analysed]}) for stage in ("calibrate", "thresholds", "robustness")],
+        # Before the baseline's, so that compare's tables (the study's newest calibrate and thresholds
+        # runs) keep citing the baseline; the tag `analysed` tells the two apart.
+        *[Step(f"{stage}_ssl", stage, needs={"run_id": finetunes}, best_selected=True, tags={ANALYSED: "ssl_finetune"})
+          for stage in ("calibrate", "thresholds")],
+        *[Step(stage, stage, needs={"run_id": [analysed]}, tags={ANALYSED: "baseline"}) for stage in ("calibrate", "thresholds", "robustness")],
         Step("compare", "compare"),
     ]
 
@@ -93,6 +128,24 @@ def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[st
     in_config = {k: v for k, v in inputs.items() if k in defaults}
     cfg = config.resolve(step.stage, dataset, {**step.overrides, **in_config}, profile=profile_name)
     return cfg, {k: v for k, v in inputs.items() if k not in defaults}
+
+
+def skipped_inputs(step: Step, skipped: Mapping[str, str]) -> str:
+    """Why a step cannot run: the steps it needs that were skipped, and why ("" when none was).
+    For a step that is not optional, that is a UserError."""
+    reasons = [f"needs step {source}, which was skipped: {skipped[source]}"
+               for sources in step.needs.values() for source in sources if source in skipped]
+    if reasons and not step.optional:
+        raise UserError(f"study step {step.name} {reasons[0]}")
+    return "; ".join(reasons)
+
+
+def consumed_inputs(step: Step, inputs: dict[str, str]) -> dict[str, str]:
+    """The run ids a step consumes: for a step on the best SSL fine-tuned model, the selected child
+    with the best validation AUROC of the grids it needs (never test)."""
+    if not step.best_selected:
+        return inputs
+    return {key: best_selected_run(ids.split(",")) for key, ids in inputs.items()}
 
 
 def newest_step_run(study_run_id: str, dataset: str, stage: str, since_ms: int) -> str:
@@ -125,11 +178,14 @@ def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], dat
     return config.config_hash({**cfg, **inputs, "study_step": step.name, "data_md5": data_md5, **extra})
 
 
+READS_NO_IMAGES = ("calibrate", "finetune_table", "compare")  # they read logged predictions, metrics or tables
+
+
 def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
              dataset: str, study_run_id: str) -> Outcome:
     """Reuse a FINISHED run with the same reuse key and code version whose artifacts are still
     there, else run the step."""
-    data_md5 = "" if step.stage in ("calibrate", "compare") else fingerprint(dataset, data_size(cfg, inputs), data_root)
+    data_md5 = "" if step.stage in READS_NO_IMAGES else fingerprint(dataset, data_size(cfg, inputs), data_root)
     if step.stage != "compare":
         key = reuse_key(step, cfg, inputs, data_md5, imagenet_weights_cached())
         found = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
@@ -146,7 +202,7 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
     run_id = newest_step_run(study_run_id, dataset, step.stage, int(start * 1000) - 1)
     fitted_imagenet = uses_imagenet_probe(step, cfg) and "imagenet_probe_status" not in tracking.get_run(run_id).data.tags
     tracking.tag_run(run_id, {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet),
-                              "study_step": step.name, **({"data_md5": data_md5} if data_md5 else {})})
+                              "study_step": step.name, **step.tags, **({"data_md5": data_md5} if data_md5 else {})})
     return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)
 
 
@@ -194,10 +250,15 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
         tracking.log_json({"profile": profile_name, "steps": [s.name for s in steps]}, "study_plan.json")
         for step in steps:
             echo(f"[study] {step.name} ...")
-            cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root, export)
-            if step.stage == "compare":  # the tables and the draft say what the study could not run
-                cfg["not_run"] = {o.step: o.note for o in outcomes if o.status == "skipped"}
-            outcome = run_step(step, cfg, inputs, data_root, runners[step.stage], dataset, study_run.info.run_id)
+            skipped = {o.step: o.note for o in outcomes if o.status == "skipped"}
+            if reason := skipped_inputs(step, skipped):
+                outcome = Outcome(step.name, step.stage, "skipped", "", 0.0, reason)
+            else:
+                cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root, export)
+                if step.stage == "compare":  # the tables and the draft say what the study could not run
+                    cfg["not_run"] = skipped
+                outcome = run_step(step, cfg, consumed_inputs(step, inputs), data_root, runners[step.stage], dataset,
+                                   study_run.info.run_id)
             outcomes.append(outcome)
             if outcome.run_id:
                 run_ids[step.name] = outcome.run_id

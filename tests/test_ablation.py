@@ -110,6 +110,9 @@ def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracki
     main(cli, ["finetune-table", "--dataset", "breastmnist", "--model", "resnet18"])
     out = capsys.readouterr().out
     assert "head-only vs. full fine-tuning" in out and "| head |" in out and "| all |" in out
+    # weights=auto: ImageNet weights for head-only, random ones for full fine-tuning, and the table says so
+    assert ("Different starts: head-only from resnet18 with ImageNet weights and the imagenet stem, "
+            "full fine-tuning from resnet18 with random weights and the imagenet stem") in out
     table_run = all_runs(tracking_uri)[0]
     assert table_run.info.status == "FINISHED"
     assert_contract(tracking_uri, table_run, classifier=False)
