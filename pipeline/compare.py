@@ -37,7 +37,7 @@ def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", 
         tracking.log_metrics({"tables_complete": len(built) - len(missing), "tables_missing": len(missing)})
         register_champion(dataset, echo)
         if export_name:
-            folders = export_results(built, written, out_dir, Path(results_root), export_name, dataset, scope)
+            folders = export_results(built, written, out_dir, Path(results_root), export_name, dataset)
             echo(f"hand-ins written: {folders[0].parent.parent.parent}/week1..week{len(folders)}/{dataset}/{export_name}/")
     return built, out_dir
 

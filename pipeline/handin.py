@@ -21,12 +21,12 @@ from typing import Any, Callable, Mapping
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.paper import dataset_text, fetch, prompt
-from pipeline.report import Scope, Table, best_on_validation, fmt, in_scope, markdown
+from pipeline.report import Table, best_on_validation, fmt, markdown
 
 WEEKS = range(1, 11)
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STUDENT_COLUMNS = ("hypothesis", "possible_fix")
-WEEK_OF_TABLE = {"week2_baselines": 2, "week3_augment_ablation": 3, "week4_ssl_pretraining": 4,
+WEEK_OF_TABLE = {"week1_class_balance": 1, "week2_baselines": 2, "week3_augment_ablation": 3, "week3_head_vs_full": 3, "week4_ssl_pretraining": 4,
                  "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_paired_differences": 6,
                  "week6_calibration": 6, "week6_calibration_change": 6, "week7_thresholds": 7, "week8_robustness": 8}
 @dataclass
@@ -145,12 +145,6 @@ def add_error_csv(folder: Folder, run_id: str, artifact: str, target: str, what:
         path.write_text(with_student_columns(path.read_text()))
 
 
-def newest_in_scope(dataset: str, stage: str, scope: Scope) -> Any:
-    """The newest FINISHED run of a stage in scope, or None."""
-    runs = in_scope(tracking.stage_parents(dataset, stage), scope)
-    return runs[0] if runs else None
-
-
 def baseline_key(record: Mapping[str, Any]) -> str:
     """The plan's name of a baseline: `smallcnn`, `resnet18_head`, `resnet18_full`."""
     if record["model"] == "smallcnn":
@@ -165,26 +159,24 @@ def analysed_runs(table: Table | None) -> list[tuple[str, str]]:
     return [("" if analysed == "baseline" else "_ssl_finetune", run_id) for analysed, run_id in runs]
 
 
-Context = dict[str, Any]  # dataset, scope, tables by name, written table files, paper files under out_dir
+Context = dict[str, Any]  # dataset, tables by name, the files compare wrote for them, compare's output folder
 
 
 def week1(folder: Folder, ctx: Context) -> None:
     """Data exploration and the environment report."""
     folder.add_text("environment.md", environment_report(), "Python, torch, device, CPU and library versions")
-    eda = newest_in_scope(ctx["dataset"], "eda", ctx["scope"])
     folder.readme += ["## Dataset recap\n", dataset_text(ctx["dataset"]), ""]
-    if eda is None:
-        folder.readme.append(f"_No FINISHED eda run: `mlflow run . -e eda -P dataset={ctx['dataset']} --env-manager local`._\n")
+    table = ctx["tables"].get("week1_class_balance")
+    if table is None or not table.records:
+        folder.readme.append(f"_{table.missing if table else 'no class-balance table'}_\n")
     else:
-        run_id = eda.info.run_id
+        folder.add_table(table, ctx["written"])
+        run_id = table.records[0]["run_id"]
         for artifact, target, what in (("eda/summary.json", "eda_summary.json", "pixel statistics, class balance, duplicates"),
-                                       ("eda/class_balance.md", "class_balance.md", "images per split and class"),
                                        ("eda/samples_per_class.png", "samples_per_class.png", "seeded train images per class"),
                                        ("eda/intensity_histograms.png", "intensity_histograms.png", "pixel intensities per class"),
                                        ("eda/duplicate_examples.png", "duplicate_examples.png", "example exact duplicates")):
             folder.add_artifact(run_id, artifact, target, what)
-        if (folder.root / "class_balance.md").is_file():
-            folder.readme += [f"Class balance (eda run {run_id[:8]}):\n", (folder.root / "class_balance.md").read_text()]
     folder.readme += ["The environment report (`environment.md`) replaces the plan's `screenshot_env.png`.\n",
                       prompt("What do the two classes look like in `samples_per_class.png`? What could make them hard to tell apart?"),
                       prompt("Does any split differ from the others (class balance, intensities, duplicates)? What could that do to the metrics?")]
@@ -242,16 +234,14 @@ def week3(folder: Folder, ctx: Context) -> None:
         folder.readme.append(f"_{table.missing if table else 'no ablation table'}_\n")
     folder.readme += [prompt("Which augmentation helps, judged by the spread over seeds? Why might flips or crops suit "
                              "(or not suit) these images?"), "## Head-only vs. full fine-tuning\n"]
-    run = newest_in_scope(ctx["dataset"], "finetune_table", ctx["scope"])
-    if run is None:
-        folder.readme.append("_No FINISHED finetune_table run (it needs a ResNet-18 head-only and a full fine-tuning baseline)._\n")
+    table = ctx["tables"].get("week3_head_vs_full")
+    if table is None or not table.records:
+        folder.readme.append(f"_{table.missing if table else 'no head-vs-full table'}_\n")
         return
-    run_id = run.info.run_id
-    folder.add_artifact(run_id, "finetune_table.csv", "head_vs_full.csv", "head-only vs. full fine-tuning")
-    folder.add_artifact(run_id, "plots/finetune_losses.png", "head_vs_full_losses.png", "their losses per epoch")
-    if folder.add_artifact(run_id, "finetune_table.md", "head_vs_full.md", "the same table in Markdown"):
-        folder.readme.append((folder.root / "head_vs_full.md").read_text())
-    folder.readme.append(prompt("What does training only the head cost or save, in AUROC and in time?"))
+    folder.add_table(table, ctx["written"])
+    folder.add_artifact(table.records[0]["parent_run_id"], "plots/finetune_losses.png", "head_vs_full_losses.png",
+                        "train and validation losses per epoch of both")
+    folder.readme.append(prompt("What does training only the head cost or save, in AUROC and in time? Do both start from the same weights?"))
 
 
 def week4(folder: Folder, ctx: Context) -> None:
@@ -378,11 +368,11 @@ def not_run_by_week(built: list[Table]) -> dict[int, list[str]]:
 
 
 def export_results(built: list[Table], written: Mapping[str, list[Path]], out_dir: Path, results_root: Path, name: str,
-                   dataset: str, scope: Scope = None) -> list[Path]:
+                   dataset: str) -> list[Path]:
     """Write every week's hand-in folder; each is assembled in a staging folder and renamed into
     place, so an interrupted export leaves whole weeks only."""
     check_export_is_new(results_root, name, dataset)
-    ctx: Context = {"dataset": dataset, "scope": scope, "tables": {t.name: t for t in built}, "written": written, "out_dir": out_dir}
+    ctx: Context = {"dataset": dataset, "tables": {t.name: t for t in built}, "written": written, "out_dir": out_dir}
     skipped = not_run_by_week(built)
     done = []
     for week, target in targets(results_root, name, dataset).items():

@@ -54,7 +54,8 @@ def first_record(table: Table | None) -> dict[str, Any] | None:
 
 
 # (table, artifact of the run its first record cites, figure file, caption, week)
-RUN_FIGURES = (("week6_calibration", "plots/reliability_side_by_side.png", "reliability_before_after.png",
+RUN_FIGURES = (("week1_class_balance", "eda/samples_per_class.png", "samples_per_class.png", "Seeded training images per class", 1),
+               ("week6_calibration", "plots/reliability_side_by_side.png", "reliability_before_after.png",
                 "Reliability before and after temperature scaling (test)", 6),
                ("week7_thresholds", "plots/roc.png", "roc.png", "ROC curve on test with the validation-chosen operating points", 7),
                ("week7_thresholds", "plots/pr.png", "pr.png", "Precision-recall curve on test with the operating points", 7),
@@ -110,7 +111,7 @@ def dataset_text(dataset: str) -> str:
     info = INFO[dataset]
     labels = ", ".join(f"{k} = {v}" for k, v in info["label"].items())
     sizes = ", ".join(f"{n} {split}" for split, n in info["n_samples"].items())
-    return f"{info['python_class']} ({info['task']}; labels {labels}; {sizes} images; 28 x 28 px)."
+    return f"{info['python_class']} ({info['task']}; labels {labels}; official splits {sizes} images; 28 x 28 px)."
 
 
 def skipped_lines(built: list[Table]) -> list[str]:
@@ -281,8 +282,10 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
         slide("The question", bullet_body(["Does contrastive self-supervised pretraining help when only 1%, 5% or 10% of "
                                            "the labels are available?", "And are the models calibrated?"]),
               f"Open with why label scarcity matters for {dataset}. {PROMPT}: your motivation in one sentence."),
-        slide("Data", bullet_body([dataset_text(dataset)]),
-              "Show two example images per class (week 1's samples_per_class.png) and say what the classes look like."),
+        slide("Data", bullet_body([dataset_text(dataset)]) + "".join(
+            "\n\\centering\\includegraphics[width=0.9\\linewidth,height=0.55\\textheight,keepaspectratio]{figures/samples_per_class.png}"
+            for f in figures if f.name == "samples_per_class.png"),
+              "Say what the classes look like, how many images each split has, and how unbalanced they are."),
         slide("What was compared", bullet_body(experiments_lines(built)),
               "Summarise: supervised baselines, SimCLR/MoCo pretraining, linear probes and fine-tuning on label subsets, "
               "paired seeds, calibration and thresholds. Keep it under a minute."),

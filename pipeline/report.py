@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from collections import Counter
@@ -78,6 +79,39 @@ def in_scope(runs: list[Run], scope: Scope) -> list[Run]:
 def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
     hint = f"missing: no FINISHED {stage} run for {dataset} (run `mlflow run . -e {stage} -P dataset={dataset} --env-manager local`)"
     return Table(name, title, header, missing=hint)
+
+
+def class_balance_table(dataset: str, scope: Scope = None) -> Table:
+    """Week 1: images per split and class, from the newest eda run."""
+    header = ["split", "label", "class", "count", "fraction"]
+    runs = in_scope(tracking.stage_parents(dataset, "eda"), scope)
+    if not runs or not tracking.has_artifacts(runs[0].info.run_id, ("eda/summary.json",)):
+        return _missing("week1_class_balance", "Class balance", header, "eda", dataset)
+    run_id = runs[0].info.run_id
+    records = json.loads(tracking.download_artifact(run_id, "eda/summary.json").read_text())["class_balance"]
+    table = Table("week1_class_balance", f"Class balance per split (eda run {run_id[:8]})", header)
+    for record in records:
+        table.records.append({**record, "run_id": run_id})
+        table.rows.append([record["split"], record["label"], record["class"], record["count"], fmt(record["fraction"])])
+    return table
+
+
+def head_vs_full_table(dataset: str, scope: Scope = None) -> Table:
+    """Week 3: head-only vs. full fine-tuning of ResNet-18, from the newest finetune_table run."""
+    header = ["finetune", "model", "weights", "stem", "epochs", "best epoch", "gap at best", "val AUROC", "test AUROC",
+              "test acc", "test ECE", "run"]
+    runs = in_scope(tracking.stage_parents(dataset, "finetune_table"), scope)
+    if not runs or not tracking.has_artifacts(runs[0].info.run_id, ("finetune_table.csv",)):
+        return _missing("week3_head_vs_full", "Head-only vs. full fine-tuning", header, "finetune_table", dataset)
+    run_id = runs[0].info.run_id
+    records = list(csv.DictReader(io.StringIO(tracking.download_artifact(run_id, "finetune_table.csv").read_text())))
+    table = Table("week3_head_vs_full", f"Head-only vs. full fine-tuning (finetune_table run {run_id[:8]})", header)
+    for record in records:
+        table.records.append({**record, "parent_run_id": run_id})
+        table.rows.append([record["finetune"], record["model"], record["weights"], record["stem"], record["epochs"],
+                           record["best_epoch"], fmt(record["gap_at_best"]), fmt(record["val_auroc"]), fmt(record["test_auroc"]),
+                           fmt(record["test_acc"]), fmt(record["test_ece"]), record["run_id"][:8]])
+    return table
 
 
 def baselines_table(dataset: str, scope: Scope = None) -> Table:
@@ -402,7 +436,7 @@ def robustness_table(dataset: str, scope: Scope = None) -> Table:
 def build_tables(dataset: str, scope: Scope = None) -> list[Table]:
     """Every cross-week table for a dataset, in study order: from the newest runs of each stage, or
     (a study's compare) from the runs in `scope` only."""
-    builders = [baselines_table, ablation_table, ssl_table, label_efficiency_table, week6_table, paired_table,
+    builders = [class_balance_table, baselines_table, ablation_table, head_vs_full_table, ssl_table, label_efficiency_table, week6_table, paired_table,
                 calibration_table, calibration_change_table, thresholds_table, robustness_table]
     built = [build(dataset, scope) for build in builders]
     for table in built:
@@ -427,7 +461,7 @@ def markdown(table: Table) -> str:
     return f"## {table.title}\n\n{body}{note}{skipped}"
 
 
-STEP_TABLES = {"baseline": "week2_baselines", "finetune_table": "week3_augment_ablation", "augment_ablation": "week3_augment_ablation",
+STEP_TABLES = {"eda": "week1_class_balance", "baseline": "week2_baselines", "finetune_table": "week3_head_vs_full", "augment_ablation": "week3_augment_ablation",
                "ssl_pretrain": "week4_ssl_pretraining", "linear_probe": "week5_label_efficiency",
                "ssl_finetune": "week6_probe_vs_finetune", "calibrate": "week6_calibration", "thresholds": "week7_thresholds",
                "robustness": "week8_robustness"}

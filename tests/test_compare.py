@@ -20,12 +20,12 @@ TINY = ["--epochs", "1", "--batch-size", "32"]
 def test_empty_store_reports_every_table_missing(tracking_uri, tmp_path, capsys):
     main(compare.command, ["--dataset", "pneumoniamnist", "--out", str(tmp_path / "reports")])
     out = capsys.readouterr().out
-    assert out.count("MISSING") == 10
+    assert out.count("MISSING") == 12
     text = (tmp_path / "reports" / "pneumoniamnist" / "week2_baselines.md").read_text()
     assert "missing: no FINISHED baseline run for pneumoniamnist" in text
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "compare"
-    assert run.data.metrics["tables_missing"] == 10
+    assert run.data.metrics["tables_missing"] == 12
 
 
 def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):

@@ -44,6 +44,6 @@ def test_notebook_code_path_runs_the_smoke_study(synthetic_root, tracking_uri, t
         exec("".join(cell["source"]), namespace)
         if "parameters" in cell["metadata"]["tags"]:
             namespace.update(PROFILE="smoke", PROJECT=str(REPO), OUT=str(tmp_path / "reports"))
-    assert "10 tables and a draft write-up" in capsys.readouterr().out
+    assert "12 tables, the draft (draft.md, draft.tex) and the slides (slides.tex)" in capsys.readouterr().out
     study = [r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "study"]
     assert len(study) == 1 and study[0].info.status == "FINISHED"
