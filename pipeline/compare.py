@@ -6,7 +6,7 @@ register the champion model and, when asked, export the weekly hand-ins.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from pipeline import tracking
 from pipeline.errors import UserError
@@ -16,10 +16,11 @@ from pipeline.report import Scope, Table, add_not_run, build_tables, write_table
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
-                scope: Scope = None, not_run: Mapping[str, str] | None = None,
-                echo=print) -> tuple[list[Table], Path]:
+                scope: Scope = None, not_run: Mapping[str, tuple[str, str]] | None = None,
+                echo: Callable[[str], None] = print) -> tuple[list[Table], Path]:
     """Build every table (from the runs in `scope` when given), write them, the figures, the draft
-    and the slides under `<out_root>/<dataset>/`, and log them to a `compare` run."""
+    and the slides under `<out_root>/<dataset>/`, and log them to a `compare` run. `not_run`: the
+    steps a study skipped, step → (stage, reason)."""
     built = build_tables(dataset, scope)
     add_not_run(built, not_run or {})
     if export_name:  # refused before anything is written or logged
@@ -38,11 +39,11 @@ def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", 
         register_champion(dataset, echo)
         if export_name:
             folders = export_results(built, written, out_dir, Path(results_root), export_name, dataset)
-            echo(f"hand-ins written: {folders[0].parent.parent.parent}/week1..week{len(folders)}/{dataset}/{export_name}/")
+            echo(f"hand-ins written: {results_root}/week1..week{len(folders)}/{dataset}/{export_name}/")
     return built, out_dir
 
 
-def register_champion(dataset: str, echo=print) -> None:
+def register_champion(dataset: str, echo: Callable[[str], None] = print) -> None:
     """Point `<dataset>-classifier@champion` at the logged model with the best validation AUROC and
     say so; a server that refuses the registry write costs the champion, not the tables."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -20,12 +21,12 @@ from typing import Any, Callable, Mapping
 
 from pipeline import tracking
 from pipeline.errors import UserError
+from pipeline.gallery import STUDENT_COLUMNS
 from pipeline.paper import dataset_text, fetch, prompt
-from pipeline.report import Table, best_on_validation, fmt, markdown
+from pipeline.report import Table, best_on_validation, fmt, markdown, validation_auroc
 
 WEEKS = range(1, 11)
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-STUDENT_COLUMNS = ("hypothesis", "possible_fix")
 WEEK_OF_TABLE = {"week1_class_balance": 1, "week2_baselines": 2, "week3_augment_ablation": 3, "week3_head_vs_full": 3, "week4_ssl_pretraining": 4,
                  "week5_label_efficiency": 5, "week6_probe_vs_finetune": 6, "week6_paired_differences": 6,
                  "week6_calibration": 6, "week6_calibration_change": 6, "week7_thresholds": 7, "week8_robustness": 8}
@@ -61,15 +62,26 @@ class Folder:
         """A compare table's files (md, csv, tex, png), its records as JSON, and the table in the README."""
         for source in written.get(table.name, []):
             shutil.copy2(source, self.root / source.name)
-        (self.root / f"{table.name}_metrics.json").write_text(json.dumps(table.records, indent=2, default=str))
+        (self.root / f"{table.name}_metrics.json").write_text(json.dumps(json_safe(table.records), indent=2, default=str))
         self.files.append(f"`{table.name}.md|csv|tex`, `{table.name}_metrics.json`: the table above")
-        self.readme.append(markdown(table).replace("## ", "### ", 1))
+        self.readme.append(markdown(table, level=3, not_run=False))  # the README lists what did not run itself
 
     def text(self, dataset: str, name: str, not_run: list[str]) -> str:
         """The week's README: title, numbers and prompts, the files, and what did not run."""
         skipped = ["## Not run\n", *[f"- {line}" for line in not_run], ""] if not_run else []
         files = ["## Files\n", *[f"- {line}" for line in self.files], ""]
         return "\n".join([f"# Week {self.week} — {self.title}: {dataset} ({name})\n", *self.readme, "", *files, *skipped])
+
+
+def json_safe(value: Any) -> Any:
+    """Records with NaN and infinities as null, so the metrics JSON is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def check_name(name: str) -> None:
@@ -109,8 +121,8 @@ def environment_report() -> str:
             ("torch", torch.__version__), ("torchvision", torchvision.__version__), ("medmnist", medmnist.__version__),
             ("mlflow", tracking.MLFLOW_VERSION), ("numpy", numpy.__version__), ("scikit-learn", sklearn.__version__),
             ("matplotlib", matplotlib.__version__), ("code version", tracking.code_version())]
-    lines = ["# Environment", "", "Read off the machine that ran `compare` (in a study, the machine that trained the runs). "
-             "It stands in for the plan's `screenshot_env.png`.", "", "| item | value |", "|---|---|",
+    lines = ["# Environment", "", "Read off the machine that ran `compare`; the machine that trained each run is in its `host` "
+             "tag (a study may reuse runs trained elsewhere). It stands in for the plan's `screenshot_env.png`.", "", "| item | value |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in rows]]
     return "\n".join(lines) + "\n"
 
@@ -145,18 +157,16 @@ def add_error_csv(folder: Folder, run_id: str, artifact: str, target: str, what:
         path.write_text(with_student_columns(path.read_text()))
 
 
-def baseline_key(record: Mapping[str, Any]) -> str:
-    """The plan's name of a baseline: `smallcnn`, `resnet18_head`, `resnet18_full`."""
-    if record["model"] == "smallcnn":
-        return "smallcnn"
-    return f"{record['model']}_{'head' if record['finetune'] == 'head' else 'full'}"
+def missing_line(table: Table | None) -> str:
+    """Why a week's table is empty, in italics (compare's note, with the command to run)."""
+    return f"_{table.missing if table is not None else 'no table'}_\n"
 
 
 def analysed_runs(table: Table | None) -> list[tuple[str, str]]:
     """(file suffix, run id) of each post-hoc run a table cites: no suffix for the baseline's,
-    `_ssl_finetune` for the SSL fine-tuned model's."""
-    runs = dict.fromkeys((r["analysed"], r["run_id"]) for r in table.records) if table is not None else {}
-    return [("" if analysed == "baseline" else "_ssl_finetune", run_id) for analysed, run_id in runs]
+    `_<kind>` for another analysed model's (e.g. `_ssl_finetune`)."""
+    runs = dict.fromkeys((r["analysed_kind"], r["run_id"]) for r in table.records) if table is not None else {}
+    return [("" if kind == "baseline" else f"_{kind}", run_id) for kind, run_id in runs]
 
 
 Context = dict[str, Any]  # dataset, tables by name, the files compare wrote for them, compare's output folder
@@ -167,8 +177,8 @@ def week1(folder: Folder, ctx: Context) -> None:
     folder.add_text("environment.md", environment_report(), "Python, torch, device, CPU and library versions")
     folder.readme += ["## Dataset recap\n", dataset_text(ctx["dataset"]), ""]
     table = ctx["tables"].get("week1_class_balance")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no class-balance table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
     else:
         folder.add_table(table, ctx["written"])
         run_id = table.records[0]["run_id"]
@@ -187,14 +197,14 @@ def week2(folder: Folder, ctx: Context) -> None:
     learning curves; the best baseline's error gallery."""
     folder.readme += ["## Dataset recap\n", dataset_text(ctx["dataset"]), ""]
     table = ctx["tables"].get("week2_baselines")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no baseline table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.readme.append("## Baseline comparison\n")
     folder.add_table(table, ctx["written"])
     by_key: dict[str, list[dict[str, Any]]] = {}
     for record in table.records:
-        by_key.setdefault(baseline_key(record), []).append(record)
+        by_key.setdefault(record["key"], []).append(record)
     snapshot = []
     for key, records in by_key.items():
         best = best_on_validation(records)
@@ -213,13 +223,16 @@ def week2(folder: Folder, ctx: Context) -> None:
                       "Test ECE per model is in the table above; the reliability diagrams are `reliability_<model>.png`.\n",
                       prompt("Which model is over- or under-confident, and where on the confidence axis?")]
     best = best_on_validation(table.records)
+    chosen = ("the baseline with the best validation AUROC (chosen without looking at test)" if math.isfinite(validation_auroc(best))
+              else "the newest baseline (none has a validation AUROC)")
     folder.readme.append("## Error analysis\n")
-    if folder.add_artifact(best["run_id"], "gallery/misclassified_gallery.png", "misclassified_gallery.png",
-                           "the most confident test mistakes of the best baseline"):
-        add_error_csv(folder, best["run_id"], "gallery/misclassified_gallery.csv", "misclassified_gallery.csv",
-                      "those mistakes, with `hypothesis` and `possible_fix` columns for you")
-    folder.readme += [f"The gallery shows the most confident test mistakes of run {best['run_id'][:8]} ({baseline_key(best)}), "
-                      "the baseline with the best validation AUROC (chosen without looking at test).\n",
+    if not folder.add_artifact(best["run_id"], "gallery/misclassified_gallery.png", "misclassified_gallery.png",
+                               "the most confident test mistakes of the best baseline"):
+        folder.readme.append(f"_Run {best['run_id'][:8]} ({chosen}) logged no error gallery: `mlflow run . -e eda -P run_id={best['run_id']}` makes one._\n")
+        return
+    add_error_csv(folder, best["run_id"], "gallery/misclassified_gallery.csv", "misclassified_gallery.csv",
+                  "those mistakes, with `hypothesis` and `possible_fix` columns for you")
+    folder.readme += [f"The gallery shows the most confident test mistakes of run {best['run_id'][:8]} ({best['key']}), {chosen}.\n",
                       prompt("For each image in `misclassified_gallery.png`, write a hypothesis and a possible fix in "
                              "`misclassified_gallery.csv`; summarise the pattern here.")]
 
@@ -231,12 +244,12 @@ def week3(folder: Folder, ctx: Context) -> None:
     if table is not None and table.records:
         folder.add_table(table, ctx["written"])
     else:
-        folder.readme.append(f"_{table.missing if table else 'no ablation table'}_\n")
+        folder.readme.append(missing_line(table))
     folder.readme += [prompt("Which augmentation helps, judged by the spread over seeds? Why might flips or crops suit "
                              "(or not suit) these images?"), "## Head-only vs. full fine-tuning\n"]
     table = ctx["tables"].get("week3_head_vs_full")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no head-vs-full table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.add_table(table, ctx["written"])
     folder.add_artifact(table.records[0]["parent_run_id"], "plots/finetune_losses.png", "head_vs_full_losses.png",
@@ -247,8 +260,8 @@ def week3(folder: Folder, ctx: Context) -> None:
 def week4(folder: Folder, ctx: Context) -> None:
     """SSL pretraining: the summary, and per run its loss/kNN curve and config."""
     table = ctx["tables"].get("week4_ssl_pretraining")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no SSL table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.add_table(table, ctx["written"])
     for record in table.records:
@@ -262,8 +275,8 @@ def week4(folder: Folder, ctx: Context) -> None:
 def week5(folder: Folder, ctx: Context) -> None:
     """Linear probes at 1/5/10% of the labels with the controls, accuracy and AUROC vs. fraction."""
     table = ctx["tables"].get("week5_label_efficiency")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no label-efficiency table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.add_table(table, ctx["written"])
     for source, target, what in (("figures/week5_label_efficiency.png", "auroc_vs_fraction.png", "test AUROC against the label fraction"),
@@ -292,8 +305,8 @@ def week6(folder: Folder, ctx: Context) -> None:
 def week7(folder: Folder, ctx: Context) -> None:
     """Decision thresholds: the table, ROC and PR with the operating points, high-confidence errors."""
     table = ctx["tables"].get("week7_thresholds")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no thresholds table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.add_table(table, ctx["written"])
     for suffix, run_id in analysed_runs(table):
@@ -309,16 +322,18 @@ def week7(folder: Folder, ctx: Context) -> None:
 def week8(folder: Folder, ctx: Context) -> None:
     """Robustness, MC dropout and the one-page ethics and limits note."""
     table = ctx["tables"].get("week8_robustness")
-    if table is None or not table.records:
-        folder.readme.append(f"_{table.missing if table else 'no robustness table'}_\n")
+    if not (table and table.records):
+        folder.readme.append(missing_line(table))
         return
     folder.add_table(table, ctx["written"])
     run_id = table.records[0]["run_id"]
     for file, what in (("robustness", "AUROC, accuracy and ECE against severity"), ("mc_dropout_entropy", "MC-dropout predictive entropy"),
                        ("corruption_examples", "one test image under each corruption")):
         folder.add_artifact(run_id, f"plots/{file}.png", f"{file}.png", what)
-    folder.add_artifact(run_id, "robustness/week8_note.md", "ethics_limits_note.md", "the one-page ethics and limits note to complete")
-    folder.readme += ["## Ethics and limits note (1 page)\n", "Complete `ethics_limits_note.md`; it starts from the measured numbers.\n",
+    folder.readme.append("## Ethics and limits note (1 page)\n")
+    if folder.add_artifact(run_id, "robustness/week8_note.md", "ethics_limits_note.md", "the one-page ethics and limits note to complete"):
+        folder.readme.append("Complete `ethics_limits_note.md`; it starts from the measured numbers.\n")
+    folder.readme += [
                       prompt("Who could be harmed by a wrong prediction here, and how would a deployment catch it?"),
                       prompt("What shift (scanner, site, population) would this model not survive, judging by the robustness table?")]
 
@@ -369,9 +384,9 @@ def not_run_by_week(built: list[Table]) -> dict[int, list[str]]:
 
 def export_results(built: list[Table], written: Mapping[str, list[Path]], out_dir: Path, results_root: Path, name: str,
                    dataset: str) -> list[Path]:
-    """Write every week's hand-in folder; each is assembled in a staging folder and renamed into
-    place, so an interrupted export leaves whole weeks only."""
-    check_export_is_new(results_root, name, dataset)
+    """Write every week's hand-in folder (the caller has checked the name with `check_export_is_new`);
+    each is assembled in a staging folder and renamed into place, so an interrupted export leaves
+    whole weeks only."""
     ctx: Context = {"dataset": dataset, "tables": {t.name: t for t in built}, "written": written, "out_dir": out_dir}
     skipped = not_run_by_week(built)
     done = []

@@ -5,7 +5,9 @@ runs' figures. Numbers and verdicts are filled in; what only the student can say
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,21 @@ from medmnist.info import INFO
 
 from pipeline import tables, tracking
 from pipeline.grids import label_efficiency_figure
-from pipeline.report import (Table, checklist_lines, environment_lines, findings_lines, fmt, markdown, methods_text,
-                             write_atomic)
+from pipeline.report import (Table, best_on_validation, checklist_lines, environment_lines, findings_lines, fmt,
+                             interval_text, markdown, methods_text, write_atomic)
 
 PROMPT = "YOUR WORDS"
-LATEX_ENGINES = (("latexmk", ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error"]),
+QUESTION = ("Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training images "
+            "help a classifier when only 1%, 5% or 10% of the labels are available, and how well calibrated are the resulting models?")
+INTRO_PROMPT = "Why does this question matter clinically for this dataset? What did you expect, and why?"
+DISCUSSION_PROMPT = ("When does SSL help on this dataset, and when not? Why might that be (dataset size, image content, budget)? "
+                     "What do the calibration and threshold results mean for a screening use?")
+LIMITATIONS_PROMPT = ("What else limits these conclusions (label noise, duplicates, shift between sites)? What would you run next?")
+VERDICT_NOTE = "Each verdict is read from its 95% interval, not from which mean is larger:"
+LATEX_ENGINES = (("latexmk", ["latexmk", "-norc", "-pdf", "-interaction=nonstopmode", "-halt-on-error"]),
                  ("pdflatex", ["pdflatex", "-interaction=nonstopmode", "-halt-on-error"]),
-                 ("tectonic", ["tectonic"]))
+                 ("tectonic", ["tectonic", "--keep-logs"]))
+LATEX_SECONDS = 180  # per engine call; a stuck engine (and its children) is killed, compare goes on
 BUILD_LEFTOVERS = (".aux", ".log", ".fls", ".fdb_latexmk", ".nav", ".snm", ".toc", ".out", ".vrb")  # kept only when a build fails
 INSTALL_LATEX = ("no LaTeX engine found (latexmk, pdflatex or tectonic): install one to build the PDFs, e.g. "
                  "`sudo apt install texlive-latex-recommended texlive-fonts-recommended texlive-pictures latexmk` (Debian/Ubuntu), "
@@ -111,7 +121,7 @@ def dataset_text(dataset: str) -> str:
     info = INFO[dataset]
     labels = ", ".join(f"{k} = {v}" for k, v in info["label"].items())
     sizes = ", ".join(f"{n} {split}" for split, n in info["n_samples"].items())
-    return f"{info['python_class']} ({info['task']}; labels {labels}; official splits {sizes} images; 28 x 28 px)."
+    return f"{info['python_class']} ({info['task']}; labels {labels}; official splits {sizes} images)."
 
 
 def skipped_lines(built: list[Table]) -> list[str]:
@@ -125,8 +135,10 @@ def experiments_lines(built: list[Table]) -> list[str]:
     lines = []
     if base := t.get("week2_baselines"):
         if base.records:
-            kinds = sorted({f"{r['model']} ({r['finetune']})" for r in base.records})
-            lines.append(f"Supervised baselines on 100% of the labels: {', '.join(kinds)} ({len(base.records)} runs).")
+            kinds = sorted({r["key"] for r in base.records})
+            fractions = sorted({float(r["label_fraction"]) for r in base.records})
+            lines.append(f"Supervised baselines on {', '.join(f'{f:.0%}' for f in fractions)} of the labels: {', '.join(kinds)} "
+                         f"({len(base.records)} runs).")
     if (ablation := t.get("week3_augment_ablation")) and ablation.records:
         lines.append(f"Augmentation ablation: {', '.join(r['variant'] for r in ablation.records)}.")
     if (ssl := t.get("week4_ssl_pretraining")) and ssl.records:
@@ -141,22 +153,33 @@ def experiments_lines(built: list[Table]) -> list[str]:
     for name, what in (("week6_calibration", "Calibration"), ("week7_thresholds", "Decision thresholds"),
                        ("week8_robustness", "Robustness")):
         if (table := t.get(name)) and table.records:
-            lines.append(f"{what} of classifier run {table.settings.get('source_run_id', '')[:8]}.")
+            analysed = dict.fromkeys(f"{r.get('analysed', 'the')} classifier (run {r['source_run_id'][:8]})" for r in table.records)
+            lines.append(f"{what} of the {' and the '.join(analysed)}.")
     return lines or ["No experiment has a finished run yet."]
 
 
+def prevalence(table: Table | None, split: str) -> float | None:
+    """The fraction of label 1 in a split, from the week-1 class-balance table."""
+    rows = [r for r in table.records if r["split"] == split] if table is not None else []
+    total = sum(int(r["count"]) for r in rows)
+    return sum(int(r["count"]) for r in rows if str(r["label"]) == "1") / total if total else None
+
+
 def limitations_lines(built: list[Table], dataset: str) -> list[str]:
-    """Limitations the runs themselves show: seeds, resolution, one dataset, prevalence shift,
-    what was skipped."""
-    lines = [f"One dataset ({dataset}) at 28 x 28 px; results may not transfer to other resolutions or datasets."]
-    paired = by_name(built).get("week6_paired_differences")
+    """Limitations the runs themselves show: one dataset, seeds, a prevalence shift between
+    train and test, what was skipped."""
+    t = by_name(built)
+    lines = [f"One dataset ({dataset}); results may not transfer to other datasets or resolutions."]
+    paired = t.get("week6_paired_differences")
     if paired and paired.records:
-        fewest = min(r["n"] for r in paired.records)
-        lines.append(f"The paired intervals rest on {fewest}–{max(r['n'] for r in paired.records)} seeds per cell; "
+        counts = sorted({r["n"] for r in paired.records})
+        seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        lines.append(f"The paired intervals rest on {seeds} seeds per cell; "
                      "no correction for multiple comparisons is applied, so read single verdicts with care.")
-    if dataset == "pneumoniamnist":
-        lines.append("The test split's prevalence of pneumonia (62.5%) differs from train/validation (74.2%): "
-                     "accuracy, PPV and NPV at validation-chosen thresholds shift with it.")
+    train, test = prevalence(t.get("week1_class_balance"), "train"), prevalence(t.get("week1_class_balance"), "test")
+    if train is not None and test is not None and abs(train - test) > 0.05:
+        lines.append(f"The test split's prevalence of label 1 ({test:.1%}) differs from training ({train:.1%}): accuracy, "
+                     "PPV and NPV at validation-chosen thresholds shift with it.")
     lines += [f"Not run: {line}" for line in skipped_lines(built)]
     return lines
 
@@ -166,31 +189,29 @@ def draft_markdown(dataset: str, built: list[Table], figures: list[PaperFigure])
     discussion from the paired intervals, limitations, reproducibility checklist."""
     lines, commands = checklist_lines(built)
     sections = [f"# {dataset}: when does self-supervised pretraining help? — draft\n",
-                "_Generated by `medmnist-ssl compare` from the tracked runs; every number below comes from a cited run. "
+                "_Generated by `medmnist-ssl compare` from the tracked runs; every result below comes from a cited run. "
                 f"Replace each **{PROMPT}** prompt with your own text._\n",
                 "## Introduction\n", f"Dataset: {dataset_text(dataset)}",
-                "Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training "
-                "images help a classifier when only 1%, 5% or 10% of the labels are available, and how well calibrated are "
-                "the resulting models?\n",
-                prompt("Why does this question matter clinically for this dataset? What did you expect, and why?"), "",
+                QUESTION + "\n", prompt(INTRO_PROMPT),
                 "## Methods\n", methods_text(dataset, built) + "\n",
                 "## Experiments\n", *[f"- {line}" for line in experiments_lines(built)], "",
                 "## Results\n"]
     for table in built:
-        sections.append(markdown(table).replace("## ", "### ", 1))
+        sections.append(markdown(table, level=3))
     sections += [f"![{f.caption}](figures/{f.name})\n" for f in figures]
-    sections += ["## Discussion\n",
-                 "Each verdict is read from its 95% interval, not from which mean is larger:\n",
-                 *[f"- {line}" for line in findings_lines(built)], "",
-                 prompt("When does SSL help on this dataset, and when not? Why might that be (dataset size, image "
-                        "content, budget)? What do the calibration and threshold results mean for a screening use?"), "",
+    sections += ["## Discussion\n", VERDICT_NOTE + "\n", *[f"- {line}" for line in findings_lines(built)], "",
+                 prompt(DISCUSSION_PROMPT),
                  "## Limitations\n", *[f"- {line}" for line in limitations_lines(built, dataset)], "",
-                 prompt("What else limits these conclusions (label noise, duplicates, shift between sites)? "
-                        "What would you run next?"), "",
+                 prompt(LIMITATIONS_PROMPT),
                  "## Reproducibility checklist\n", *[f"- {line}" for line in lines + environment_lines()],
                  "- Test split: used once per run, with the checkpoint selected on validation.", "",
                  "Commands (one per top-level run the tables cite, oldest first):", "```", *commands, "```", ""]
     return "\n".join(sections)
+
+
+def ascii_only(text: str) -> str:
+    """Text for a listing: any non-ASCII character as `?` (an ASCII-only .tex compiles anywhere)."""
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def latex_prompt(question: str) -> str:
@@ -210,18 +231,17 @@ def latex_figure(figure: PaperFigure, width: str = "0.7\\linewidth") -> str:
             f"\\caption{{{tables.latex_escape(figure.caption)}}}\n\\end{{figure}}")
 
 
-LATEX_PREAMBLE = ("\\documentclass[10pt]{article}\n\\usepackage[T1]{fontenc}\n\\usepackage[margin=2cm]{geometry}\n"
-                  "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{float}\n")
+LATEX_PREAMBLE = ("\\documentclass[10pt]{article}\n\\usepackage[margin=2cm]{geometry}\n"
+                  "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{listings}\n"
+                  "\\lstset{basicstyle=\\ttfamily\\small,breaklines=true,columns=fullflexible}\n")  # long commands wrap
 
 
 def draft_latex(dataset: str, built: list[Table], figures: list[PaperFigure]) -> str:
     """The same write-up as a LaTeX article (booktabs tables, the figures), ASCII only."""
     escape = tables.latex_escape
-    body = ["\\section{Introduction}", f"Dataset: {escape(dataset_text(dataset))}",
-            "Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training "
-            "images help a classifier when only 1\\%, 5\\% or 10\\% of the labels are available, and how well calibrated "
-            "are the resulting models?\n",
-            latex_prompt("Why does this question matter clinically for this dataset? What did you expect, and why?"),
+    lines, commands = checklist_lines(built)
+    body = ["\\section{Introduction}", f"Dataset: {escape(dataset_text(dataset))}", escape(QUESTION) + "\n",
+            latex_prompt(INTRO_PROMPT),
             f"\\section{{Methods}}\n{escape(methods_text(dataset, built).replace('`', ''))}",
             "\\section{Experiments}", latex_items(experiments_lines(built)), "\\section{Results}"]
     for table in built:
@@ -229,12 +249,12 @@ def draft_latex(dataset: str, built: list[Table], figures: list[PaperFigure]) ->
                     f"\\paragraph{{{escape(table.title)}.}} {escape(table.missing)}")
         body += [f"\\paragraph{{Not run.}} {escape(line.replace('`', ''))}" for line in table.not_run]
     body += [latex_figure(f) for f in figures]
-    body += ["\\clearpage\\section{Discussion}", "Each verdict is read from its 95\\% interval, not from which mean is larger.",
-             latex_items(findings_lines(built)),
-             latex_prompt("When does SSL help on this dataset, and when not? Why might that be? What do the calibration "
-                          "and threshold results mean for a screening use?"),
-             "\\section{Limitations}", latex_items(limitations_lines(built, dataset)),
-             latex_prompt("What else limits these conclusions? What would you run next?")]
+    body += ["\\clearpage\\section{Discussion}", escape(VERDICT_NOTE), latex_items(findings_lines(built)),
+             latex_prompt(DISCUSSION_PROMPT),
+             "\\section{Limitations}", latex_items(limitations_lines(built, dataset)), latex_prompt(LIMITATIONS_PROMPT),
+             "\\section{Reproducibility checklist}", latex_items([*lines, *environment_lines()]),
+             "Commands (one per top-level run the tables cite, oldest first):",
+             "\\begin{lstlisting}\n" + "\n".join(ascii_only(c) for c in commands) + "\n\\end{lstlisting}"]
     return (LATEX_PREAMBLE + "\\begin{document}\n"
             f"\\title{{{escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n\\maketitle\n"
             + "\n\n".join(body) + "\n\\end{document}\n")
@@ -268,7 +288,7 @@ def verdict_lines(built: list[Table]) -> list[str]:
     paired = by_name(built).get("week6_paired_differences")
     if paired is None or not paired.records:
         return ["No paired comparison yet."]
-    return [f"{r['comparison']}, {r['label_fraction']:.0%}: {r['verdict']} ({r['diff_mean']:+.3f})"
+    return [f"{r['comparison']}, {r['label_fraction']:.0%}: {r['verdict']} ({interval_text(r)})"
             for r in paired.records if r["metric"] == "test_auroc"]
 
 
@@ -277,10 +297,12 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
     limitations) with speaker notes; returns (LaTeX, notes as Markdown)."""
     t = by_name(built)
     base = t.get("week2_baselines")
-    best = max(base.records, key=lambda r: r.get("val_auroc") or 0.0) if base and base.records else None
+    best = best_on_validation(base.records) if base and base.records else None
+    ssl = t.get("week4_ssl_pretraining")
+    knn = "; ".join(f"{r['method']} seed {r['seed']}: kNN validation AUROC {fmt(r['knn_val_auroc_init'])} at initialisation, "
+                    f"{fmt(r['knn_val_auroc'])} at the end" for r in (ssl.records if ssl else []))
     frames = [
-        slide("The question", bullet_body(["Does contrastive self-supervised pretraining help when only 1%, 5% or 10% of "
-                                           "the labels are available?", "And are the models calibrated?"]),
+        slide("The question", bullet_body([QUESTION.removeprefix("Question: ")]),
               f"Open with why label scarcity matters for {dataset}. {PROMPT}: your motivation in one sentence."),
         slide("Data", bullet_body([dataset_text(dataset)]) + "".join(
             "\n\\centering\\includegraphics[width=0.9\\linewidth,height=0.55\\textheight,keepaspectratio]{figures/samples_per_class.png}"
@@ -289,12 +311,12 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
         slide("What was compared", bullet_body(experiments_lines(built)),
               "Summarise: supervised baselines, SimCLR/MoCo pretraining, linear probes and fine-tuning on label subsets, "
               "paired seeds, calibration and thresholds. Keep it under a minute."),
-        slide("Supervised baselines", bullet_body([f"{r['model']} ({r['finetune']}): test AUROC {fmt(r['test_auroc'])}, "
+        slide("Supervised baselines", bullet_body([f"{r['key']} (seed {r['seed']}): test AUROC {fmt(r['test_auroc'])}, "
                                                    f"ECE {fmt(r['test_ece'])}" for r in (base.records[:6] if base else [])]
                                                   or ["no baseline run"]),
-              f"The reference point. Best on validation: {best['model'] if best else 'none'}. {PROMPT}: what the error gallery showed."),
+              f"The reference point. Best on validation: {best['key'] if best else 'none'}. {PROMPT}: what the error gallery showed."),
         figure_slide(figures, "SSL pretraining", "ssl_curves_simclr.png", "ssl_curves_moco.png",
-                     notes="The kNN monitor rises from its random-initialisation value: the encoders learn. The budget sits where the curve levels off."),
+                     notes=f"{knn}. Say whether the loss and the kNN curve levelled off within the budget."),
         figure_slide(figures, "Label efficiency", "week5_label_efficiency.png", "label_efficiency_acc.png",
                      notes="AUROC and accuracy against the label fraction, mean and spread over seeds; controls included."),
         figure_slide(figures, "Paired differences", "week6_paired_differences.png",
@@ -305,12 +327,12 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
                      notes="Reliability before and after temperature scaling; the test ECE change has a bootstrap interval (week 6 table)."),
         figure_slide(figures, "Thresholds for screening", "roc.png", "pr.png",
                      notes="Operating points chosen on validation, applied to test. Say which class is positive."),
-        figure_slide(figures, "Robustness", "robustness.png", notes="How AUROC and ECE degrade under small shifts."),
+        figure_slide(figures, "Robustness", "robustness.png", notes="How AUROC, accuracy and ECE change with each corruption's severity."),
         slide("Limitations and take-aways", bullet_body(limitations_lines(built, dataset)[:5]),
               f"{PROMPT}: your one-sentence answer to the question, and what you would run next."),
     ]
     shown = [f for f in frames if f is not None]
-    latex = ("\\documentclass[aspectratio=169]{beamer}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+    latex = ("\\documentclass[aspectratio=169]{beamer}\n\\usepackage{booktabs}\n"
              f"\\title{{{tables.latex_escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n"
              "\\begin{document}\n\\frame{\\titlepage}\n" + "\n\n".join(f for f, _ in shown) + "\n\\end{document}\n")
     notes = f"# Speaker notes: {dataset} ({len(shown) + 1} slides, 10–12 minutes)\n\n" + "\n".join(n for _, n in shown)
@@ -322,6 +344,20 @@ def latex_engine() -> tuple[str, list[str]] | None:
     return next(((name, command) for name, command in LATEX_ENGINES if shutil.which(command[0])), None)
 
 
+def run_engine(command: list[str], cwd: Path) -> tuple[int | None, str]:
+    """Run a LaTeX engine with no input in its own process group, killing the group after
+    LATEX_SECONDS; returns (its exit code, None on timeout; its output)."""
+    with subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", start_new_session=True) as process:
+        try:
+            output, _ = process.communicate(timeout=LATEX_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return None, ""
+    return process.returncode, output
+
+
 def build_pdf(tex: Path) -> tuple[Path | None, str]:
     """Compile a .tex file next to itself; returns (the PDF or None, one line saying what happened)."""
     engine = latex_engine()
@@ -329,14 +365,13 @@ def build_pdf(tex: Path) -> tuple[Path | None, str]:
         return None, f"{tex.stem}.pdf not built: {INSTALL_LATEX}"
     name, command = engine
     tex.with_suffix(".pdf").unlink(missing_ok=True)  # a PDF from an earlier compare must not pass for this one
-    runs = 2 if name == "pdflatex" else 1  # pdflatex needs a second pass for references
-    for _ in range(runs):
-        try:
-            done = subprocess.run([*command, tex.name], cwd=tex.parent, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            return None, f"{tex.stem}.pdf not built: {name} ran over 300 s"
-        if done.returncode != 0:
-            return None, f"{tex.stem}.pdf not built: {name} failed, see {tex.with_suffix('.log')}"
+    for _ in range(2 if name == "pdflatex" else 1):  # pdflatex needs a second pass for references
+        code, output = run_engine([*command, tex.name], tex.parent)
+        if code is None:
+            return None, f"{tex.stem}.pdf not built: {name} ran over {LATEX_SECONDS} s"
+        if code != 0:
+            error = next((line for line in output.splitlines() if line.startswith("!")), f"exit code {code}")
+            return None, f"{tex.stem}.pdf not built: {name} failed ({error}); see {tex.with_suffix('.log')}"
     for suffix in BUILD_LEFTOVERS:
         tex.with_suffix(suffix).unlink(missing_ok=True)
     return tex.with_suffix(".pdf"), f"{tex.stem}.pdf built with {name}"

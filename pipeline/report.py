@@ -108,10 +108,21 @@ def head_vs_full_table(dataset: str, scope: Scope = None) -> Table:
     table = Table("week3_head_vs_full", f"Head-only vs. full fine-tuning (finetune_table run {run_id[:8]})", header)
     for record in records:
         table.records.append({**record, "parent_run_id": run_id})
-        table.rows.append([record["finetune"], record["model"], record["weights"], record["stem"], record["epochs"],
-                           record["best_epoch"], fmt(record["gap_at_best"]), fmt(record["val_auroc"]), fmt(record["test_auroc"]),
-                           fmt(record["test_acc"]), fmt(record["test_ece"]), record["run_id"][:8]])
+        cell = record.get  # runs logged before a column existed lack it
+        table.rows.append([cell("finetune", ""), cell("model", ""), cell("weights", ""), cell("stem", ""), cell("epochs", ""),
+                           cell("best_epoch", ""), fmt(cell("gap_at_best")), fmt(cell("val_auroc")), fmt(cell("test_auroc")),
+                           fmt(cell("test_acc")), fmt(cell("test_ece")), cell("run_id", "")[:8]])
     return table
+
+
+def baseline_key(model: str, finetune: str, weights: str) -> str:
+    """A baseline's name in the hand-ins and the week-6 table: `smallcnn`, `resnet18_head`,
+    `resnet18_full` (from ImageNet weights) or `resnet18_scratch` (from random weights)."""
+    if finetune == "head":
+        return f"{model}_head"
+    if model == "smallcnn":
+        return model
+    return f"{model}_{'full' if weights == 'imagenet' else 'scratch'}"
 
 
 def baselines_table(dataset: str, scope: Scope = None) -> Table:
@@ -124,7 +135,8 @@ def baselines_table(dataset: str, scope: Scope = None) -> Table:
     table = Table("week2_baselines", "Supervised baselines (one row per run, newest first)", header)
     for run in runs:
         tags, params, m = run.data.tags, run.data.params, tracking.final_metrics(run)
-        record = {"model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
+        record = {"key": baseline_key(tags.get("model", "?"), tags.get("finetune", "all"), params.get("cfg.weights", "")),
+                  "model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
                   "augment": params.get("cfg.augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
                   "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "lr": params.get("cfg.lr", ""),
                   "batch_size": params.get("cfg.batch_size", ""), "recipe": recipe_hash(run), "val_acc": m.get("val_acc"), "val_auroc": m.get("val_auroc"),
@@ -332,9 +344,10 @@ def interval_text(record: Mapping[str, Any] | None) -> str:
 
 
 def baseline_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
-    """Per-seed rows of the week-2 baselines (100% of the labels), labelled `baseline <model> (<finetune>)`."""
+    """Per-seed rows of the week-2 baselines, labelled `baseline <key>` (`baseline_key`)."""
     runs = in_scope(tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'"), scope)
-    return run_rows(runs, lambda run: f"baseline {run.data.tags.get('model')} ({run.data.tags.get('finetune', 'all')})")
+    return run_rows(runs, lambda run: "baseline " + baseline_key(run.data.tags.get("model", "?"), run.data.tags.get("finetune", "all"),
+                                                                  run.data.params.get("cfg.weights", "")))
 
 
 def week6_table(dataset: str, scope: Scope = None) -> Table:
@@ -380,20 +393,23 @@ def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: 
     model it analysed (baseline, SSL fine-tune), citing that run and the classifier it analysed."""
     runs = newest_per_analysed(in_scope(tracking.stage_parents(dataset, stage), scope))
     if not runs:
-        return _missing(name, title, columns, stage, dataset)
-    missing = [r for r in runs if not tracking.has_artifacts(r.info.run_id, (artifact,))]
-    if missing:
-        return Table(name, title, columns, missing=f"missing: {stage} run {missing[0].info.run_id[:8]} has no {artifact} (rerun {stage})")
+        return _missing(name, title, ["model", *columns], stage, dataset)
+    lacking = [r for r in runs if not tracking.has_artifacts(r.info.run_id, (artifact,))]
+    runs = [r for r in runs if r not in lacking]
+    note = "; ".join(f"{stage} run {r.info.run_id[:8]} has no {artifact} (rerun {stage})" for r in lacking)
+    if not runs:
+        return Table(name, title, ["model", *columns], missing=f"missing: {note}")
     cited = ", ".join(f"{ANALYSED_LABELS.get(analysed_of(r), analysed_of(r))}: run {r.info.run_id[:8]}, "
                       f"source {r.data.tags.get('source_run_id', '')[:8]}" for r in runs)
-    table = Table(name, f"{title} ({cited})", ["model", *columns],
+    table = Table(name, f"{title} ({cited})", ["model", *columns], missing=f"missing: {note}" if note else "",
                   settings={**tracking.logged_config(runs[0]), "source_run_id": runs[0].data.tags.get("source_run_id", "")})
     for run in runs:
         text = tracking.download_artifact(run.info.run_id, artifact).read_text()
         analysed = ANALYSED_LABELS.get(analysed_of(run), analysed_of(run))
         source = run.data.tags.get("source_run_id", "")
         for record in csv.DictReader(io.StringIO(text)):
-            table.records.append({"analysed": analysed, **record, "run_id": run.info.run_id, "source_run_id": source})
+            table.records.append({"analysed": analysed, "analysed_kind": analysed_of(run), **record, "run_id": run.info.run_id,
+                                  "source_run_id": source})
             table.rows.append([analysed, *(fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns)])
     return table
 
@@ -453,12 +469,13 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def markdown(table: Table) -> str:
-    """The table as a Markdown section (title, table or the missing note, what did not run)."""
+def markdown(table: Table, level: int = 2, not_run: bool = True) -> str:
+    """The table as a Markdown section (title, table or the missing note, what did not run unless
+    the caller lists that itself)."""
     body = tables.rows_to_markdown(table.rows, table.header) if table.rows else ""
     note = f"\n_{table.missing}_\n" if table.missing else ""
-    skipped = "".join(f"\n- **not run**: {line}\n" for line in table.not_run)
-    return f"## {table.title}\n\n{body}{note}{skipped}"
+    skipped = "".join(f"\n- **not run**: {line}\n" for line in table.not_run) if not_run else ""
+    return f"{'#' * level} {table.title}\n\n{body}{note}{skipped}"
 
 
 STEP_TABLES = {"eda": "week1_class_balance", "baseline": "week2_baselines", "finetune_table": "week3_head_vs_full", "augment_ablation": "week3_augment_ablation",
@@ -467,12 +484,11 @@ STEP_TABLES = {"eda": "week1_class_balance", "baseline": "week2_baselines", "fin
                "robustness": "week8_robustness"}
 
 
-def add_not_run(built: list[Table], not_run: Mapping[str, str]) -> None:
-    """Mark steps a study skipped (e.g. a baseline without ImageNet weights) in the table of their
-    stage, with the reason and what to do about it."""
+def add_not_run(built: list[Table], not_run: Mapping[str, tuple[str, str]]) -> None:
+    """Mark steps a study skipped (step → (stage, reason); e.g. a baseline without ImageNet weights)
+    under the table of their stage, with the reason and what to do about it."""
     by_name = {t.name: t for t in built}
-    for step, reason in not_run.items():
-        stage = max((s for s in STEP_TABLES if step.startswith(s)), key=len, default="linear_probe")
+    for step, (stage, reason) in not_run.items():
         by_name[STEP_TABLES[stage]].not_run.append(f"study step `{step}`: {reason}")
 
 

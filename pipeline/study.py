@@ -104,8 +104,7 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
         *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]},
                needs={"ssl_run_id": pretraining[m]}) for i, m in enumerate(methods)],
         *[Step(f"ssl_finetune_{m}", "ssl_finetune", needs={"ssl_run_id": pretraining[m]}) for m in methods],
-        # Before the baseline's, so that compare's tables (the study's newest calibrate and thresholds
-        # runs) keep citing the baseline; the tag `analysed` tells the two apart.
+        # the tag `analysed` tells these runs from the baseline's in compare's tables
         *[Step(f"{stage}_ssl", stage, needs={"run_id": finetunes}, best_selected=True, tags={ANALYSED: "ssl_finetune"})
           for stage in ("calibrate", "thresholds")],
         *[Step(stage, stage, needs={"run_id": [analysed]}, tags={ANALYSED: "baseline"}) for stage in ("calibrate", "thresholds", "robustness")],
@@ -256,7 +255,7 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
             else:
                 cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root, export)
                 if step.stage == "compare":  # the tables and the draft say what the study could not run
-                    cfg["not_run"] = skipped
+                    cfg["not_run"] = {o.step: (o.stage, o.note) for o in outcomes if o.status == "skipped"}
                 outcome = run_step(step, cfg, consumed_inputs(step, inputs), data_root, runners[step.stage], dataset,
                                    study_run.info.run_id)
             outcomes.append(outcome)

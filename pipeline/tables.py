@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import unicodedata
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -69,12 +70,16 @@ def rows_to_markdown(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> st
 
 def latex_escape(value: Any) -> str:
     """Text safe inside LaTeX, in ASCII: its special characters escaped, the Unicode symbols our
-    tables and methods text use (±, τ, ×, →, —, −, Δ, ≥, ≤, –) written as LaTeX."""
+    tables and methods text use (±, τ, ×, →, —, −, Δ, ≥, ≤, –) written as LaTeX, accents dropped and
+    any other non-ASCII character (from a run's tag or a path) written as `?`."""
     replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$",
                     "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                    "<": "\\textless{}", ">": "\\textgreater{}", "|": "\\textbar{}",
                     "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$", "→": "$\\to$",
                     "−": "$-$", "Δ": "$\\Delta$", "≥": "$\\geq$", "≤": "$\\leq$", "–": "--"}
-    return "".join(replacements.get(ch, ch) for ch in str(value))
+    text = "".join(replacements.get(ch, ch) for ch in str(value))
+    plain = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))  # é → e
+    return plain.encode("ascii", "replace").decode("ascii")  # any other symbol: `?`
 
 
 def to_latex(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str = "") -> str:

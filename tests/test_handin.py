@@ -9,13 +9,17 @@ import json
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from entrypoints import compare
 from entrypoints.common import main
-from pipeline import paper
+from pipeline import paper, tables
+from pipeline.handin import analysed_runs, json_safe
+from pipeline.report import Table, baseline_key
 from tests.conftest import REPO, all_runs
 
 HAS_LATEX = paper.latex_engine() is not None
@@ -125,6 +129,8 @@ def test_draft_and_slides_build_to_pdf_holding_the_tables_numbers(handin):
     flat = " ".join(text.split())
     for section in ("Introduction", "Methods", "Experiments", "Results", "Discussion", "Limitations", "YOUR WORDS"):
         assert section in flat, section
+    assert "n = 2 < 3" in flat and "¡" not in flat  # '<' typeset as itself, not as the OT1 font's inverted '!'
+    assert "Reproducibility checklist" in flat and "medmnist-ssl study --dataset breastmnist" in flat
     rows = list(csv.DictReader((reports / "week5_label_efficiency.csv").open()))
     numbers = [f"{float(r['test_auroc_mean']):.3f}" for r in rows if r.get("test_auroc_mean")]
     assert numbers and all(n in flat for n in numbers), numbers
@@ -142,3 +148,38 @@ def test_without_a_latex_engine_compare_says_what_to_install(tmp_path, monkeypat
     tex.write_text("\\documentclass{article}\\begin{document}x\\end{document}\n")
     pdf, line = paper.build_pdf(tex)
     assert pdf is None and "no LaTeX engine found" in line and "texlive" in line
+
+
+def test_a_stuck_latex_engine_is_killed_with_its_children(tmp_path, monkeypatch):
+    engine = tmp_path / "pdflatex"  # an "engine" that starts a child and hangs
+    engine.write_text("#!/bin/sh\n/bin/sleep 300 &\necho $! > child.pid\n/bin/sleep 300\n")
+    engine.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(paper, "LATEX_SECONDS", 1)
+    tex = tmp_path / "draft.tex"
+    tex.write_text("x")
+    pdf, line = paper.build_pdf(tex)
+    assert pdf is None and line == "draft.pdf not built: pdflatex ran over 1 s"
+    child = Path(f"/proc/{(tmp_path / 'child.pid').read_text().strip()}/status")
+    for _ in range(50):  # the whole group was killed: the child is gone or a zombie waiting to be reaped
+        if not child.exists() or "\tZ" in child.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the engine's child outlived the timeout")
+
+
+def test_latex_text_is_ascii_and_metrics_json_is_strict():
+    assert tables.latex_escape("café ≥ 0.5 · ✍ /home/jürgen") == "cafe $\\geq$ 0.5 ? ? /home/jurgen"
+    text = json.dumps(json_safe([{"std": float("nan"), "ci": [float("inf"), 1.0]}]))
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == [{"std": None, "ci": [None, 1.0]}]
+
+
+def test_baselines_are_named_by_how_they_start():
+    assert baseline_key("smallcnn", "all", "none") == "smallcnn"
+    assert baseline_key("resnet18", "head", "imagenet") == "resnet18_head"
+    assert baseline_key("resnet18", "all", "imagenet") == "resnet18_full"
+    assert baseline_key("resnet18", "all", "none") == "resnet18_scratch"  # never merged with the ImageNet start
+    table = Table("t", "t", [], records=[{"analysed_kind": "baseline", "run_id": "a"}, {"analysed_kind": "baseline", "run_id": "a"},
+                                         {"analysed_kind": "ssl_finetune", "run_id": "b"}, {"analysed_kind": "linear_probe", "run_id": "c"}])
+    assert analysed_runs(table) == [("", "a"), ("_ssl_finetune", "b"), ("_linear_probe", "c")]

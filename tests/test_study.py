@@ -361,7 +361,7 @@ def test_a_step_whose_input_was_skipped_is_skipped_with_that_reason(fake_study, 
     assert table.note == f"needs step baseline_1_resnet18_head, {reason}; needs step baseline_2_resnet18_all, {reason}"
     assert not [r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "finetune_table"]
     ((compare_cfg, _),) = calls["compare"]  # the tables and the draft say why
-    assert compare_cfg["not_run"]["finetune_table"] == table.note
+    assert compare_cfg["not_run"]["finetune_table"] == ("finetune_table", table.note)
     assert outcomes["compare"].status == "ran"
 
 
