@@ -278,9 +278,10 @@ def figure_slide(figures: list[PaperFigure], title: str, *names: str, notes: str
     return slide(title, body, notes)
 
 
-def bullet_body(lines: list[str]) -> str:
-    """A small itemize for a slide."""
-    return "\\small\n" + latex_items(lines)
+def bullet_body(lines: list[str], size: str = "small", most: int = 8, width: int = 150) -> str:
+    """An itemize that fits a slide: at most `most` lines, each cut to `width` characters."""
+    shown = [line if len(line) <= width else line[:width - 3].rstrip() + "..." for line in lines[:most]]
+    return f"\\{size}\n" + latex_items(shown)
 
 
 def verdict_lines(built: list[Table]) -> list[str]:
@@ -302,7 +303,7 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
     knn = "; ".join(f"{r['method']} seed {r['seed']}: kNN validation AUROC {fmt(r['knn_val_auroc_init'])} at initialisation, "
                     f"{fmt(r['knn_val_auroc'])} at the end" for r in (ssl.records if ssl else []))
     frames = [
-        slide("The question", bullet_body([QUESTION.removeprefix("Question: ")]),
+        slide("The question", bullet_body([QUESTION.removeprefix("Question: ").capitalize()]),
               f"Open with why label scarcity matters for {dataset}. {PROMPT}: your motivation in one sentence."),
         slide("Data", bullet_body([dataset_text(dataset)]) + "".join(
             "\n\\centering\\includegraphics[width=0.9\\linewidth,height=0.55\\textheight,keepaspectratio]{figures/samples_per_class.png}"
@@ -321,14 +322,14 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
                      notes="AUROC and accuracy against the label fraction, mean and spread over seeds; controls included."),
         figure_slide(figures, "Paired differences", "week6_paired_differences.png",
                      notes="Each point is a paired difference over seeds with its 95% interval; the zero line is no difference."),
-        slide("Verdicts (AUROC, 95% intervals)", bullet_body(verdict_lines(built)[:8]),
+        slide("Verdicts (AUROC, 95% intervals)", bullet_body(verdict_lines(built), size="scriptsize", most=7),
               "Read each verdict from its interval. Say plainly where SSL did not help."),
         figure_slide(figures, "Calibration", "reliability_before_after.png",
                      notes="Reliability before and after temperature scaling; the test ECE change has a bootstrap interval (week 6 table)."),
         figure_slide(figures, "Thresholds for screening", "roc.png", "pr.png",
                      notes="Operating points chosen on validation, applied to test. Say which class is positive."),
         figure_slide(figures, "Robustness", "robustness.png", notes="How AUROC, accuracy and ECE change with each corruption's severity."),
-        slide("Limitations and take-aways", bullet_body(limitations_lines(built, dataset)[:5]),
+        slide("Limitations and take-aways", bullet_body(limitations_lines(built, dataset), most=5, width=110),
               f"{PROMPT}: your one-sentence answer to the question, and what you would run next."),
     ]
     shown = [f for f in frames if f is not None]
