@@ -157,9 +157,15 @@ def add_error_csv(folder: Folder, run_id: str, artifact: str, target: str, what:
         path.write_text(with_student_columns(path.read_text()))
 
 
-def missing_line(table: Table | None) -> str:
-    """Why a week's table is empty, in italics (compare's note, with the command to run)."""
-    return f"_{table.missing if table is not None else 'no table'}_\n"
+def add_week_table(folder: Folder, ctx: Context, name: str) -> Table | None:
+    """Add one of compare's tables to a week (its files, its rows in the README) and return it, or
+    say in the README why it is empty and return None."""
+    table = ctx["tables"][name]
+    if table.records:
+        folder.add_table(table, ctx["written"])
+        return table
+    folder.readme.append(markdown(table, level=3, not_run=False))  # its title and compare's note with the command to run
+    return None
 
 
 def analysed_runs(table: Table | None) -> list[tuple[str, str]]:
@@ -176,11 +182,8 @@ def week1(folder: Folder, ctx: Context) -> None:
     """Data exploration and the environment report."""
     folder.add_text("environment.md", environment_report(), "Python, torch, device, CPU and library versions")
     folder.readme += ["## Dataset recap\n", dataset_text(ctx["dataset"]), ""]
-    table = ctx["tables"].get("week1_class_balance")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
-    else:
-        folder.add_table(table, ctx["written"])
+    table = add_week_table(folder, ctx, "week1_class_balance")
+    if table is not None:
         run_id = table.records[0]["run_id"]
         for artifact, target, what in (("eda/summary.json", "eda_summary.json", "pixel statistics, class balance, duplicates"),
                                        ("eda/samples_per_class.png", "samples_per_class.png", "seeded train images per class"),
@@ -196,12 +199,10 @@ def week2(folder: Folder, ctx: Context) -> None:
     """Supervised baselines: per model its metrics, confusion matrix, reliability diagram and
     learning curves; the best baseline's error gallery."""
     folder.readme += ["## Dataset recap\n", dataset_text(ctx["dataset"]), ""]
-    table = ctx["tables"].get("week2_baselines")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
-        return
     folder.readme.append("## Baseline comparison\n")
-    folder.add_table(table, ctx["written"])
+    table = add_week_table(folder, ctx, "week2_baselines")
+    if table is None:
+        return
     by_key: dict[str, list[dict[str, Any]]] = {}
     for record in table.records:
         by_key.setdefault(record["key"], []).append(record)
@@ -239,19 +240,13 @@ def week2(folder: Folder, ctx: Context) -> None:
 
 def week3(folder: Folder, ctx: Context) -> None:
     """Augmentation ablation and head-only vs. full fine-tuning."""
-    table = ctx["tables"].get("week3_augment_ablation")
     folder.readme.append("## Augmentation ablation\n")
-    if table is not None and table.records:
-        folder.add_table(table, ctx["written"])
-    else:
-        folder.readme.append(missing_line(table))
+    add_week_table(folder, ctx, "week3_augment_ablation")
     folder.readme += [prompt("Which augmentation helps, judged by the spread over seeds? Why might flips or crops suit "
                              "(or not suit) these images?"), "## Head-only vs. full fine-tuning\n"]
-    table = ctx["tables"].get("week3_head_vs_full")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
+    table = add_week_table(folder, ctx, "week3_head_vs_full")
+    if table is None:
         return
-    folder.add_table(table, ctx["written"])
     folder.add_artifact(table.records[0]["parent_run_id"], "plots/finetune_losses.png", "head_vs_full_losses.png",
                         "train and validation losses per epoch of both")
     folder.readme.append(prompt("What does training only the head cost or save, in AUROC and in time? Do both start from the same weights?"))
@@ -259,11 +254,9 @@ def week3(folder: Folder, ctx: Context) -> None:
 
 def week4(folder: Folder, ctx: Context) -> None:
     """SSL pretraining: the summary, and per run its loss/kNN curve and config."""
-    table = ctx["tables"].get("week4_ssl_pretraining")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
+    table = add_week_table(folder, ctx, "week4_ssl_pretraining")
+    if table is None:
         return
-    folder.add_table(table, ctx["written"])
     for record in table.records:
         tag = f"{record['method']}_s{record['seed']}"
         folder.add_artifact(record["run_id"], "plots/ssl_loss.png", f"ssl_loss_{tag}.png", "contrastive loss and kNN AUROC against steps")
@@ -274,11 +267,9 @@ def week4(folder: Folder, ctx: Context) -> None:
 
 def week5(folder: Folder, ctx: Context) -> None:
     """Linear probes at 1/5/10% of the labels with the controls, accuracy and AUROC vs. fraction."""
-    table = ctx["tables"].get("week5_label_efficiency")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
+    table = add_week_table(folder, ctx, "week5_label_efficiency")
+    if table is None:
         return
-    folder.add_table(table, ctx["written"])
     for source, target, what in (("figures/week5_label_efficiency.png", "auroc_vs_fraction.png", "test AUROC against the label fraction"),
                                  ("figures/label_efficiency_acc.png", "acc_vs_fraction.png", "test accuracy against the label fraction")):
         if (ctx["out_dir"] / source).is_file():
@@ -290,11 +281,7 @@ def week5(folder: Folder, ctx: Context) -> None:
 def week6(folder: Folder, ctx: Context) -> None:
     """Fine-tuning vs. probe vs. supervised, the paired differences, calibration before/after."""
     for name in ("week6_probe_vs_finetune", "week6_paired_differences", "week6_calibration", "week6_calibration_change"):
-        table = ctx["tables"].get(name)
-        if table is not None and table.records:
-            folder.add_table(table, ctx["written"])
-        elif table is not None:
-            folder.readme.append(f"### {table.title}\n\n_{table.missing}_\n")
+        add_week_table(folder, ctx, name)
     for suffix, run_id in analysed_runs(ctx["tables"].get("week6_calibration")):
         for file in ("reliability_before", "reliability_after", "reliability_side_by_side"):
             folder.add_artifact(run_id, f"plots/{file}.png", f"{file}{suffix}.png", "reliability diagram (test)")
@@ -304,11 +291,9 @@ def week6(folder: Folder, ctx: Context) -> None:
 
 def week7(folder: Folder, ctx: Context) -> None:
     """Decision thresholds: the table, ROC and PR with the operating points, high-confidence errors."""
-    table = ctx["tables"].get("week7_thresholds")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
+    table = add_week_table(folder, ctx, "week7_thresholds")
+    if table is None:
         return
-    folder.add_table(table, ctx["written"])
     for suffix, run_id in analysed_runs(table):
         folder.add_artifact(run_id, "plots/roc.png", f"roc{suffix}.png", "ROC curve with the operating points (test)")
         folder.add_artifact(run_id, "plots/pr.png", f"pr{suffix}.png", "precision-recall curve with the operating points (test)")
@@ -321,11 +306,9 @@ def week7(folder: Folder, ctx: Context) -> None:
 
 def week8(folder: Folder, ctx: Context) -> None:
     """Robustness, MC dropout and the one-page ethics and limits note."""
-    table = ctx["tables"].get("week8_robustness")
-    if not (table and table.records):
-        folder.readme.append(missing_line(table))
+    table = add_week_table(folder, ctx, "week8_robustness")
+    if table is None:
         return
-    folder.add_table(table, ctx["written"])
     run_id = table.records[0]["run_id"]
     for file, what in (("robustness", "AUROC, accuracy and ECE against severity"), ("mc_dropout_entropy", "MC-dropout predictive entropy"),
                        ("corruption_examples", "one test image under each corruption")):

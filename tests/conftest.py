@@ -70,6 +70,16 @@ def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
 OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9"}  # ImageNet weights unreachable, as on a machine with no internet
 
 
+def use_store(patch: pytest.MonkeyPatch, uri: str, data_root: Path, folder: Path) -> None:
+    """Point tracking, data, the torch cache (no ImageNet weights, offline) and cwd at a test store."""
+    patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(data_root),
+                       "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
+        patch.setenv(key, value)
+    patch.chdir(folder)
+    mlflow.set_tracking_uri(uri)
+
+
 @pytest.fixture(scope="session")
 def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Path]:
     """A store the smoke study of breastmnist filled once per session (ImageNet weights
@@ -82,12 +92,7 @@ def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Pat
     from entrypoints.common import main
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(synthetic_root),
-                           "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
-            patch.setenv(key, value)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+        use_store(patch, uri, synthetic_root, folder)
         try:
             main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports"),
                                  "--export-results", "smoke", "--results-root", str(folder / "results")])
@@ -100,12 +105,7 @@ def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Pat
 def smoke_store(smoke_study, synthetic_root, monkeypatch) -> tuple[str, Path]:
     """The session's smoke-study store, active for this test (tracking URI, data root, cwd)."""
     uri, folder = smoke_study
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(synthetic_root),
-                       "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(folder)
-    mlflow.set_tracking_uri(uri)
+    use_store(monkeypatch, uri, synthetic_root, folder)
     yield uri, folder
     mlflow.set_tracking_uri(None)
 
