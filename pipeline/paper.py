@@ -18,8 +18,8 @@ from medmnist.info import INFO
 
 from pipeline import tables, tracking
 from pipeline.grids import label_efficiency_figure
-from pipeline.report import (Table, best_on_validation, checklist_lines, environment_lines, findings_lines, fmt,
-                             interval_text, markdown, methods_text, write_atomic)
+from pipeline.report import Table, best_on_validation, fmt, interval_text, markdown, write_atomic
+from pipeline.writeup import checklist_lines, environment_lines, findings_lines, methods_text
 
 PROMPT = "YOUR WORDS"
 QUESTION = ("Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training images "

@@ -9,7 +9,7 @@ import pytest
 
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import paired, report, tables, tracking
+from pipeline import paired, report, tables, tracking, writeup
 from pipeline.compare import run_compare
 from scipy import stats
 from tests.conftest import all_runs, artifact_paths
@@ -138,7 +138,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     roots = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags and r.data.tags["stage"] != "compare"]
     commands = draft.split("Commands (one per top-level run the tables cite, oldest first):\n```\n")[1].split("```")[0]
     assert sorted(line.rsplit("# run ", 1)[1] for line in commands.splitlines()) == sorted(r.info.run_id[:8] for r in roots)
-    cited = set(report.cited_run_ids(report.build_tables("breastmnist")))
+    cited = set(writeup.cited_run_ids(report.build_tables("breastmnist")))
     assert f"Runs cited by the tables: {len(cited)}, from {len(roots)} top-level runs." in draft
     assert f"Code version (hash of pipeline/, configs/ and mlruns_template/): {tracking.code_version()} ({len(cited)} runs)." in draft
     assert "- Seeds: 0 1; label subsets" in draft

@@ -3,7 +3,7 @@ of a ten-week study passes that, and a truncated search would turn old grids' ch
 
 from mlflow import MlflowClient
 
-from pipeline import report, tracking
+from pipeline import report, tracking, writeup
 
 CHILDREN = 1001
 
@@ -59,7 +59,7 @@ def test_checklist_reads_the_cited_runs_and_notes_purged_ones(tracking_uri):
     child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "seed": "1", "code_version": "abc"}).info.run_id
     purged = "f" * 32
     table = report.Table("t", "t", ["x"], records=[{"run_id": child}, {"run_id": purged, "parent_run_id": parent}])
-    lines, commands = report.checklist_lines([table])
+    lines, commands = writeup.checklist_lines([table])
     assert lines[0] == "Runs cited by the tables: 2, from 1 top-level run."
     assert f"Cited runs no longer in the store (purged): {purged[:8]}." in lines
     assert commands == [f"medmnist-ssl linear_probe --seeds 0,1   # run {parent[:8]}"]

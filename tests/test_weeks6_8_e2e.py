@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, confusion
 
 from entrypoints import calibrate, robustness, thresholds
 from entrypoints.common import main
-from pipeline import report
+from pipeline import report, writeup
 from pipeline.data import load_arrays
 from pipeline.supervised import predictions_csv
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run, run_step
@@ -234,7 +234,7 @@ def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
         val_p, val_y, test_p, test_y = 1 - val_p, 1 - val_y, 1 - test_p, 1 - test_y
     table = read_csv(uri, run.info.run_id, "thresholds/table.csv", tmp_path / "table")
     assert set(table["positive_class"]) == {shown}
-    (methods,) = report.posthoc_text({"week7_thresholds": report.thresholds_table("breastmnist")})  # the draft reads the run's cfg
+    (methods,) = writeup.posthoc_text({"week7_thresholds": report.thresholds_table("breastmnist")})  # the draft reads the run's cfg
     assert f"(positive class: label {positive}, {name}; TPR and FPR refer to it)" in methods
     assert list(table["key"]) == ["default", "youden", "max_f1", "tpr90", "tpr99", "fpr10"]
     status = dict(zip(table["key"], table["status"]))
