@@ -347,7 +347,7 @@ def baseline_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
                                                                   run.data.params.get("cfg.weights", "")))
 
 
-def week6_table(dataset: str, scope: Scope = None) -> Table:
+def probe_vs_finetune_table(dataset: str, scope: Scope = None) -> Table:
     """Week 6: SSL fine-tune vs. SSL probe vs. supervised-only at each fraction, with ECE, and the
     week-2 baselines (all labels) as reference rows."""
     finetunes = in_scope(tracking.stage_parents(dataset, "ssl_finetune"), scope)
@@ -449,7 +449,7 @@ def robustness_table(dataset: str, scope: Scope = None) -> Table:
 def build_tables(dataset: str, scope: Scope = None) -> list[Table]:
     """Every cross-week table for a dataset, in study order: from the newest runs of each stage, or
     (a study's compare) from the runs in `scope` only."""
-    builders = [class_balance_table, baselines_table, ablation_table, head_vs_full_table, ssl_table, label_efficiency_table, week6_table, paired_table,
+    builders = [class_balance_table, baselines_table, ablation_table, head_vs_full_table, ssl_table, label_efficiency_table, probe_vs_finetune_table, paired_table,
                 calibration_table, calibration_change_table, thresholds_table, robustness_table]
     built = [build(dataset, scope) for build in builders]
     for table in built:

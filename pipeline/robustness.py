@@ -206,7 +206,7 @@ def mc_summary(mc_logits: np.ndarray, clean_logits: np.ndarray, labels: np.ndarr
     return values, {**u, "error": errors.astype(int), "prob_deterministic": det_probs}
 
 
-def week8_note(cfg: Mapping[str, Any], source: SourceRun, rows: Sequence[Mapping[str, Any]], mc: Mapping[str, float]) -> str:
+def ethics_note(cfg: Mapping[str, Any], source: SourceRun, rows: Sequence[Mapping[str, Any]], mc: Mapping[str, float]) -> str:
     """A Markdown template for the week-8 note on risks, assumptions and mitigations, numbers filled in."""
     clean = rows[0]
     worst = min(rows[1:], key=lambda r: r["auroc"]) if len(rows) > 1 else clean
@@ -310,7 +310,7 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         tracking.log_text(tables.to_csv(sample_rows, ["index", "label", "prob_deterministic", "prob", "entropy", "mutual_info", "error"]),
                           "robustness/mc_dropout.csv")
         tracking.log_text(f"{dropout_note}\n", "robustness/mc_dropout.txt")
-        tracking.log_text(week8_note(cfg, source, rows, mc), "robustness/week8_note.md")
+        tracking.log_text(ethics_note(cfg, source, rows, mc), "robustness/week8_note.md")
         tracking.log_figure(plots.robustness_curves(rows), "plots/robustness.png")
         tracking.log_figure(plots.entropy_histogram(per_sample["entropy"], per_sample["error"].astype(bool), mc), "plots/mc_dropout_entropy.png")
         image = to_float(test.images[:1])

@@ -65,7 +65,7 @@ def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]]
     return rows, notes
 
 
-def log_week6_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str, Any]], ssl_run_id: str,
+def log_comparison_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str, Any]], ssl_run_id: str,
                     dataset: str) -> list[dict[str, Any]]:
     """The week-6 comparison (accuracy, balanced accuracy, AUROC, ECE, mean ± std) as CSV and
     Markdown, with the `controls` rows (majority class), plus a figure and the paired differences."""
@@ -158,4 +158,4 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         rows = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
         log_selected_model(rows, data, cfg["dataset"])
         tracking.log_json(selection, "encoder_lr_scale_selection.json")
-        return log_week6_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])
+        return log_comparison_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])
