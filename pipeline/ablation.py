@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from pipeline import plots, tables, tracking
 from pipeline.config import config_hash
 from pipeline.data import load_splits
-from pipeline.errors import PipelineError
-from pipeline.grids import ABLATION_METRICS, GRID_GUIDE, ablation_summary
+from pipeline.errors import UserError
+from pipeline.grids import ABLATION_METRICS, GRID_GUIDE, ablation_summary, child_failure, raise_failures
 from pipeline.runtime import configure_speed, resolve_device
 from pipeline.supervised import log_selected_model, train_supervised
 
@@ -74,17 +74,17 @@ def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[di
                 name = f"ablation-{variant}-s{seed}"
                 try:
                     values = train_supervised(child_config(cfg, variant, seed), data, device, "augment_ablation", name, nested=True)
+                except UserError:  # the grids' one failure policy (grids.run_grid): a user mistake stops at once
+                    raise
                 except Exception as exc:  # the child is already FAILED with its reason; go on with the others
-                    failures.append(f"{name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                    failures.append(child_failure(name, exc))
                     continue
                 rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in ABLATION_METRICS}, "run_id": values["run_id"]})
         log_selected_model(rows, data, cfg["dataset"])
         summary = ablation_summary(rows, cfg["variants"])
         if summary:
             log_summary(summary, rows, cfg)
-        if failures:
-            total = len(cfg["variants"]) * len(cfg["seeds"])
-            raise PipelineError(f"{len(failures)} of {total} ablation child runs failed: {'; '.join(failures)}")
+        raise_failures(failures, len(cfg["variants"]) * len(cfg["seeds"]), "ablation")
     return summary
 
 

@@ -18,7 +18,7 @@ from mlflow.entities import Run
 
 from pipeline import config, tracking
 from pipeline.data import DatasetSplits, stratified_subset
-from pipeline.errors import UserError
+from pipeline.errors import PipelineError, UserError
 
 METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
                  "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
@@ -101,22 +101,43 @@ def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: s
     return fig
 
 
+def child_failure(name: str, exc: Exception) -> str:
+    """One failed child, as the parent's failure names it: `name (ErrorType: first line)`."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{name} ({type(exc).__name__}: {first})"
+
+
+def raise_failures(failures: list[str], total: int, grid: str) -> None:
+    """End a grid's parent FAILED, naming its failed children, after it logged what finished."""
+    if failures:
+        raise PipelineError(f"{len(failures)} of {total} {grid} child runs failed: {'; '.join(failures)}")
+
+
 def run_grid(
     cfg: Mapping[str, Any], data: DatasetSplits, child: Callable[[np.ndarray, dict[str, Any]], Mapping[str, float]],
     methods: list[str], base_tags: Mapping[str, Any],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Call `child(subset, tags)` (returning metrics and its `run_id`) for every fraction × seed ×
-    method; the same stratified subset serves every method of a (fraction, seed)."""
+    method; the same stratified subset serves every method of a (fraction, seed). Every grid's
+    failure policy: a child that fails (its run already FAILED with the reason) is recorded and the
+    grid goes on, so one diverging seed does not cost the others; a user mistake stops it at once,
+    since every child would repeat it. Returns (rows of the finished children, failures)."""
     train_labels = data.train.labels.cpu().numpy()
-    rows = []
+    rows, failures = [], []
     for fraction in cfg["label_fractions"]:
         for seed in cfg["seeds"]:
             subset = stratified_subset(train_labels, fraction, seed)
             for method in methods:
                 tags = {**base_tags, "method": method, "label_fraction": fraction, "seed": seed}
-                values = child(subset, tags)
+                try:
+                    values = child(subset, tags)
+                except UserError:
+                    raise
+                except Exception as exc:
+                    failures.append(child_failure(f"{method}-f{fraction:g}-s{seed}", exc))
+                    continue
                 rows.append({**tags, **{k: values[k] for k in RESULT_KEYS}, "run_id": values["run_id"]})
-    return rows
+    return rows, failures
 
 
 def recipe_hash(run: Run) -> str:

@@ -25,7 +25,7 @@ from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
 from pipeline.features import extract_features
 from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, for_seed, label_efficiency_figure,
-                            load_encoder_checkpoint, majority_rows, pretraining_seed_note, run_grid, ssl_run_ids)
+                            load_encoder_checkpoint, majority_rows, pretraining_seed_note, raise_failures, run_grid, ssl_run_ids)
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
@@ -197,11 +197,16 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         tracking.log_config(cfg)
         for method, why in not_run.items():
             tracking.set_tags({f"{method}_status": f"not run: {why}"[:4000]})
-        rows = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method}) + majority_rows(data, cfg)
+        rows, failures = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method})
+        if not rows:
+            raise_failures(failures, len(failures), "linear_probe")
+        rows += majority_rows(data, cfg)
         log_selected_model(rows, data, cfg["dataset"])
         prevalence = float(data.test.labels.float().mean())
         notes = [pretraining_seed_note(list(cfg["seeds"]), ssl_runs),
                  f"Test prevalence of class 1: {prevalence:.3f} (train {float(data.train.labels.float().mean()):.3f}); "
                  "the majority-class row predicts each subset's most common label."]
         title = f"{cfg['dataset']} label efficiency ({ssl_method} encoder)"
-        return log_label_efficiency(rows, not_run, title, notes)
+        summary = log_label_efficiency(rows, not_run, title, notes)
+        raise_failures(failures, len(cfg["label_fractions"]) * len(cfg["seeds"]) * len(runnable), "linear_probe")
+        return summary

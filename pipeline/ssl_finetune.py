@@ -27,7 +27,7 @@ from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
 from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
-                            majority_rows, recipe_hash, run_grid, run_rows, ssl_run_ids)
+                            majority_rows, raise_failures, recipe_hash, run_grid, run_rows, ssl_run_ids)
 from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.supervised import fit_and_log, log_selected_model
@@ -155,7 +155,11 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
     with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
         tracking.log_config(cfg)
-        rows = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
+        rows, failures = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
+        if not rows:
+            raise_failures(failures, len(failures), "ssl_finetune")
         log_selected_model(rows, data, cfg["dataset"])
         tracking.log_json(selection, "encoder_lr_scale_selection.json")
-        return log_comparison_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])
+        summary = log_comparison_table(rows, majority_rows(data, cfg), ",".join(sources), cfg["dataset"])
+        raise_failures(failures, len(cfg["label_fractions"]) * len(cfg["seeds"]), "ssl_finetune")
+        return summary

@@ -1,6 +1,7 @@
 """ssl_pretrain → linear_probe → ssl_finetune end to end on synthetic data, chained by `latest`
 and by run id, in-process through the CLI wrapper and through real `mlflow run` calls."""
 
+import io
 import json
 
 import mlflow
@@ -13,8 +14,10 @@ from torchvision.models import ResNet18_Weights
 
 from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
+from pipeline import linear_probe as pipeline_linear_probe
 from pipeline import ssl_finetune as pipeline_ssl_finetune
 from pipeline.data import load_arrays, stratified_subset
+from pipeline.errors import DivergenceError
 from pipeline.models import ModelSpec, build_classifier
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
@@ -285,3 +288,29 @@ def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(trackin
     assert labels[other_seed].startswith("baseline resnet18/cifar (all, 50 epochs, augment none; recipe ")
     assert labels[imagenet].startswith("baseline resnet18/imagenet, ImageNet weights (all, 50 epochs, augment none; recipe ")
     assert labels[tiny_lr] != labels[other_seed]
+
+
+def test_a_failed_probe_child_fails_the_grid_after_the_others_finish(data_env, tracking_uri, monkeypatch, capsys):
+    # the grids' one failure policy: the failed child is FAILED with its reason, the grid goes on,
+    # its table holds what finished, and the parent ends FAILED naming the failed child
+    main(ssl_pretrain.command, ["--dataset", "breastmnist", *PRETRAIN])
+    real = pipeline_linear_probe.fit_and_log
+
+    def diverge_on_seed_1(model, spec, data, train, cfg):
+        if cfg["seed"] == 1 and cfg["label_fraction"] == 1.0:
+            raise DivergenceError("loss became nan at epoch 1")
+        return real(model, spec, data, train, cfg)
+
+    monkeypatch.setattr(pipeline_linear_probe, "fit_and_log", diverge_on_seed_1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", *PROBE])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "1 of 8 linear_probe child runs failed: supervised-f1-s1 (DivergenceError" in err
+    runs = stage_runs(tracking_uri, "linear_probe")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "FAILED" and "supervised-f1-s1" in parent.data.tags["failure_reason"]
+    assert sorted(r.info.status for r in children) == ["FAILED"] + ["FINISHED"] * 7  # the ones after it still ran
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/label_efficiency.csv")))
+    supervised = table[(table.method == "supervised") & (table.label_fraction == 1.0)]
+    assert supervised.n.tolist() == [1]  # the finished seed only
