@@ -311,10 +311,22 @@ def _retried(call: Any, give_up: Any, attempts: int = 4) -> None:
             time.sleep(0.5 * 2**attempt)
 
 
+def _attempt(call: Callable[[], Any]) -> Any:
+    """One store write with SIGINT/SIGTERM held until it returns, then raised: a signal inside
+    SQLAlchemy's session would surface as a store error (the run FAILED) instead of KILLED."""
+    with _signals_deferred() as caught:
+        try:
+            return call()
+        except Exception:
+            if caught:
+                raise KeyboardInterrupt(f"signal {caught[0]} during a store write") from None
+            raise
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[list[int]]:
-    """Hold SIGINT/SIGTERM while a run is being closed and raise the first afterwards; a second one
-    raises at once (the user insists)."""
+    """Hold SIGINT/SIGTERM while a run is being closed or a store write is under way and raise the
+    first afterwards; a second one raises at once (the user insists)."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
@@ -323,7 +335,7 @@ def _signals_deferred() -> Iterator[list[int]]:
     def defer(signum: int, frame: Any) -> None:
         caught.append(signum)
         if len(caught) > 1:
-            raise KeyboardInterrupt(f"signal {signum} while closing a run")
+            raise KeyboardInterrupt(f"signal {signum}, the second during a store write")
 
     previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -332,7 +344,7 @@ def _signals_deferred() -> Iterator[list[int]]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt(f"signal {caught[0]} while closing a run")
+        raise KeyboardInterrupt(f"signal {caught[0]} held until a store write ended")
 
 
 _command_line = ""
@@ -383,7 +395,7 @@ def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
     deadline, wait = time.monotonic() + patience_s, 0.5
     while True:
         try:
-            return call()
+            return _attempt(call)
         except Exception as exc:  # MLflow passes SQLAlchemy's OperationalError through unwrapped
             message = str(exc).lower()
             if any(word in message for word in FULL):

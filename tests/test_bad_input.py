@@ -108,7 +108,8 @@ def test_interrupted_run_ends_killed(sig, synthetic_root, tracking_uri, tmp_path
     try:
         wait_for_running_run(tracking_uri, proc)
         os.kill(proc.pid, sig)
-        assert proc.wait(timeout=60) == 130
+        code = proc.wait(timeout=60)
+        assert code == 130, proc.stderr.read()[-3000:]  # what the process said, if it ended otherwise
     finally:
         if proc.poll() is None:  # never leave a 500-epoch training behind a failed test
             proc.kill()
@@ -214,3 +215,23 @@ def test_a_store_on_a_full_disk_is_one_line(tiny_disk, synthetic_root, monkeypat
         main(baseline.command, ["--epochs", "1"])
     err = capsys.readouterr().err
     assert_one_clear_line(exit_info.value.code, err, "is out of disk space: free some")
+
+
+def test_a_signal_during_a_store_write_is_raised_after_the_write_completes(tracking_uri):
+    # a SIGTERM landing inside SQLAlchemy's session would surface as a store error (run FAILED,
+    # exit 1) instead of KeyboardInterrupt (run KILLED, exit 130): the write finishes first
+    done = []
+
+    def write_interrupted_midway():
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("the rest of the write")
+        return "written"
+
+    previous = signal.signal(signal.SIGTERM, tracking._raise_interrupt)  # what a run installs
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracking._write(write_interrupted_midway)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert done == ["the rest of the write"]
+    assert signal.getsignal(signal.SIGTERM) is previous
