@@ -212,7 +212,11 @@ def week2(folder: Folder, ctx: Context) -> None:
         run_id = best["run_id"]
         folder.add_artifact(run_id, "test_metrics.json", f"metrics_{key}.json", f"test metrics of {key}")
         folder.add_artifact(run_id, "plots/confusion_matrix.png", f"cm_{key}.png", f"confusion matrix of {key} (test)")
-        folder.add_artifact(run_id, "plots/reliability.png", f"reliability_{key}.png", f"reliability diagram of {key} (test)")
+        folder.add_artifact(run_id, "plots/reliability.png", f"reliability_{key}.png", f"reliability diagram of {key} (test, top label)")
+        folder.add_artifact(run_id, "plots/reliability_class1.png", f"reliability_class1_{key}.png",
+                            f"reliability of p(class 1) of {key} (test, equal-width bins)")
+        folder.add_artifact(run_id, "plots/reliability_class1_eqfreq.png", f"reliability_class1_eqfreq_{key}.png",
+                            f"reliability of p(class 1) of {key} (test, equal-count bins)")
         folder.add_artifact(run_id, "plots/learning_curves.png", f"learning_curves_{key}.png", f"learning curves of {key}")
         snapshot.append(f"| {key} | {run_id[:8]} | {fmt(best.get('val_auroc'))} | {fmt(best['test_auroc'])} | {fmt(best['test_acc'])} "
                         f"| {fmt(best['test_ece'])} |")

@@ -40,6 +40,7 @@ def test_every_week_has_its_folder_readme_and_the_plans_file_names(handin):
     _, out = handin
     expected = {1: ["environment.md", "eda_summary.json", "week1_class_balance.md", "samples_per_class.png", "intensity_histograms.png"],
                 2: ["metrics_smallcnn.json", "cm_smallcnn.png", "reliability_smallcnn.png", "learning_curves_smallcnn.png",
+                    "reliability_class1_smallcnn.png", "reliability_class1_eqfreq_smallcnn.png",
                     "misclassified_gallery.png", "misclassified_gallery.csv", "week2_baselines.md", "week2_baselines.csv"],
                 3: ["week3_augment_ablation.md", "week3_augment_ablation.png"],
                 4: ["week4_ssl_pretraining.md", "ssl_loss_simclr_s0.png", "ssl_config_simclr_s1.json"],
