@@ -335,7 +335,7 @@ def _signals_deferred() -> Iterator[list[int]]:
     def defer(signum: int, frame: Any) -> None:
         caught.append(signum)
         if len(caught) > 1:
-            raise KeyboardInterrupt(f"signal {signum}, the second during a store write")
+            raise KeyboardInterrupt(f"signal {signum}, a second one while closing a run or writing to the store")
 
     previous = {sig: signal.signal(sig, defer) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -344,7 +344,7 @@ def _signals_deferred() -> Iterator[list[int]]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt(f"signal {caught[0]} held until a store write ended")
+        raise KeyboardInterrupt(f"signal {caught[0]} held while closing a run or writing to the store")
 
 
 _command_line = ""
