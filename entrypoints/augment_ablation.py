@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.ablation import run_augment_ablation
+from pipeline.steps.augment_ablation import run_augment_ablation
 from pipeline.grids import ABLATION_METRICS
 from pipeline.tables import mean_std
 

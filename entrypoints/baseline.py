@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.baseline import resume_baseline, run_baseline
+from pipeline.steps.baseline import resume_baseline, run_baseline
 from pipeline.data import check_dataset
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, SOURCE_OPTIONS, apply, main, resolve
-from pipeline.calibration import TEMPERATURE_BOUNDS, at_bound, run_calibrate
+from pipeline.steps.calibrate import TEMPERATURE_BOUNDS, at_bound, run_calibrate
 
 
 @click.command("calibrate")

@@ -6,7 +6,7 @@ import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main
 from pipeline.data import check_dataset
-from pipeline.compare import run_compare
+from pipeline.steps.compare import run_compare
 
 
 @click.command("compare")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
-from pipeline.eda import run_eda
+from pipeline.steps.eda import run_eda
 
 
 @click.command("eda")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
-from pipeline.finetune_compare import run_finetune_table
+from pipeline.steps.finetune_table import run_finetune_table
 
 
 @click.command("finetune_table")

@@ -6,7 +6,7 @@ import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
 from pipeline.grids import METHOD_LABELS
-from pipeline.linear_probe import run_linear_probe
+from pipeline.steps.linear_probe import run_linear_probe
 from pipeline.tables import mean_std
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, SOURCE_OPTIONS, apply, main, resolve
-from pipeline.robustness import run_robustness
+from pipeline.steps.robustness import run_robustness
 
 
 @click.command("robustness")

@@ -6,7 +6,7 @@ import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
 from pipeline.grids import METHOD_LABELS
-from pipeline.ssl_finetune import run_ssl_finetune
+from pipeline.steps.ssl_finetune import run_ssl_finetune
 from pipeline.tables import mean_std
 
 

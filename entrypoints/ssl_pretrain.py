@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
-from pipeline.ssl_pretrain import run_ssl_pretrain
+from pipeline.steps.ssl_pretrain import run_ssl_pretrain
 
 
 @click.command("ssl_pretrain")

@@ -5,19 +5,19 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main
-from pipeline.ablation import run_augment_ablation
-from pipeline.baseline import run_baseline
-from pipeline.calibration import run_calibrate
-from pipeline.compare import run_compare
+from pipeline.steps.augment_ablation import run_augment_ablation
+from pipeline.steps.baseline import run_baseline
+from pipeline.steps.calibrate import run_calibrate
+from pipeline.steps.compare import run_compare
 from pipeline.data import check_dataset
-from pipeline.eda import run_eda
-from pipeline.finetune_compare import run_finetune_table
-from pipeline.linear_probe import run_linear_probe
-from pipeline.robustness import run_robustness
-from pipeline.ssl_finetune import run_ssl_finetune
-from pipeline.ssl_pretrain import run_ssl_pretrain
-from pipeline.study import Runner, profile_note, run_study
-from pipeline.thresholds import run_thresholds
+from pipeline.steps.eda import run_eda
+from pipeline.steps.finetune_table import run_finetune_table
+from pipeline.steps.linear_probe import run_linear_probe
+from pipeline.steps.robustness import run_robustness
+from pipeline.steps.ssl_finetune import run_ssl_finetune
+from pipeline.steps.ssl_pretrain import run_ssl_pretrain
+from pipeline.steps.study import Runner, profile_note, run_study
+from pipeline.steps.thresholds import run_thresholds
 
 
 def stage_runners() -> dict[str, Runner]:

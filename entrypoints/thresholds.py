@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, SOURCE_OPTIONS, apply, main, resolve
-from pipeline.thresholds import positive_text, run_thresholds
+from pipeline.steps.thresholds import positive_text, run_thresholds
 
 
 @click.command("thresholds")

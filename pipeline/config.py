@@ -307,6 +307,14 @@ def resolve(
     return pretrained_head(positive_class(config))
 
 
+def derive(stage: str, parent: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The config of a `stage` run that a grid makes as its child: every setting the parent shares
+    with `stage` (so a new shared key follows the parent, never `stage`'s default), then
+    `overrides`, validated as `stage`'s own."""
+    shared = {k: v for k, v in parent.items() if k in stage_defaults(stage)}
+    return resolve(stage, parent["dataset"], {**shared, **overrides})
+
+
 def finding_class(dataset: str) -> int:
     """The label of the dataset's clinical finding (`finding_class` in configs/datasets/<dataset>.yaml)."""
     path = CONFIG_DIR / "datasets" / f"{dataset}.yaml"

@@ -13,11 +13,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 from medmnist.info import INFO
-from mlflow.entities import Run
 
 from pipeline import plots, tracking
 from pipeline.data import load_arrays, resolve_root
 from pipeline.errors import UserError
+from pipeline.tracking import RunRecord
 
 GALLERY_PNG = "gallery/misclassified_gallery.png"
 GALLERY_CSV = "gallery/misclassified_gallery.csv"
@@ -47,11 +47,11 @@ def log_gallery(mistakes: pd.DataFrame, test_images: np.ndarray, label_names: Ma
     tracking.log_text(annotated.to_csv(index=False, float_format="%.6g"), GALLERY_CSV)
 
 
-def log_run_gallery(run: Run, n: int, data_root: str = "") -> pd.DataFrame:
+def log_run_gallery(run: RunRecord, n: int, data_root: str = "") -> pd.DataFrame:
     """Build the gallery of a finished classifier run from its predictions; log it to the active run."""
-    run_id, dataset = run.info.run_id, run.data.tags["dataset"]
+    run_id, dataset = run.id, run.tags["dataset"]
     predictions = pd.read_csv(tracking.download_artifact(run_id, "predictions/test.csv"))
-    size = int(float(run.data.params.get("cfg.size", 28)))
+    size = int(float(run.config.get("size", 28)))
     test = load_arrays(dataset, size, resolve_root(data_root))["test"]
     if len(predictions) != len(test.images) or not np.array_equal(predictions["label"].to_numpy(), test.labels):
         raise UserError(

@@ -14,11 +14,11 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import matplotlib.pyplot as plt
 import numpy as np
-from mlflow.entities import Run
 
 from pipeline import config, tracking
 from pipeline.data import DatasetSplits, stratified_subset
 from pipeline.errors import PipelineError, UserError
+from pipeline.tracking import RunRecord
 
 METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
                  "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
@@ -41,7 +41,7 @@ ABLATION_METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc", "test_ece"
 def load_encoder_checkpoint(ssl_run_id: str, dataset: str) -> tuple[Path, Any]:
     """Download the encoder of an ssl_pretrain run (`latest` = newest FINISHED); returns (path, run)."""
     run = tracking.find_run("ssl_pretrain", dataset, ssl_run_id)
-    return tracking.download_artifact(run.info.run_id, "checkpoints/encoder.pt"), run
+    return tracking.download_artifact(run.id, "checkpoints/encoder.pt"), run
 
 
 def ssl_run_ids(value: str) -> list[str]:
@@ -60,8 +60,8 @@ def for_seed(encoders: list[T], seeds: list[int], seed: int) -> T:
 
 def pretraining_seed_note(seeds: list[int], runs: list[Any]) -> str:
     """Which pretraining run serves which subset seed, as the tables state it."""
-    pairs = [f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).info.run_id[:8]} "
-             f"(pretraining seed {for_seed(runs, seeds, seed).data.tags.get('seed', '?')})" for seed in seeds]
+    pairs = [f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).id[:8]} "
+             f"(pretraining seed {for_seed(runs, seeds, seed).tags.get('seed', '?')})" for seed in seeds]
     return f"{len(runs)} pretraining run(s) for {len(seeds)} subset seeds: " + "; ".join(pairs) + "."
 
 
@@ -140,25 +140,25 @@ def run_grid(
     return rows, failures
 
 
-def recipe_hash(run: Run) -> str:
+def recipe_hash(run: RunRecord) -> str:
     """A short hash of every logged setting that shapes what a classifier learns (lr, optimizer,
     size, epochs, ...): runs with the same recipe differ only by seed."""
-    settings = tracking.logged_config(run)
+    settings = run.config
     return config.config_hash({k: v for k, v in settings.items() if k not in NOT_RECIPE})[:6]
 
 
-def run_rows(runs: list[Run], label: Callable[[Run], str] = lambda run: run.data.tags.get("method", "?")) -> list[dict[str, Any]]:
+def run_rows(runs: list[RunRecord], label: Callable[[RunRecord], str] = lambda run: run.tags.get("method", "?")) -> list[dict[str, Any]]:
     """Result rows (method label, label_fraction, seed, test metrics, run_id) from classifier runs
     (newest first); of runs with the same label, fraction and seed only the newest counts."""
     rows, seen = [], set()
     for run in runs:
-        tags, values = run.data.tags, tracking.final_metrics(run)
+        tags, values = run.tags, tracking.final_metrics(run)
         key = (label(run), float(tags.get("label_fraction", 1.0)), tags.get("seed"))
         if not all(k in values for k in TABLE_KEYS) or key in seen:
             continue
         seen.add(key)
         rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2], **{k: values[k] for k in TABLE_KEYS},
-                     **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS}, "run_id": run.info.run_id})
+                     **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS}, "run_id": run.id})
     return rows
 
 

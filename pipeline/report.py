@@ -17,10 +17,10 @@ from typing import Any, Collection, Iterable, Mapping
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from mlflow.entities import Run
 
 from pipeline import grids, paired, plots, tables, tracking
 from pipeline.grids import METHOD_LABELS, SHOWN_KEYS, label_efficiency_figure, recipe_hash, run_rows
+from pipeline.tracking import RunRecord
 
 
 @dataclass
@@ -68,9 +68,9 @@ def seed_list(rows: Iterable[Mapping[str, Any]], sep: str = " ") -> str:
 Scope = Collection[str] | None  # the run ids a study's compare may cite; None: the newest of each stage
 
 
-def in_scope(runs: list[Run], scope: Scope) -> list[Run]:
+def in_scope(runs: list[RunRecord], scope: Scope) -> list[RunRecord]:
     """The runs whose ids are in scope (all when there is no scope), in their order."""
-    return runs if scope is None else [r for r in runs if r.info.run_id in scope]
+    return runs if scope is None else [r for r in runs if r.id in scope]
 
 
 def _missing(name: str, title: str, header: list[str], stage: str, dataset: str) -> Table:
@@ -82,9 +82,9 @@ def class_balance_table(dataset: str, scope: Scope = None) -> Table:
     """Week 1: images per split and class, from the newest eda run."""
     header = ["split", "label", "class", "count", "fraction"]
     runs = in_scope(tracking.stage_parents(dataset, "eda"), scope)
-    if not runs or not tracking.has_artifacts(runs[0].info.run_id, ("eda/summary.json",)):
+    if not runs or not tracking.has_artifacts(runs[0].id, ("eda/summary.json",)):
         return _missing("week1_class_balance", "Class balance", header, "eda", dataset)
-    run_id = runs[0].info.run_id
+    run_id = runs[0].id
     records = json.loads(tracking.download_artifact(run_id, "eda/summary.json").read_text())["class_balance"]
     table = Table("week1_class_balance", f"Class balance per split (eda run {run_id[:8]})", header)
     for record in records:
@@ -98,9 +98,9 @@ def head_vs_full_table(dataset: str, scope: Scope = None) -> Table:
     header = ["finetune", "model", "weights", "stem", "epochs", "best epoch", "gap at best", "val AUROC", "test AUROC",
               "test acc", "test ECE", "run"]
     runs = in_scope(tracking.stage_parents(dataset, "finetune_table"), scope)
-    if not runs or not tracking.has_artifacts(runs[0].info.run_id, ("finetune_table.csv",)):
+    if not runs or not tracking.has_artifacts(runs[0].id, ("finetune_table.csv",)):
         return _missing("week3_head_vs_full", "Head-only vs. full fine-tuning", header, "finetune_table", dataset)
-    run_id = runs[0].info.run_id
+    run_id = runs[0].id
     records = list(csv.DictReader(io.StringIO(tracking.download_artifact(run_id, "finetune_table.csv").read_text())))
     table = Table("week3_head_vs_full", f"Head-only vs. full fine-tuning (finetune_table run {run_id[:8]})", header)
     for record in records:
@@ -131,18 +131,18 @@ def baselines_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week2_baselines", "Supervised baselines", header, "baseline", dataset)
     table = Table("week2_baselines", "Supervised baselines (one row per run, newest first)", header)
     for run in runs:
-        tags, params, m = run.data.tags, run.data.params, tracking.final_metrics(run)
-        record = {"key": baseline_key(tags.get("model", "?"), tags.get("finetune", "all"), params.get("cfg.weights", "")),
-                  "model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("cfg.weights", ""),
-                  "augment": params.get("cfg.augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
-                  "seed": tags.get("seed"), "epochs": params.get("cfg.epochs", ""), "lr": params.get("cfg.lr", ""),
-                  "batch_size": params.get("cfg.batch_size", ""), "recipe": recipe_hash(run), "val_acc": m.get("val_acc"), "val_auroc": m.get("val_auroc"),
+        tags, params, m = run.tags, run.config, tracking.final_metrics(run)
+        record = {"key": baseline_key(tags.get("model", "?"), tags.get("finetune", "all"), params.get("weights", "")),
+                  "model": tags.get("model"), "finetune": tags.get("finetune", "all"), "weights": params.get("weights", ""),
+                  "augment": params.get("augment", ""), "label_fraction": tags.get("label_fraction", "1.0"),
+                  "seed": tags.get("seed"), "epochs": params.get("epochs", ""), "lr": params.get("lr", ""),
+                  "batch_size": params.get("batch_size", ""), "recipe": recipe_hash(run), "val_acc": m.get("val_acc"), "val_auroc": m.get("val_auroc"),
                   "test_acc": m.get("test_acc"), "test_auroc": m.get("test_auroc"), "test_ece": m.get("test_ece"),
-                  "run_id": run.info.run_id}
+                  "run_id": run.id}
         table.records.append(record)
         table.rows.append([record["model"], record["finetune"], record["weights"], record["augment"], record["epochs"],
                            record["lr"], record["recipe"], f"{float(record['label_fraction']):.0%}", record["seed"], fmt(m.get("val_acc")),
-                           fmt(m.get("test_acc")), fmt(m.get("test_auroc")), fmt(m.get("test_ece")), run.info.run_id[:8]])
+                           fmt(m.get("test_acc")), fmt(m.get("test_auroc")), fmt(m.get("test_ece")), run.id[:8]])
     return table
 
 
@@ -154,18 +154,18 @@ def ssl_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week4_ssl_pretraining", "SSL pretraining", header, "ssl_pretrain", dataset)
     table = Table("week4_ssl_pretraining", "SSL pretraining summary", header)
     for run in runs:
-        p, m = run.data.params, run.data.metrics
-        method = run.data.tags.get("method", "?")
-        queue = p.get("cfg.queue_size", "") if method == "moco" else "—"
-        splits = p.get("cfg.bn_splits", "1") if method == "moco" else "—"  # runs from before the key: plain BN
-        record = {"method": method, "model": p.get("cfg.model"), "stem": p.get("cfg.stem"), "temperature": p.get("cfg.temperature"),
-                  "batch_size": p.get("cfg.batch_size"), "queue_size": queue, "bn_splits": splits, "steps": p.get("total_steps"),
-                  "seed": p.get("cfg.seed"), "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc_init": m.get("knn_val_auroc_init"),
-                  "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.info.run_id}
+        p, m = run.config, run.metrics
+        method = run.tags.get("method", "?")
+        queue = p.get("queue_size", "") if method == "moco" else "—"
+        splits = p.get("bn_splits", "1") if method == "moco" else "—"  # runs from before the key: plain BN
+        record = {"method": method, "model": p.get("model"), "stem": p.get("stem"), "temperature": p.get("temperature"),
+                  "batch_size": p.get("batch_size"), "queue_size": queue, "bn_splits": splits, "steps": run.params.get("total_steps"),
+                  "seed": p.get("seed"), "final_ssl_loss": m.get("ssl_loss"), "knn_val_auroc_init": m.get("knn_val_auroc_init"),
+                  "knn_val_auroc": m.get("knn_val_auroc"), "run_id": run.id}
         table.records.append(record)
         table.rows.append([method, record["model"], record["seed"], record["temperature"], record["batch_size"], queue, splits,
                            record["steps"], fmt(m.get("ssl_loss")),
-                           f"{fmt(m.get('knn_val_auroc_init'))} → {fmt(m.get('knn_val_auroc'))}", run.info.run_id[:8]])
+                           f"{fmt(m.get('knn_val_auroc_init'))} → {fmt(m.get('knn_val_auroc'))}", run.id[:8]])
     return table
 
 
@@ -177,21 +177,21 @@ def ablation_table(dataset: str, scope: Scope = None) -> Table:
     if not parents:
         return _missing("week3_augment_ablation", "Augmentation ablation", header, "augment_ablation", dataset)
     parent = parents[0]
-    p = parent.data.params
-    rows = [{"variant": run.data.tags.get("augment", "?"), "seed": run.data.tags.get("seed"), **tracking.final_metrics(run),
-             "run_id": run.info.run_id}
-            for run in tracking.child_runs(parent.info.run_id, dataset) if set(grids.ABLATION_METRICS) <= set(tracking.final_metrics(run))]
-    variants = list(dict.fromkeys([*p.get("cfg.variants", "").split(","), *(r["variant"] for r in rows)]))
+    p = parent.config
+    rows = [{"variant": run.tags.get("augment", "?"), "seed": run.tags.get("seed"), **tracking.final_metrics(run),
+             "run_id": run.id}
+            for run in tracking.child_runs(parent.id, dataset) if set(grids.ABLATION_METRICS) <= set(tracking.final_metrics(run))]
+    variants = list(dict.fromkeys([*p.get("variants", "").split(","), *(r["variant"] for r in rows)]))
     summary = grids.ablation_summary(rows, variants)
-    what = f"Augmentation ablation ({p.get('cfg.model')}, {plural(p.get('cfg.epochs'), 'epoch')}, run {parent.info.run_id[:8]})"
+    what = f"Augmentation ablation ({p.get('model')}, {plural(p.get('epochs'), 'epoch')}, run {parent.id[:8]})"
     title = f"{what}, {SPREAD}"
     table = Table("week3_augment_ablation", title, header,
-                  settings={k: p.get(f"cfg.{k}", "") for k in ("model", "epochs", "variants", "seeds")})
+                  settings={k: p.get(k, "") for k in ("model", "epochs", "variants", "seeds")})
     for entry in summary:
         mine = [r for r in rows if r["variant"] == entry["variant"]]
         table.records.append({**{k: v for k, v in entry.items() if not k.endswith("_values")},
                               "seeds": seed_list(mine),
-                              "run_ids": " ".join(r["run_id"] for r in mine), "parent_run_id": parent.info.run_id})
+                              "run_ids": " ".join(r["run_id"] for r in mine), "parent_run_id": parent.id})
         table.rows.append([entry["variant"], entry["n"], *(tables.mean_std(entry, m) for m in
                                                            ("val_auroc", "test_acc", "test_auroc", "test_ece"))])
     if summary:
@@ -199,9 +199,9 @@ def ablation_table(dataset: str, scope: Scope = None) -> Table:
     return table
 
 
-def child_rows(parent: Run, dataset: str) -> list[dict[str, Any]]:
+def child_rows(parent: RunRecord, dataset: str) -> list[dict[str, Any]]:
     """(method, fraction, seed, test metrics, run id) of a parent's FINISHED classifier children."""
-    return run_rows(tracking.child_runs(parent.info.run_id, dataset))
+    return run_rows(tracking.child_runs(parent.id, dataset))
 
 
 def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
@@ -219,16 +219,16 @@ def grouped_table(name: str, title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def probe_parents(dataset: str, scope: Scope) -> tuple[list[Run], dict[str, Run]]:
+def probe_parents(dataset: str, scope: Scope) -> tuple[list[RunRecord], dict[str, RunRecord]]:
     """The linear_probe parents in scope (newest first) and the newest one of each SSL method."""
     runs = in_scope(tracking.stage_parents(dataset, "linear_probe"), scope)
-    newest: dict[str, Run] = {}
+    newest: dict[str, RunRecord] = {}
     for run in runs:
-        newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
+        newest.setdefault(run.tags.get("ssl_method", "?"), run)
     return runs, newest
 
 
-def label_efficiency_rows(dataset: str, scope: Scope) -> tuple[list[dict[str, Any]], Run | None, dict[str, Run]]:
+def label_efficiency_rows(dataset: str, scope: Scope) -> tuple[list[dict[str, Any]], RunRecord | None, dict[str, RunRecord]]:
     """Per-seed rows of week 5: supervised-only and control rows from the newest grid that trained
     them, SSL-probe rows from the newest grid of each SSL method (labelled with the method), the
     majority-class control recomputed from that grid's table; with the grids they came from."""
@@ -246,17 +246,17 @@ def label_efficiency_rows(dataset: str, scope: Scope) -> tuple[list[dict[str, An
     return rows, trainer, newest
 
 
-def majority_records(parent: Run | None) -> list[dict[str, Any]]:
+def majority_records(parent: RunRecord | None) -> list[dict[str, Any]]:
     """The majority-class control rows a linear_probe grid logged in its label_efficiency.csv."""
-    if parent is None or not tracking.has_artifacts(parent.info.run_id, ("label_efficiency.csv",)):
+    if parent is None or not tracking.has_artifacts(parent.id, ("label_efficiency.csv",)):
         return []
-    text = tracking.download_artifact(parent.info.run_id, "label_efficiency.csv").read_text()
+    text = tracking.download_artifact(parent.id, "label_efficiency.csv").read_text()
     rows = [r for r in csv.DictReader(io.StringIO(text)) if r["method"] == "majority_class"]
     return [{"method": "majority_class", "label_fraction": float(r["label_fraction"]), "n": int(r["n"]), "run_ids": "",
              **{k: float(v) if v else math.nan for k, v in r.items() if k.endswith(("_mean", "_std"))}} for r in rows]
 
 
-def add_majority_rows(table: Table, parent: Run | None) -> None:
+def add_majority_rows(table: Table, parent: RunRecord | None) -> None:
     """Append the majority-class control of a linear_probe grid to a grouped table."""
     for record in majority_records(parent):
         table.records.append(record)
@@ -273,16 +273,16 @@ def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
     table = grouped_table("week5_label_efficiency", f"Label efficiency: test metrics, {SPREAD}", rows)
     add_majority_rows(table, trainer)
     for parent in dict.fromkeys(p for p in [trainer, *newest.values()] if p is not None):
-        for tag, value in parent.data.tags.items():
+        for tag, value in parent.tags.items():
             if tag.endswith("_status") and value.startswith("not run"):
-                table.not_run.append(f"{METHOD_LABELS.get(tag.removesuffix('_status'), tag)} ({parent.info.run_id[:8]}): {value.removeprefix('not run: ')}")
+                table.not_run.append(f"{METHOD_LABELS.get(tag.removesuffix('_status'), tag)} ({parent.id[:8]}): {value.removeprefix('not run: ')}")
     settings: dict[str, str] = {}
     if trainer is not None:
-        settings.update({k: trainer.data.params.get(f"cfg.{k}", "") for k in ("supervised_epochs", "supervised_steps", "supervised_augment")})
+        settings.update({k: trainer.config.get(k, "") for k in ("supervised_epochs", "supervised_steps", "supervised_augment")})
     # the settings of the grids the rows came from (the newest grid of each SSL method)
-    grids = dict.fromkeys(parent.data.params.get("cfg.probe_cs", "") for parent in newest.values())
+    grids = dict.fromkeys(parent.config.get("probe_cs", "") for parent in newest.values())
     settings.update(seeds=seed_list(rows, ","), probe_cs=" / ".join(grids),
-                    pretraining_runs=" / ".join(f"{m}: {p.data.tags.get('pretraining_runs', '1')}" for m, p in newest.items()))
+                    pretraining_runs=" / ".join(f"{m}: {p.tags.get('pretraining_runs', '1')}" for m, p in newest.items()))
     table.settings = settings
     grid = [r for r in table.records if r["n"] and r["method"] != "majority_class"]
     table.figure = label_efficiency_figure(grid, "test_auroc", f"{dataset}: label efficiency (AUROC)")
@@ -294,9 +294,9 @@ PAIRED_METRICS = ("test_auroc", "test_acc", "test_ece")
 
 def finetune_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
     """Per-seed rows of the newest ssl_finetune grid of each SSL method, labelled with the method."""
-    newest: dict[str, Run] = {}
+    newest: dict[str, RunRecord] = {}
     for run in in_scope(tracking.stage_parents(dataset, "ssl_finetune"), scope):
-        newest.setdefault(run.data.tags.get("ssl_method", "?"), run)
+        newest.setdefault(run.tags.get("ssl_method", "?"), run)
     return [{**r, "method": f"{METHOD_LABELS['ssl_finetune']} ({m})"} for m, parent in newest.items()
             for r in child_rows(parent, dataset) if r["method"] == "ssl_finetune"]
 
@@ -343,8 +343,8 @@ def interval_text(record: Mapping[str, Any] | None) -> str:
 def baseline_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
     """Per-seed rows of the week-2 baselines, labelled `baseline <key>` (`baseline_key`)."""
     runs = in_scope(tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'"), scope)
-    return run_rows(runs, lambda run: "baseline " + baseline_key(run.data.tags.get("model", "?"), run.data.tags.get("finetune", "all"),
-                                                                  run.data.params.get("cfg.weights", "")))
+    return run_rows(runs, lambda run: "baseline " + baseline_key(run.tags.get("model", "?"), run.tags.get("finetune", "all"),
+                                                                  run.config.get("weights", "")))
 
 
 def probe_vs_finetune_table(dataset: str, scope: Scope = None) -> Table:
@@ -355,14 +355,14 @@ def probe_vs_finetune_table(dataset: str, scope: Scope = None) -> Table:
         return _missing("week6_probe_vs_finetune", "Probe vs. fine-tune", ["method", "labels", "n"], "ssl_finetune", dataset)
     latest = finetunes[0]
     rows = child_rows(latest, dataset)
-    source = latest.data.tags.get("source_run_id", "")
-    probes = [r for r in in_scope(tracking.stage_parents(dataset, "linear_probe"), scope) if r.data.tags.get("source_run_id") == source]
+    source = latest.tags.get("source_run_id", "")
+    probes = [r for r in in_scope(tracking.stage_parents(dataset, "linear_probe"), scope) if r.tags.get("source_run_id") == source]
     if probes:
         rows += child_rows(probes[0], dataset)
     rows += baseline_rows(dataset, scope)
     table = grouped_table("week6_probe_vs_finetune", f"SSL fine-tune vs. probe vs. supervised, with the baselines (SSL run {source[:8]}), {SPREAD}", rows)
     add_majority_rows(table, probes[0] if probes else None)
-    table.settings = {k: latest.data.params.get(f"cfg.{k}", "") for k in ("epochs", "steps", "lr", "encoder_lr_scale", "augment", "seeds")}
+    table.settings = {k: latest.config.get(k, "") for k in ("epochs", "steps", "lr", "encoder_lr_scale", "augment", "seeds")}
     if not probes:
         table.missing = f"missing: no FINISHED linear_probe run for SSL run {source}"
     return table
@@ -371,15 +371,15 @@ def probe_vs_finetune_table(dataset: str, scope: Scope = None) -> Table:
 ANALYSED_LABELS = {"baseline": "baseline", "ssl_finetune": "SSL fine-tune"}
 
 
-def analysed_of(run: Run) -> str:
+def analysed_of(run: RunRecord) -> str:
     """Which kind of classifier a post-hoc run analysed: the study's `analysed` tag, else the
     stage of its source run (`source_stage`)."""
-    return run.data.tags.get("analysed") or run.data.tags.get("source_stage") or "baseline"
+    return run.tags.get("analysed") or run.tags.get("source_stage") or "baseline"
 
 
-def newest_per_analysed(runs: list[Run]) -> list[Run]:
+def newest_per_analysed(runs: list[RunRecord]) -> list[RunRecord]:
     """The newest run per analysed kind, the baseline's first (runs come newest first)."""
-    newest: dict[str, Run] = {}
+    newest: dict[str, RunRecord] = {}
     for run in runs:
         newest.setdefault(analysed_of(run), run)
     return sorted(newest.values(), key=lambda r: analysed_of(r) != "baseline")
@@ -391,21 +391,21 @@ def artifact_table(dataset: str, scope: Scope, stage: str, artifact: str, name: 
     runs = newest_per_analysed(in_scope(tracking.stage_parents(dataset, stage), scope))
     if not runs:
         return _missing(name, title, ["model", *columns], stage, dataset)
-    lacking = [r for r in runs if not tracking.has_artifacts(r.info.run_id, (artifact,))]
+    lacking = [r for r in runs if not tracking.has_artifacts(r.id, (artifact,))]
     runs = [r for r in runs if r not in lacking]
-    note = "; ".join(f"{stage} run {r.info.run_id[:8]} has no {artifact} (rerun {stage})" for r in lacking)
+    note = "; ".join(f"{stage} run {r.id[:8]} has no {artifact} (rerun {stage})" for r in lacking)
     if not runs:
         return Table(name, title, ["model", *columns], missing=f"missing: {note}")
-    cited = ", ".join(f"{ANALYSED_LABELS.get(analysed_of(r), analysed_of(r))}: run {r.info.run_id[:8]}, "
-                      f"source {r.data.tags.get('source_run_id', '')[:8]}" for r in runs)
+    cited = ", ".join(f"{ANALYSED_LABELS.get(analysed_of(r), analysed_of(r))}: run {r.id[:8]}, "
+                      f"source {r.tags.get('source_run_id', '')[:8]}" for r in runs)
     table = Table(name, f"{title} ({cited})", ["model", *columns], missing=f"missing: {note}" if note else "",
-                  settings={**tracking.logged_config(runs[0]), "source_run_id": runs[0].data.tags.get("source_run_id", "")})
+                  settings={**runs[0].config, "source_run_id": runs[0].tags.get("source_run_id", "")})
     for run in runs:
-        text = tracking.download_artifact(run.info.run_id, artifact).read_text()
+        text = tracking.download_artifact(run.id, artifact).read_text()
         analysed = ANALYSED_LABELS.get(analysed_of(run), analysed_of(run))
-        source = run.data.tags.get("source_run_id", "")
+        source = run.tags.get("source_run_id", "")
         for record in csv.DictReader(io.StringIO(text)):
-            table.records.append({"analysed": analysed, "analysed_kind": analysed_of(run), **record, "run_id": run.info.run_id,
+            table.records.append({"analysed": analysed, "analysed_kind": analysed_of(run), **record, "run_id": run.id,
                                   "source_run_id": source})
             table.rows.append([analysed, *(fmt(record.get(c)) if _needs_rounding(record.get(c)) else record.get(c, "") for c in columns)])
     return table

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from mlflow.entities import Run
 
 from pipeline import metrics, tracking
 from pipeline.data import ArraySplit, load_arrays, resolve_root
 from pipeline.errors import UserError
+from pipeline.tracking import RunRecord
 
 PREDICTIONS = ("predictions/val.csv", "predictions/test.csv")
 COLUMNS = ["index", "label", "logit", "prob"]
@@ -43,17 +43,17 @@ class Predictions:
 class SourceRun:
     """A classifier run with its validation and test predictions."""
 
-    run: Run
+    run: RunRecord
     val: Predictions
     test: Predictions
 
     @property
     def run_id(self) -> str:
-        return self.run.info.run_id
+        return self.run.id
 
     def tags(self) -> dict[str, str]:
         """Tags the consuming run copies: model, seed, label fraction, and where they came from."""
-        source = self.run.data.tags
+        source = self.run.tags
         copied = {"model": source.get("model", "-"), "seed": source.get("seed", "-"), "source_run_id": self.run_id,
                   "source_stage": source.get("stage", "")}
         if "label_fraction" in source:
@@ -62,11 +62,11 @@ class SourceRun:
 
     def image_size(self) -> int:
         """The image size the source model was trained at (its logged `cfg.size`, else 28)."""
-        return int(self.run.data.params.get("cfg.size", 28))
+        return int(self.run.config.get("size", 28))
 
     def test_arrays(self, data_root: str, size: int) -> ArraySplit:
         """The dataset's test images in prediction order, checked against the run's test labels."""
-        arrays = load_arrays(self.run.data.tags["dataset"], size, resolve_root(data_root))["test"]
+        arrays = load_arrays(self.run.tags["dataset"], size, resolve_root(data_root))["test"]
         index = self.test.index
         if len(arrays.labels) != len(index) or not np.array_equal(arrays.labels[index], self.test.labels):
             raise UserError(
@@ -99,12 +99,12 @@ def load_source(stages: Sequence[str], dataset: str, run_id: str = "latest", ext
     run = tracking.find_run(",".join(stages), dataset, run_id, require=PREDICTIONS + extra)
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         splits = {
-            split: read_predictions(tracking.download_artifact(run.info.run_id, path, Path(tmp)), f"run {run.info.run_id} {path}")
+            split: read_predictions(tracking.download_artifact(run.id, path, Path(tmp)), f"run {run.id} {path}")
             for split, path in zip(("val", "test"), PREDICTIONS)
         }
     for split, predictions in splits.items():
         if len(np.unique(predictions.labels)) < 2:
-            raise UserError(f"run {run.info.run_id} {split} predictions hold a single class; both classes are needed")
+            raise UserError(f"run {run.id} {split} predictions hold a single class; both classes are needed")
     return SourceRun(run, splits["val"], splits["test"])
 
 
@@ -116,9 +116,9 @@ def best_selected_run(grid_run_ids: Sequence[str]) -> str:
     scored = []
     for run_id in grid_run_ids:
         run = tracking.get_run(run_id)
-        auroc = run.data.metrics.get("selected_best_val_auroc", math.nan)
-        if "selected_run_id" in run.data.tags and not math.isnan(auroc):
-            scored.append((auroc, run.data.tags["selected_run_id"]))
+        auroc = run.metrics.get("selected_best_val_auroc", math.nan)
+        if "selected_run_id" in run.tags and not math.isnan(auroc):
+            scored.append((auroc, run.tags["selected_run_id"]))
     if not scored:
         raise UserError(f"none of the grid runs {', '.join(grid_run_ids)} selected a child with a validation AUROC "
                         "(tag selected_run_id, metric selected_best_val_auroc)")

@@ -160,7 +160,7 @@ def log_selected_model(rows: list[Mapping[str, Any]], data: DatasetSplits, datas
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         model, _ = load_classifier(tracking.download_artifact(best["run_id"], "checkpoints/best.pt", Path(tmp)), torch.device("cpu"))
     child = tracking.get_run(best["run_id"])
-    values = {k: v for k, v in child.data.metrics.items() if k.startswith(("test_", "best_val_"))}
+    values = {k: v for k, v in child.metrics.items() if k.startswith(("test_", "best_val_"))}
     model_id = tracking.log_model(model, lineage.model_example(data), dataset, {"selected_run_id": best["run_id"]})
     tracking.log_metrics({f"selected_{k}": v for k, v in values.items()}, model_id=model_id)
     tracking.set_tags({"selected_run_id": best["run_id"]})
@@ -232,5 +232,5 @@ def train_supervised(
     """Train one classifier on already loaded data and log it as a run of `stage`; returns its metrics
     and `run_id`."""
     job = build_job(cfg, data, device, name)
-    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested) as run:
-        return {**fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics, "run_id": run.info.run_id}
+    with tracking.tracked_run(stage, cfg["dataset"], job.tags, run_name=name, nested=nested) as run_id:
+        return {**fit_and_log(job.model, job.spec, job.data, job.train, cfg).metrics, "run_id": run_id}

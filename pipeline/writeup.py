@@ -10,11 +10,11 @@ from itertools import groupby
 from typing import Any, Mapping
 
 from medmnist.info import INFO
-from mlflow.entities import Run
 
 from pipeline import tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
 from pipeline.report import PAIRED_METRICS, Table, interval_text, plural, seed_list
+from pipeline.tracking import RunRecord
 
 
 def environment_lines() -> list[str]:
@@ -37,12 +37,12 @@ def cited_run_ids(built: list[Table]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def run_command(run: Run) -> str:
+def run_command(run: RunRecord) -> str:
     """The command that started a top-level run: `mlflow run` rebuilt from its `-P` params, else
     the command line it recorded."""
-    tags = run.data.tags
+    tags = run.tags
     if entry := tags.get("mlflow.project.entryPoint"):
-        params = " ".join(f"-P {k}={v}" for k, v in sorted(run.data.params.items()) if not k.startswith("cfg.") and v not in ("", "''"))
+        params = " ".join(f"-P {k}={v}" for k, v in sorted(run.params.items()) if v not in ("", "''"))
         return f"mlflow run . -e {entry} {params} --env-manager local --experiment-name {tracking.experiment_name(run)}"
     return tags.get("command", f"(not recorded: a {tags.get('stage', '?')} run from before commands were tagged)")
 
@@ -52,10 +52,10 @@ def counted(values: list[str]) -> str:
     return ", ".join(f"{v} ({plural(n, 'run')})" for v, n in Counter(values).most_common())
 
 
-def root_of(run: Run, known: Mapping[str, Run]) -> Run:
+def root_of(run: RunRecord, known: Mapping[str, RunRecord]) -> RunRecord:
     """The top-level run a run is nested in (itself when it stands alone; the highest ancestor still
     in the store when one was purged)."""
-    while (parent := run.data.tags.get("mlflow.parentRunId")) in known:
+    while (parent := run.tags.get("mlflow.parentRunId")) in known:
         run = known[parent]
     return run
 
@@ -69,13 +69,13 @@ def checklist_lines(built: list[Table]) -> tuple[list[str], list[str]]:
     if not runs:
         return ["No run is cited: every table is missing."], []
     gone = [i for i in cited if i not in known]
-    pending = {r.data.tags.get("mlflow.parentRunId") for r in runs} - set(known) - {None}
+    pending = {r.tags.get("mlflow.parentRunId") for r in runs} - set(known) - {None}
     while pending:  # ancestors, one search per nesting level
         found = tracking.runs_by_id(pending)
         known.update(found)
-        pending = {r.data.tags.get("mlflow.parentRunId") for r in found.values()} - set(known) - {None}
-    tags = [run.data.tags for run in runs]
-    roots = {root.info.run_id: root for root in (root_of(run, known) for run in runs)}
+        pending = {r.tags.get("mlflow.parentRunId") for r in found.values()} - set(known) - {None}
+    tags = [run.tags for run in runs]
+    roots = {root.id: root for root in (root_of(run, known) for run in runs)}
     seeds = {seed for t in tags for seed in t.get("seed", "-").split(",") if seed not in ("-", "")}
     lines = [f"Runs cited by the tables: {len(runs)}, from {plural(len(roots), 'top-level run')}.",
              f"Code version (hash of pipeline/, configs/ and mlruns_template/): {counted([t.get('code_version', 'unknown') for t in tags])}.",
@@ -83,7 +83,7 @@ def checklist_lines(built: list[Table]) -> tuple[list[str], list[str]]:
              f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded.",
              *([f"Cited runs no longer in the store (purged): {', '.join(i[:8] for i in gone)}."] if gone else [])]
     commands = [f"{run_command(root)}   # run {run_id[:8]}"
-                for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].info.start_time)]
+                for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].start)]
     return lines, commands
 
 

@@ -1,13 +1,13 @@
-"""The module rules docs/architecture.md states, checked on the source: steps are siblings (no step
-module imports another), `pipeline/` never imports `entrypoints/`, and only `tracking` calls MLflow."""
+"""The module rules docs/architecture.md states, checked on the source: one step module per entry
+point, named as it; steps are siblings (no step imports another); the library below them imports
+no step and no entry point; only `pipeline.tracking` imports MLflow."""
 
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+import yaml
 
-STEP_MODULES = {"baseline", "ablation", "ssl_pretrain", "linear_probe", "ssl_finetune", "calibration", "thresholds",
-                "robustness", "eda", "finetune_compare", "report", "study"}
+from tests.conftest import REPO
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -22,29 +22,37 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def pipeline_files() -> dict[str, Path]:
-    return {path.stem: path for path in (REPO / "pipeline").glob("*.py")}
+def modules(folder: str) -> dict[str, Path]:
+    """The modules under a folder of the repository, by dotted name."""
+    return {".".join(path.relative_to(REPO).with_suffix("").parts): path for path in (REPO / folder).rglob("*.py")
+            if path.name != "__init__.py"}
 
 
-def test_every_step_module_exists():
-    assert STEP_MODULES <= set(pipeline_files()), STEP_MODULES - set(pipeline_files())
+def step_modules() -> dict[str, Path]:
+    return {path.stem: path for path in (REPO / "pipeline" / "steps").glob("*.py") if path.name != "__init__.py"}
+
+
+def test_there_is_one_step_module_per_entry_point_named_as_it():
+    entry_points = set(yaml.safe_load((REPO / "MLproject").read_text())["entry_points"])
+    assert set(step_modules()) == entry_points
 
 
 def test_steps_never_import_each_other():
-    crossings = {f"{name} imports {other}" for name, path in pipeline_files().items() if name in STEP_MODULES
-                 for other in STEP_MODULES - {name} if f"pipeline.{other}" in imported_modules(path)}
+    crossings = {f"{name} imports {other}" for name, path in step_modules().items()
+                 for other in set(step_modules()) - {name} if f"pipeline.steps.{other}" in imported_modules(path)}
     assert not crossings, sorted(crossings)
 
 
-def test_pipeline_never_imports_entrypoints():
-    offenders = {name for name, path in pipeline_files().items()
-                 if any(m == "entrypoints" or m.startswith("entrypoints.") for m in imported_modules(path))}
-    assert not offenders, offenders
+def test_the_library_imports_no_step_and_no_entry_point():
+    library = {name: path for name, path in modules("pipeline").items() if not name.startswith("pipeline.steps.")}
+    offenders = {name for name, path in library.items()
+                 if any(m.split(".")[0] == "entrypoints" or m.startswith("pipeline.steps") for m in imported_modules(path))}
+    assert library and not offenders, offenders
 
 
-def test_only_tracking_calls_mlflow():
-    """`mlflow.entities.Run` may be named in type hints elsewhere; every call goes through tracking."""
-    callers = {name for name, path in pipeline_files().items() if name != "tracking"
-               and any(m == "mlflow" or (m.startswith("mlflow.") and m != "mlflow.entities.Run" and m != "mlflow.entities")
-                       for m in imported_modules(path))}
-    assert not callers, callers
+def test_only_tracking_imports_mlflow():
+    """Every other module reads runs as `tracking.RunRecord`s and calls `tracking`; none names MLflow."""
+    files = {**modules("pipeline"), **modules("entrypoints")}
+    importers = {name for name, path in files.items() if not name.startswith("pipeline.tracking.")
+                 and any(m == "mlflow" or m.startswith("mlflow.") for m in imported_modules(path))}
+    assert "pipeline.tracking.lookup" in files and not importers, importers

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from entrypoints import baseline, ssl_pretrain
 from entrypoints.common import main
 from pipeline import tracking
+from pipeline.tracking import lifecycle, writes
 from tests.conftest import all_runs, cli_env, mlflow_run, run_step
 
 ROWS = [
@@ -172,10 +173,10 @@ def test_closing_stops_retrying_once_a_signal_came_and_a_second_one_abandons_it(
         raise MlflowException("database is locked")
 
     with pytest.raises(MlflowException):
-        tracking._retried(locked, give_up=lambda: True)
+        writes._retried(locked, give_up=lambda: True)
     assert len(calls) == 1  # no backoff while the user waits to get out
     with pytest.raises(KeyboardInterrupt, match="while closing"):
-        with tracking._signals_deferred():
+        with writes._signals_deferred():
             os.kill(os.getpid(), signal.SIGINT)  # the first signal waits for the run to close
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("a second signal must interrupt the closing")
@@ -187,9 +188,9 @@ def test_a_command_line_is_tagged_only_on_the_runs_it_starts(tracking_uri, monke
     with contextlib.suppress(SystemExit):
         main(eda.command, ["--dataset", "pneumoniamnist", "--help"])
     monkeypatch.setattr(sys, "argv", ["medmnist-ssl", "baseline", "--epochs", "3"])
-    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run:
+    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run_id:
         pass
-    assert mlflow.get_run(run.info.run_id).data.tags["command"] == "medmnist-ssl baseline --epochs 3"
+    assert mlflow.get_run(run_id).data.tags["command"] == "medmnist-ssl baseline --epochs 3"
 
 
 @pytest.fixture()
@@ -227,10 +228,10 @@ def test_a_signal_during_a_store_write_is_raised_after_the_write_completes(track
         done.append("the rest of the write")
         return "written"
 
-    previous = signal.signal(signal.SIGTERM, tracking._raise_interrupt)  # what a run installs
+    previous = signal.signal(signal.SIGTERM, lifecycle._raise_interrupt)  # what a run installs
     try:
         with pytest.raises(KeyboardInterrupt):
-            tracking._write(write_interrupted_midway)
+            writes._write(write_interrupted_midway)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert done == ["the rest of the write"]

@@ -5,7 +5,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipeline import calibration
+from pipeline.steps import calibrate as calibration
 from pipeline.errors import UserError
 
 

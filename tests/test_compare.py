@@ -10,7 +10,7 @@ import pytest
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
 from pipeline import paired, report, tables, tracking, writeup
-from pipeline.compare import run_compare
+from pipeline.steps.compare import run_compare
 from scipy import stats
 from tests.conftest import all_runs, artifact_paths
 

@@ -121,3 +121,12 @@ def test_positive_class_defaults_to_the_datasets_finding(tmp_path):
     assert config.resolve("thresholds", "pneumoniamnist", {}, config_file=str(path))["positive_class"] == 0
     with pytest.raises(UserError, match=r"positive_class='2' must be 0, 1 or finding"):
         config.resolve("thresholds", "breastmnist", {"positive_class": "2"})
+
+
+def test_a_child_config_follows_every_setting_its_parent_shares_with_the_childs_stage():
+    parent = config.resolve("linear_probe", "breastmnist", {"eval_batch_size": 256, "deterministic": True, "lr": 0.01})
+    child = config.derive("baseline", parent, {"seed": 3, "augment": parent["supervised_augment"]})
+    assert (child["eval_batch_size"], child["deterministic"], child["lr"], child["seed"]) == (256, True, 0.01, 3)
+    assert "probe_cs" not in child and child["augment"] == "flip" and child["dataset"] == "breastmnist"
+    with pytest.raises(UserError, match="seed"):
+        config.derive("baseline", parent, {"seed": -1})

@@ -10,7 +10,7 @@ import pytest
 from entrypoints import baseline, eda
 from entrypoints.common import main
 from pipeline.data import ArraySplit, load_arrays
-from pipeline.eda import balance_rows, class_counts, duplicate_report
+from pipeline.steps.eda import balance_rows, class_counts, duplicate_report
 from pipeline.gallery import GALLERY_CSV, GALLERY_PNG, most_confident_mistakes
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 

@@ -16,6 +16,9 @@ import torch
 from entrypoints import baseline, runs
 from entrypoints.common import main
 from pipeline import tracking
+from pipeline.errors import UserError
+from pipeline.tracking import lifecycle
+from pipeline.tracking.housekeeping import PARTIAL_UPLOAD
 from tests.conftest import REPO, all_runs, artifact_paths, cli_env
 
 CONFIG = "epochs: 8\ncheckpoint_every: 2\ncheckpoint_min_seconds: 0\nbatch_size: 32\nbootstrap: 50\ndevice: cpu\n"
@@ -67,12 +70,12 @@ def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_
     with tracking.tracked_run("eda", "breastmnist", TAGS) as live:
         dry = clean_stale(capsys, "--dry-run", "--older-than", "0s")
         assert f"would mark KILLED  {run_id}  baseline  breastmnist" in dry and f"process {pid}" in dry
-        assert live.info.run_id not in dry
+        assert live not in dry
         assert {r.info.status for r in all_runs(tracking_uri)} == {"RUNNING"}
 
         out = clean_stale(capsys, "--older-than", "0s")
         assert f"marked KILLED  {run_id}" in out and "1 stale run(s) marked KILLED" in out
-        assert mlflow.get_run(live.info.run_id).info.status == "RUNNING"
+        assert mlflow.get_run(live).info.status == "RUNNING"
     cleaned = mlflow.get_run(run_id)
     assert cleaned.info.status == "KILLED" and "stale: process" in cleaned.data.tags["failure_reason"]
     assert "no stale runs" in clean_stale(capsys, "--older-than", "0s")
@@ -87,7 +90,7 @@ def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_
     assert [json.loads(line)["epoch"] for line in open(log)] == list(range(1, 9))
 
     main(baseline.command, args)
-    straight = next(r for r in all_runs(tracking_uri) if r.info.run_id not in (run_id, live.info.run_id))
+    straight = next(r for r in all_runs(tracking_uri) if r.info.run_id not in (run_id, live))
     assert straight.info.status == "FINISHED"
     finals = {k: v for k, v in straight.data.metrics.items() if k.startswith(("test_", "val_")) or k == "best_epoch"}
     assert finals == {k: resumed.data.metrics[k] for k in finals}
@@ -121,7 +124,7 @@ def test_clean_stale_touches_only_stale_running_runs(tracking_uri, capsys):
     folders = {run_id: Path(mlflow.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "checkpoints" for run_id in (gone, alive)}
     for folder in folders.values():  # an upload cut short by a hard kill, and one still being written
         folder.mkdir(parents=True)
-        (folder / f"{tracking.PARTIAL_UPLOAD}x1y2").write_bytes(b"half a checkpoint")
+        (folder / f"{PARTIAL_UPLOAD}x1y2").write_bytes(b"half a checkpoint")
         (folder / "best.pt").write_bytes(b"a finished upload")
 
     out = clean_stale(capsys)
@@ -167,13 +170,13 @@ def test_resume_refuses_runs_that_are_not_resumable(synthetic_root, tracking_uri
 
 def test_a_resumed_run_keeps_the_code_version_it_started_with(tracking_uri, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
-        with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run:
+        with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}) as run_id:
             raise KeyboardInterrupt
     started = tracking.code_version()
-    monkeypatch.setattr(tracking, "code_version", lambda: "edited0000aa")
-    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}, resume_run_id=run.info.run_id):
+    monkeypatch.setattr(lifecycle, "code_version", lambda: "edited0000aa")
+    with tracking.tracked_run("baseline", "breastmnist", {"model": "-", "seed": "-"}, resume_run_id=run_id):
         pass
-    resumed = mlflow.get_run(run.info.run_id)
+    resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
     assert resumed.data.tags["code_version"] == started and resumed.data.tags["resumed_code_version"] == "edited0000aa"
 
@@ -213,14 +216,14 @@ def test_of_two_claims_made_at_once_exactly_one_wins(tracking_uri):
     killed = client.get_run(run.info.run_id)
     folder = Path(killed.info.artifact_uri.removeprefix("file://"))
     folder.mkdir(parents=True)
-    (folder / f"{tracking.PARTIAL_UPLOAD}abc").write_bytes(b"left by the hard kill")
+    (folder / f"{PARTIAL_UPLOAD}abc").write_bytes(b"left by the hard kill")
     outcomes: list[str] = []
 
     def claim():
         try:
-            tracking.claim_run(killed, wait_s=1.0)
+            tracking.claim_run(tracking.get_run(killed.info.run_id), wait_s=1.0)
             outcomes.append("won")
-        except tracking.UserError as exc:
+        except UserError as exc:
             outcomes.append(str(exc))
 
     threads = [threading.Thread(target=claim) for _ in range(2)]

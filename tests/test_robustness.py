@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import robustness
+from pipeline.steps import robustness
 from pipeline.data import Split
 from pipeline.models import ModelSpec, build_classifier
 

@@ -22,10 +22,10 @@ def test_lookups_page_past_one_thousand_runs(tracking_uri):
     children = {finished(2_000 + i, **{"mlflow.parentRunId": parent}) for i in range(CHILDREN)}
     stale = client.create_run(experiment, start_time=500, tags=tags).info.run_id
 
-    assert [r.info.run_id for r in tracking.stage_parents("breastmnist", "linear_probe")] == [parent]
-    assert {r.info.run_id for r in tracking.child_runs(parent, "breastmnist")} == children
+    assert [r.id for r in tracking.stage_parents("breastmnist", "linear_probe")] == [parent]
+    assert {r.id for r in tracking.child_runs(parent, "breastmnist")} == children
     assert len(tracking.finished_runs("breastmnist")) == CHILDREN + 1
-    assert [r.info.run_id for r in tracking.all_runs("attributes.status = 'RUNNING'")] == [stale]
+    assert [r.id for r in tracking.all_runs("attributes.status = 'RUNNING'")] == [stale]
 
 
 def test_a_deleted_grid_leaves_no_parents_and_nested_steps_count(tracking_uri):
@@ -44,12 +44,12 @@ def test_a_deleted_grid_leaves_no_parents_and_nested_steps_count(tracking_uri):
     driven = finished("augment_ablation", driver)
     grid = finished("augment_ablation")
     children = [finished("augment_ablation", grid) for _ in range(2)]
-    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven, grid}
-    assert {r.info.run_id for r in tracking.child_runs(grid, "breastmnist")} == set(children)
+    assert {r.id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven, grid}
+    assert {r.id for r in tracking.child_runs(grid, "breastmnist")} == set(children)
 
     client.delete_run(grid)  # the MLflow UI deletes a parent and leaves its children
     client.delete_run(study)
-    assert {r.info.run_id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven}
+    assert {r.id for r in tracking.stage_parents("breastmnist", "augment_ablation")} == {step, driven}
 
 
 def test_checklist_reads_the_cited_runs_and_notes_purged_ones(tracking_uri):

@@ -14,8 +14,8 @@ from torchvision.models import ResNet18_Weights
 
 from entrypoints import linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import linear_probe as pipeline_linear_probe
-from pipeline import ssl_finetune as pipeline_ssl_finetune
+from pipeline.steps import linear_probe as pipeline_linear_probe
+from pipeline.steps import ssl_finetune as pipeline_ssl_finetune
 from pipeline.data import load_arrays, stratified_subset
 from pipeline.errors import DivergenceError
 from pipeline.models import ModelSpec, build_classifier

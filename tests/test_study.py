@@ -11,13 +11,14 @@ from mlflow import MlflowClient
 
 from entrypoints import compare, study
 from entrypoints.common import main
-import pipeline.study
+import pipeline.steps.study
 from pipeline import config, tracking
+from pipeline.tracking import lifecycle
 from pipeline.data import fingerprint
 from pipeline.errors import UserError
-from pipeline.finetune_compare import run_finetune_table
+from pipeline.steps.finetune_table import run_finetune_table
 from pipeline.source import best_selected_run
-from pipeline.study import Step, plan, run_step, run_study, starting_point
+from pipeline.steps.study import Step, plan, run_step, run_study, starting_point
 from pipeline.synthetic import write_synthetic
 from tests.conftest import all_runs
 
@@ -210,10 +211,10 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
     step = Step("eda", "eda")
     client = MlflowClient()
     a, b = (client.create_run("0", tags={"dataset": "breastmnist", "stage": "baseline"}).info.run_id for _ in "ab")
-    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
         def status(cfg, inputs, root=str(synthetic_root)):
             inputs = {k: {"a": a, "b": b}[v] for k, v in inputs.items()}
-            return run_step(step, cfg, inputs, root, runner, "breastmnist", parent.info.run_id).status
+            return run_step(step, cfg, inputs, root, runner, "breastmnist", parent_id).status
 
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"
         assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
@@ -221,7 +222,8 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
         assert status({"epochs": 1}, {"run_id": "b"}) == "ran"  # another input run (e.g. a newer baseline)
         assert status({"epochs": 1}, {"run_id": "a"}, str(other_data)) == "ran"  # another data file
         assert status({"epochs": 1}, {"run_id": "a"}, str(other_data)) == "reused"
-        monkeypatch.setattr(tracking, "code_version", lambda: "changed-code")
+        for module in (tracking, lifecycle):  # what the study looks for, and what a run is tagged with
+            monkeypatch.setattr(module, "code_version", lambda: "changed-code")
         assert status({"epochs": 1}, {"run_id": "a"}) == "ran"  # the code changed since
         assert status({"epochs": 1}, {"run_id": "a"}) == "reused"
         newest = all_runs(tracking_uri)[0]
@@ -234,7 +236,7 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
 
 def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthetic_root, tracking_uri, monkeypatch):
     weights = [False]
-    monkeypatch.setattr(pipeline.study, "imagenet_weights_cached", lambda: weights[0])
+    monkeypatch.setattr(pipeline.steps.study, "imagenet_weights_cached", lambda: weights[0])
 
     def runner(cfg, data_root, inputs):
         with tracking.tracked_run("linear_probe", "breastmnist", {"model": "-", "seed": "-"}, nested=True):
@@ -244,9 +246,9 @@ def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthe
 
     step = Step("linear_probe_simclr", "linear_probe")
     cfg = {"methods": ["ssl_probe", "imagenet_probe"]}
-    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
         def status():
-            return run_step(step, cfg, {}, str(synthetic_root), runner, "breastmnist", parent.info.run_id).status
+            return run_step(step, cfg, {}, str(synthetic_root), runner, "breastmnist", parent_id).status
 
         assert [status(), status()] == ["ran", "reused"]  # still no weights: the probe-less run stands
         weights[0] = True
@@ -275,9 +277,9 @@ def test_a_step_that_reads_an_encoders_size_fingerprints_that_file(tracking_uri,
             pass
 
     step = Step("linear_probe_simclr", "linear_probe")
-    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent:
+    with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
         outcome = run_step(step, {"ssl_run_id": encoder.info.run_id, "methods": ["ssl_probe"]}, {}, str(root), runner,
-                           "breastmnist", parent.info.run_id)
+                           "breastmnist", parent_id)
     assert outcome.status == "ran"
     assert mlflow.get_run(outcome.run_id).data.tags["data_md5"] == fingerprint("breastmnist", 64, str(root))
 
@@ -309,14 +311,14 @@ def fake_runners(weights: bool, calls: dict):
             tracking.log_text(json.dumps({"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_auroc": 0.7}) + "\n", "val_log.jsonl")
 
     def ssl_finetune(cfg, root, ids):
-        method = tracking.get_run(cfg["ssl_run_id"]).data.params["cfg.method"]
+        method = tracking.get_run(cfg["ssl_run_id"]).config["method"]
         with stage_run("ssl_finetune", {"ssl_method": method}):
             tracking.log_config(cfg)
             children = []
             for val, test in GRID_AUROCS[method]:
-                with stage_run("ssl_finetune", {"ssl_method": method, "kind": "classifier"}) as child:
+                with stage_run("ssl_finetune", {"ssl_method": method, "kind": "classifier"}) as child_id:
                     tracking.log_metrics({"best_val_auroc": val, "test_auroc": test})
-                children.append((val, test, child.info.run_id))
+                children.append((val, test, child_id))
             val, test, best = max(children)
             tracking.set_tags({"selected_run_id": best})
             tracking.log_metrics({"selected_best_val_auroc": val, "selected_test_auroc": test})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from pipeline import report, thresholds, writeup
+from pipeline import report, writeup
+from pipeline.steps import thresholds
 from pipeline.source import Predictions
 
 

@@ -147,13 +147,12 @@ def consumed_inputs(step: Step, inputs: dict[str, str]) -> dict[str, str]:
     return {key: best_selected_run(ids.split(",")) for key, ids in inputs.items()}
 
 
-def newest_step_run(study_run_id: str, dataset: str, stage: str, since_ms: int) -> str:
-    """The id of the top-level run a step just created under the study run."""
-    runs = [r for r in tracking.child_runs(study_run_id, dataset)
-            if r.data.tags.get("stage") == stage and r.info.start_time >= since_ms]
-    if not runs:
-        raise UserError(f"study step {stage} finished without a FINISHED run")
-    return runs[0].info.run_id
+def step_run_id(opened: list[tuple[str, str]], study_run_id: str, stage: str) -> str:
+    """The id of the run a step opened directly under the study run (the last, if it opened several)."""
+    mine = [run_id for run_id, parent in opened if parent == study_run_id]
+    if not mine:
+        raise UserError(f"study step {stage} finished without opening a run")
+    return mine[-1]
 
 
 def uses_imagenet_probe(step: Step, cfg: Mapping[str, Any]) -> bool:
@@ -166,7 +165,7 @@ def data_size(cfg: Mapping[str, Any], inputs: Mapping[str, str]) -> int:
     steps), else its own."""
     source = (cfg.get("ssl_run_id") or inputs.get("run_id") or "").split(",")[0]
     if source:
-        return int(tracking.get_run(source).data.params.get("cfg.size", 28))
+        return int(tracking.get_run(source).config.get("size", 28))
     return int(cfg.get("size", 28))
 
 
@@ -188,18 +187,19 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
     if step.stage != "compare":
         key = reuse_key(step, cfg, inputs, data_md5, imagenet_weights_cached())
         found = tracking.finished_runs(dataset, f"tags.study_config = '{key}' and tags.code_version = '{tracking.code_version()}'")
-        reusable = [r for r in found if tracking.has_artifacts(r.info.run_id, ("config.yaml",))]  # its files not deleted
+        reusable = [r for r in found if tracking.has_artifacts(r.id, ("config.yaml",))]  # its files not deleted
         if reusable:
-            return Outcome(step.name, step.stage, "reused", reusable[0].info.run_id, 0.0)
+            return Outcome(step.name, step.stage, "reused", reusable[0].id, 0.0)
     start = time.time()
     try:
-        runner(cfg, data_root, inputs)
+        with tracking.runs_opened() as opened:
+            runner(cfg, data_root, inputs)
     except UserError as exc:
         if not step.optional:
             raise
         return Outcome(step.name, step.stage, "skipped", "", time.time() - start, str(exc))
-    run_id = newest_step_run(study_run_id, dataset, step.stage, int(start * 1000) - 1)
-    fitted_imagenet = uses_imagenet_probe(step, cfg) and "imagenet_probe_status" not in tracking.get_run(run_id).data.tags
+    run_id = step_run_id(opened, study_run_id, step.stage)
+    fitted_imagenet = uses_imagenet_probe(step, cfg) and "imagenet_probe_status" not in tracking.get_run(run_id).tags
     tracking.tag_run(run_id, {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet),
                               "study_step": step.name, **step.tags, **({"data_md5": data_md5} if data_md5 else {})})
     return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)
@@ -245,7 +245,7 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
     if note := profile_note(profile_name):
         echo(f"[study] note: {note}")
         tags["mlflow.note.content"] = f"{profile_name} profile: {note}"
-    with tracking.tracked_run("study", dataset, tags, run_name=f"study-{dataset}-{profile_name}") as study_run:
+    with tracking.tracked_run("study", dataset, tags, run_name=f"study-{dataset}-{profile_name}") as study_run_id:
         tracking.log_json({"profile": profile_name, "steps": [s.name for s in steps]}, "study_plan.json")
         for step in steps:
             echo(f"[study] {step.name} ...")
@@ -257,7 +257,7 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
                 if step.stage == "compare":  # the tables and the draft say what the study could not run
                     cfg["not_run"] = {o.step: (o.stage, o.note) for o in outcomes if o.status == "skipped"}
                 outcome = run_step(step, cfg, consumed_inputs(step, inputs), data_root, runners[step.stage], dataset,
-                                   study_run.info.run_id)
+                                   study_run_id)
             outcomes.append(outcome)
             if outcome.run_id:
                 run_ids[step.name] = outcome.run_id

@@ -218,7 +218,7 @@ def ethics_note(cfg: Mapping[str, Any], source: SourceRun, rows: Sequence[Mappin
     else:
         ece_shift = (f"Calibration did not degrade under these corruptions (ECE {clean['ece']:.3f} clean, at most "
                      f"{worst_ece['ece']:.3f} corrupted); TODO: would a real shift behave the same?")
-    source_metrics = source.run.data.metrics
+    source_metrics = source.run.metrics
     ci = (f"{source_metrics['test_auroc_ci_low']:.3f}–{source_metrics['test_auroc_ci_high']:.3f}"
           if "test_auroc_ci_low" in source_metrics else "not logged")
     per_corruption = "\n".join(
@@ -227,7 +227,7 @@ def ethics_note(cfg: Mapping[str, Any], source: SourceRun, rows: Sequence[Mappin
     )
     return f"""# Week 8 note: risks, assumptions and mitigations ({cfg['dataset']})
 
-Source classifier run `{source.run_id}` (stage `{source.run.data.tags.get('stage')}`, model
+Source classifier run `{source.run_id}` (stage `{source.run.tags.get('stage')}`, model
 `{source.tags()['model']}`, seed {source.tags()['seed']}); numbers are on the test split
 (n = {len(source.test.labels)}). Fill in the parts marked TODO.
 

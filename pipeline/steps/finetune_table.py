@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from mlflow.entities import Run
 
 from pipeline import plots, tracking
 from pipeline.errors import UserError
+from pipeline.tracking import RunRecord
 
 OVERFIT_GAP = 0.1
 UNDERFIT_LOSS = 0.4
@@ -35,18 +35,18 @@ def fit_hint(train_loss_last: float, val_loss_last: float) -> str:
     return "ok"
 
 
-def table_row(run: Run, history: list[Mapping[str, float]]) -> dict[str, Any]:
+def table_row(run: RunRecord, history: list[Mapping[str, float]]) -> dict[str, Any]:
     """One table row from a baseline run and its per-epoch history."""
     metrics = tracking.final_metrics(run)
     best = int(metrics["best_epoch"])
     at_best = next(h for h in history if int(h["epoch"]) == best)
     last = history[-1]
     return {
-        "finetune": run.data.tags.get("finetune", "?"),
-        "run_id": run.info.run_id,
-        "model": run.data.tags.get("model", "?"),
-        "weights": run.data.params.get("cfg.weights", "?"),
-        "stem": run.data.params.get("cfg.stem", "?"),
+        "finetune": run.tags.get("finetune", "?"),
+        "run_id": run.id,
+        "model": run.tags.get("model", "?"),
+        "weights": run.config.get("weights", "?"),
+        "stem": run.config.get("stem", "?"),
         "epochs": len(history),
         "best_epoch": best,
         "train_loss_at_best": at_best["train_loss"],
@@ -93,12 +93,12 @@ def table_csv(rows: list[Mapping[str, Any]]) -> str:
     return "\n".join([",".join(COLUMNS)] + [",".join(_cell(r[c]) for c in COLUMNS) for r in rows]) + "\n"
 
 
-def pick_run(dataset: str, finetune: str, run_id: str, model: str) -> Run:
+def pick_run(dataset: str, finetune: str, run_id: str, model: str) -> RunRecord:
     """The baseline run for one fine-tuning mode: an explicit id (checked) or the newest FINISHED one."""
     if run_id != "latest":
         run = tracking.find_run("baseline", dataset, run_id)
-        if run.data.tags.get("finetune") != finetune:
-            raise UserError(f"run {run_id} has finetune={run.data.tags.get('finetune')!r}; expected {finetune!r}")
+        if run.tags.get("finetune") != finetune:
+            raise UserError(f"run {run_id} has finetune={run.tags.get('finetune')!r}; expected {finetune!r}")
         return run
     return tracking.find_latest("baseline", dataset, {"finetune": finetune, **({"model": model} if model else {})})
 
@@ -113,15 +113,15 @@ def run_finetune_table(cfg: Mapping[str, Any]) -> str:
     """Compare the head-only and full fine-tuning baselines; log the table to one run; returns Markdown."""
     dataset = cfg["dataset"]
     runs = {mode: pick_run(dataset, mode, cfg[f"{mode}_run_id"], cfg["filter_model"]) for mode in ("head", "all")}
-    histories = {mode: run_history(run.info.run_id) for mode, run in runs.items()}
+    histories = {mode: run_history(run.id) for mode, run in runs.items()}
     rows = [table_row(runs[mode], histories[mode]) for mode in ("head", "all")]
     models = sorted({r["model"] for r in rows})
     title = f"{dataset}: head-only vs. full fine-tuning ({', '.join(models)})"
     markdown = table_markdown(rows, title)
     tags = {
         "model": ",".join(models), "seed": "-",
-        "source_run_id": ",".join(run.info.run_id for run in runs.values()),
-        "head_run_id": runs["head"].info.run_id, "all_run_id": runs["all"].info.run_id,
+        "source_run_id": ",".join(run.id for run in runs.values()),
+        "head_run_id": runs["head"].id, "all_run_id": runs["all"].id,
     }
     with tracking.tracked_run("finetune_table", dataset, tags, run_name=f"finetune_table-{dataset}"):
         tracking.log_config(cfg)

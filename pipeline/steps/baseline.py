@@ -45,7 +45,7 @@ def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str 
     path = tracking.download_artifact(run_id, "checkpoints/last.pt")
     checkpoint = load_train_state(path)
     cfg = checkpoint["config"]
-    if config_hash(cfg) != run.data.tags.get("config_hash"):
+    if config_hash(cfg) != run.tags.get("config_hash"):
         raise UserError(f"checkpoints/last.pt of run {run_id} was not written with this run's config (config_hash differs)")
     state = checkpoint["train_state"]
     tracking.check_same_data(run, fingerprint(cfg["dataset"], cfg["size"], data_root), other_data)

@@ -18,6 +18,7 @@ from pipeline import plots, tracking
 from pipeline.data import SPLITS, ArraySplit, load_arrays, resolve_root
 from pipeline.errors import UserError
 from pipeline.gallery import log_run_gallery
+from pipeline.tracking import RunRecord
 
 
 def split_stats(split: ArraySplit) -> dict[str, Any]:
@@ -202,11 +203,11 @@ def run_eda(cfg: Mapping[str, Any], data_root: str = "") -> list[str]:
                             "eda/duplicate_examples.png")
         if source is not None:
             rows = log_run_gallery(source, cfg["gallery_n"], data_root)
-            lines.append(f"  error gallery of run {source.info.run_id}: {len(rows)} most confident test mistakes logged")
+            lines.append(f"  error gallery of run {source.id}: {len(rows)} most confident test mistakes logged")
     return lines + skipped
 
 
-def gallery_source(cfg: Mapping[str, Any]) -> tuple[tracking.Run | None, list[str]]:
+def gallery_source(cfg: Mapping[str, Any]) -> tuple[RunRecord | None, list[str]]:
     """The classifier run whose error gallery to add (`run_id`), and a note when `latest` finds none;
     an explicit id that is wrong is a UserError."""
     if cfg["run_id"] in ("", "none"):

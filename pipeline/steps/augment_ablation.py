@@ -1,6 +1,6 @@
 """Week 3 augmentation ablation: one parent run, one nested supervised classifier per (variant × seed).
 
-Each child is a full classifier run (`pipeline.baseline.train_supervised`, stage `augment_ablation`,
+Each child is a full classifier run (`pipeline.steps.baseline.train_supervised`, stage `augment_ablation`,
 tags `augment` and `seed`). The parent aggregates the children's val/test AUROC, accuracy and test ECE per
 variant (mean ± sample std over seeds) into `ablation.csv`, `ablation.md`, a plot and metrics. A
 child that fails does not stop the others; the parent then ends FAILED naming the failed children.

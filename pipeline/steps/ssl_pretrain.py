@@ -74,10 +74,10 @@ def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str,
     """Config and training state from an interrupted run's `checkpoints/last.pt`, and the last
     step it already logged (those steps are not logged again)."""
     run = tracking.resumable_run("ssl_pretrain", cfg["dataset"], resume_run_id)
-    data = load_checkpoint(tracking.download_artifact(run.info.run_id, "checkpoints/last.pt"))
+    data = load_checkpoint(tracking.download_artifact(run.id, "checkpoints/last.pt"))
     if "train_state" not in data or "step" not in data["train_state"]:
         raise UserError(f"run {resume_run_id}'s last.pt holds no step-budgeted training state; start a new run instead")
-    return dict(data["config"]), data["train_state"], tracking.last_logged_step(run.info.run_id, "knn_val_auroc")
+    return dict(data["config"]), data["train_state"], tracking.last_logged_step(run.id, "knn_val_auroc")
 
 
 def check_settings(cfg: Mapping[str, Any]) -> None:

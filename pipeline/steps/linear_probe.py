@@ -66,7 +66,7 @@ def load_ssl_encoders(value: str, dataset: str, device: torch.device, cfg: Mappi
         model = prepare_model(model, device, cfg)
         model.freeze_encoder()
         loaded.append((model, run, checkpoint["config"]["size"]))
-    kinds = {(run.data.tags.get("method", ""), model.spec.model, model.spec.stem, size) for model, run, size in loaded}
+    kinds = {(run.tags.get("method", ""), model.spec.model, model.spec.stem, size) for model, run, size in loaded}
     if len(kinds) > 1:
         raise UserError(f"ssl_run_id names pretraining runs of different methods, encoders or sizes: {sorted(kinds)}")
     return [(model, run) for model, run, _ in loaded]
@@ -94,10 +94,10 @@ def probe_child(
     install_head(encoder.model, head)
     child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C, "size": data.size}
     name = f"{tags['method']}-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
-    with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
+    with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run_id:
         tracking.log_config(child_cfg)
         values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, data.train.subset(subset), logits=logits)
-    return {**values, "run_id": run.info.run_id}
+    return {**values, "run_id": run_id}
 
 
 def supervised_child(
@@ -107,21 +107,15 @@ def supervised_child(
     """Train the encoder's architecture from scratch on the same subset (a nested classifier run),
     for `supervised_steps` optimizer steps (converted to epochs of this subset), or `supervised_epochs` when given."""
     epochs = cfg["supervised_epochs"] or epochs_for_steps(cfg["supervised_steps"], len(subset), cfg["batch_size"])
-    overrides = {
-        "model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
-        "augment": cfg["supervised_augment"],
-        "batch_size": cfg["batch_size"],
-        "lr": cfg["lr"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size,
-        "device": cfg["device"], "amp": cfg["amp"], "channels_last": cfg["channels_last"], "compile": cfg["compile"],
-        "ece_bins": cfg["ece_bins"], "bootstrap": cfg["bootstrap"],
-    }
-    child_cfg = config.resolve("baseline", cfg["dataset"], overrides)
+    overrides = {"model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
+                 "augment": cfg["supervised_augment"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size}
+    child_cfg = config.derive("baseline", cfg, overrides)
     seed_everything(tags["seed"])
     model = prepare_model(build_classifier(spec), device, child_cfg)
     name = f"supervised-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
-    with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run:
+    with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run_id:
         values = fit_and_log(model, spec, data, data.train.subset(subset), child_cfg).metrics
-    return {**values, "run_id": run.info.run_id}
+    return {**values, "run_id": run_id}
 
 
 def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str], title: str, notes: list[str]) -> list[dict[str, Any]]:
@@ -164,15 +158,15 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     encoders = load_ssl_encoders(cfg["ssl_run_id"], cfg["dataset"], device, cfg)
     ssl_runs = [run for _, run in encoders]
     spec = encoders[0][0].spec
-    size = int(ssl_runs[0].data.params.get("cfg.size", 28))
+    size = int(ssl_runs[0].config.get("size", 28))
     data = load_splits(cfg["dataset"], size, data_root, device)
-    ssl_features = {run.info.run_id: FrozenEncoder(model, data, cfg) for model, run in encoders}
+    ssl_features = {run.id: FrozenEncoder(model, data, cfg) for model, run in encoders}
     methods = list(cfg["methods"])
     imagenet, reason = imagenet_encoder(data, cfg, device) if "imagenet_probe" in methods else (None, "")
     not_run = {"imagenet_probe": reason} if "imagenet_probe" in methods and imagenet is None else {}
     runnable = [m for m in methods if m not in not_run]
-    ssl_method = ssl_runs[0].data.tags.get("method", "")
-    sources = [run.info.run_id for run in ssl_runs]
+    ssl_method = ssl_runs[0].tags.get("method", "")
+    sources = [run.id for run in ssl_runs]
     parent_tags = {"model": spec.model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
 
@@ -182,8 +176,8 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         method, seed = tags["method"], tags["seed"]
         if method == "ssl_probe":
             run = for_seed(ssl_runs, cfg["seeds"], seed)
-            return probe_child(ssl_features[run.info.run_id], data, subset, cfg,
-                               {**tags, "source_run_id": run.info.run_id, "pretrain_seed": run.data.tags.get("seed", "")})
+            return probe_child(ssl_features[run.id], data, subset, cfg,
+                               {**tags, "source_run_id": run.id, "pretrain_seed": run.tags.get("seed", "")})
         if method == "random_probe":
             if seed not in random_encoders:
                 random_encoders[seed] = random_encoder(spec, data, cfg, device, seed)

@@ -20,7 +20,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from mlflow.entities import Run
 
 from pipeline import config, paired, tables, tracking
 from pipeline.augment import build_augment
@@ -32,15 +31,16 @@ from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.supervised import fit_and_log, log_selected_model
 from pipeline.train import epochs_for_steps, eval_interval, train_classifier
+from pipeline.tracking import RunRecord
 
 FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
 
 
-def baseline_label(run: Run) -> str:
+def baseline_label(run: RunRecord) -> str:
     """How a baseline run is named in the week-6 table: its model, stem, weights, fine-tuning, epochs
     and augmentation, plus its recipe hash, so runs of different recipes are never averaged as if
     they were seeds."""
-    tags, settings = run.data.tags, tracking.logged_config(run)
+    tags, settings = run.tags, run.config
     recipe = recipe_hash(run)
     model = tags.get("model", "?")
     stem = f"/{settings.get('stem', '?')}" if model == "resnet18" else ""
@@ -55,7 +55,7 @@ def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]]
     parents = tracking.stage_parents(dataset, "linear_probe", f"tags.source_run_id = '{ssl_run_id}'")
     rows: list[dict[str, Any]] = []
     if parents:
-        rows += run_rows(tracking.child_runs(parents[0].info.run_id, dataset))
+        rows += run_rows(tracking.child_runs(parents[0].id, dataset))
     else:
         notes.append(f"no FINISHED linear_probe run for SSL run {ssl_run_id}: probe and supervised-only rows missing")
     baselines = tracking.finished_runs(dataset, "tags.stage = 'baseline' and tags.kind = 'classifier'")
@@ -130,7 +130,7 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     encoders = [load_encoder_checkpoint(run_id, cfg["dataset"]) for run_id in ssl_run_ids(cfg["ssl_run_id"])]
     _, checkpoint = load_classifier(encoders[0][0], device)
     data = load_splits(cfg["dataset"], checkpoint["config"]["size"], data_root, device)
-    sources = [run.info.run_id for _, run in encoders]
+    sources = [run.id for _, run in encoders]
     chosen: dict[float, float] = {}
     selection: list[dict[str, Any]] = []
 
@@ -144,13 +144,13 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         model = finetune_model(path, cfg, seed, device)
         child_cfg = child_config(cfg, model, seed, fraction, chosen[fraction], len(subset), data.size)
         name = f"ssl_finetune-{tags['ssl_method']}-f{fraction}-s{seed}"
-        child_tags = {**tags, "source_run_id": ssl_run.info.run_id, "pretrain_seed": ssl_run.data.tags.get("seed", "")}
-        with tracking.tracked_run("ssl_finetune", cfg["dataset"], child_tags, run_name=name, nested=True) as run:
+        child_tags = {**tags, "source_run_id": ssl_run.id, "pretrain_seed": ssl_run.tags.get("seed", "")}
+        with tracking.tracked_run("ssl_finetune", cfg["dataset"], child_tags, run_name=name, nested=True) as run_id:
             values = fit_and_log(model, model.spec, data, data.train.subset(subset), child_cfg).metrics
-        return {**values, "run_id": run.info.run_id}
+        return {**values, "run_id": run_id}
 
     spec_model = checkpoint["spec"]["model"]
-    ssl_method = encoders[0][1].data.tags.get("method", "")
+    ssl_method = encoders[0][1].tags.get("method", "")
     parent_tags = {"model": spec_model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
     with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
