@@ -103,36 +103,47 @@ def fit_and_log(
             on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
         model.load_state_dict(result.best_state)
-        values = log_evaluation(model, spec, data, cfg, train, step=result.history[-1]["epoch"],
-                                best_epoch=result.best_epoch, with_model=with_model)
+        evaluation = evaluate(model, data, cfg, train, best_epoch=result.best_epoch)
+        values = log_classifier(evaluation, model, spec, data, cfg, train, step=result.history[-1]["epoch"], with_model=with_model)
         tracking.log_file(workdir / "val_log.jsonl")
         title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
         tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
     return ClassifierOutcome(values, model, result)
 
 
-def log_evaluation(
-    model: Classifier,
-    spec: ModelSpec,
-    data: DatasetSplits,
-    cfg: Mapping[str, Any],
-    train: Split,
-    step: int = 0,
-    best_epoch: int | None = None,
+@dataclass
+class Evaluation:
+    """A classifier's val and test logits, labels and final metrics, computed before anything is logged."""
+
+    logits: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def evaluate(
+    model: Classifier, data: DatasetSplits, cfg: Mapping[str, Any], train: Split, best_epoch: int | None = None,
     logits: Mapping[str, np.ndarray] | None = None,
-    with_model: bool = False,
-) -> dict[str, float]:
-    """Evaluate val and test once (or take precomputed `logits`) and log the inputs, metrics (with
-    `n_train`, the labelled training images used, and `best_epoch` for a trained model; a probe has
-    none), predictions, `best.pt`, reliability and confusion plots, and with `with_model` an MLflow
-    model that the metrics are linked to; tags the run `kind=classifier`."""
+) -> Evaluation:
+    """Evaluate val and test once (or take precomputed `logits`): the metrics, with `n_train` (the
+    labelled training images used) and `best_epoch` for a trained model (a probe has none)."""
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("val", "test")}
     if logits is None:
         logits = {s: predict_logits(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]) for s in ("val", "test")}
-    tracking.set_tags({"kind": "classifier"})
-    tracking.log_inputs(lineage.classifier_inputs(data, train, cfg))
     values = final_metrics(logits, labels, cfg)
     values.update({"best_epoch": best_epoch} if best_epoch is not None else {}, n_train=len(train))
+    return Evaluation(dict(logits), labels, values)
+
+
+def log_classifier(
+    evaluation: Evaluation, model: Classifier, spec: ModelSpec, data: DatasetSplits, cfg: Mapping[str, Any], train: Split,
+    step: int = 0, with_model: bool = False,
+) -> dict[str, float]:
+    """Log a classifier run's artifact contract from its evaluation: inputs, metrics, predictions,
+    `best.pt`, reliability and confusion plots, the mistake gallery, and with `with_model` an MLflow
+    model that the metrics are linked to; tags the run `kind=classifier`. Returns the metrics."""
+    logits, labels, values = evaluation.logits, evaluation.labels, evaluation.metrics
+    tracking.set_tags({"kind": "classifier"})
+    tracking.log_inputs(lineage.classifier_inputs(data, train, cfg))
     model_id = tracking.log_model(model, lineage.model_example(data), cfg["dataset"], {}) if with_model else None
     tracking.log_metrics({f"best_{k}" if k.startswith("val_") else k: v for k, v in values.items()}, step=step, model_id=model_id)
     test_values = {k.removeprefix("test_"): v for k, v in values.items() if k.startswith("test_")}
@@ -140,6 +151,7 @@ def log_evaluation(
     for split in ("val", "test"):
         tracking.log_text(predictions_csv(logits[split], labels[split]), f"predictions/{split}.csv")
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        best_epoch = values.get("best_epoch")
         tracking.log_file(save_checkpoint(Path(tmp) / "best.pt", model, spec, cfg, best_epoch=best_epoch), "checkpoints")
     probs = metrics.sigmoid(logits["test"])
     log_reliability_views(probs, labels["test"], cfg["ece_bins"])

@@ -29,7 +29,7 @@ from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, RESULT_KE
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log, log_evaluation, log_selected_model
+from pipeline.supervised import evaluate, fit_and_log, log_classifier, log_selected_model
 from pipeline.train import epochs_for_steps, eval_interval
 
 PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
@@ -96,7 +96,9 @@ def probe_child(
     name = f"{tags['method']}-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run_id:
         tracking.log_config(child_cfg)
-        values = log_evaluation(encoder.model, encoder.model.spec, data, child_cfg, data.train.subset(subset), logits=logits)
+        train = data.train.subset(subset)
+        evaluation = evaluate(encoder.model, data, child_cfg, train, logits=logits)
+        values = log_classifier(evaluation, encoder.model, encoder.model.spec, data, child_cfg, train)
     return {**values, "run_id": run_id}
 
 
