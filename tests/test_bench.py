@@ -54,7 +54,7 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
 
 @pytest.mark.slow
 def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_path):
-    # bench/gpu_full_study.sh relies on this: a call cut off by a time limit is run again and
+    # bench/gpu_check.sh relies on this: a call cut off by a time limit is run again and
     # reuses what finished, and the step log of both calls adds up to the whole study.
     # relative paths, as the script passes them: the studies run in the store's folder
     (tmp_path / "data").mkdir()
