@@ -22,7 +22,7 @@ from pipeline.data import fold_single, to_float
 from pipeline.runtime import autocast
 
 # Optimizer steps after which momentum-0.1 averages evaluate as well as recomputed statistics
-# (measured about 110 on all of PneumoniaMNIST, about 70 at 10% of it; docs/speed.md).
+# (measured about 110 on all of PneumoniaMNIST, 70 at 10% of it, 80 at 2%; docs/speed.md).
 STALE_BELOW_STEPS = 150
 # Images a supervised recomputation uses at most: one batch, exact over that sample.
 SAMPLE_IMAGES = 1024
