@@ -6,6 +6,11 @@ averages still carry their initial values and earlier epochs' weights, and every
 them is skewed (README, "Design choices", has the measured effect). So before a model is evaluated
 its running statistics are recomputed over the un-augmented training images with the current
 weights; training itself, which normalises with batch statistics, is unchanged.
+
+A supervised training pays for that only where it helps (`refresh_for_evaluation`): while it has
+made fewer than `STALE_BELOW_STEPS` optimizer steps (after that the running averages evaluate as
+well as recomputed ones, `bench/precise_bn_need.py`), over a fixed sample of at most
+`SAMPLE_IMAGES` training images.
 """
 
 from __future__ import annotations
@@ -15,6 +20,31 @@ from torch import nn
 
 from pipeline.data import fold_single, to_float
 from pipeline.runtime import autocast
+
+# Optimizer steps after which momentum-0.1 averages evaluate as well as recomputed statistics
+# (measured about 110 on all of PneumoniaMNIST, 70 at 10% of it, 80 at 2%; docs/speed.md).
+STALE_BELOW_STEPS = 150
+# Images a supervised recomputation uses at most: one batch, exact over that sample.
+SAMPLE_IMAGES = 1024
+
+
+def statistics_sample(images: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """At most `limit` of `images`, a seeded choice kept in split order: the same run always uses the same ones."""
+    if len(images) <= limit:
+        return images
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return images[chosen.to(images.device)]
+
+
+def refresh_for_evaluation(model: nn.Module, images: torch.Tensor, steps: int, seed: int, batch_size: int = 1024,
+                           amp: bool = False) -> bool:
+    """Recompute the statistics before an evaluation if the running averages can still be stale (fewer
+    than `STALE_BELOW_STEPS` optimizer steps in this training), over a sample of at most
+    `SAMPLE_IMAGES` of `images`; returns whether it did."""
+    if steps >= STALE_BELOW_STEPS:
+        return False
+    recompute_bn_statistics(model, statistics_sample(images, SAMPLE_IMAGES, seed), batch_size, amp)
+    return True
 
 
 @torch.no_grad()

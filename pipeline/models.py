@@ -12,9 +12,7 @@ from pathlib import Path
 from urllib.error import URLError
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import ResNet18_Weights
 
 from pipeline.errors import UserError
 
@@ -63,11 +61,15 @@ class SmallCNN(nn.Module):
 
 def imagenet_weights_cached() -> bool:
     """Whether torchvision's ResNet-18 ImageNet weights file is in the torch hub cache."""
+    from torchvision.models import ResNet18_Weights  # torchvision loads every architecture: only where ResNet is used
+
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name).exists()
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
     """ResNet-18 ImageNet weights through torchvision's weights API (cached under torch hub)."""
+    from torchvision.models import ResNet18_Weights
+
     weights = ResNet18_Weights.IMAGENET1K_V1
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
@@ -88,7 +90,9 @@ def resnet18_encoder(in_channels: int, stem: str, weights: str) -> tuple[nn.Modu
     pretrained 7×7 kernel (at stride 1 for the cifar stem), summed over its input channels for
     grayscale input (equivalent to feeding the gray image as RGB).
     """
-    net = torchvision.models.resnet18(weights=None)
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
     if weights == "imagenet":
         state = imagenet_state_dict()
         net.load_state_dict(state)

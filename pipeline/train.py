@@ -2,7 +2,8 @@
 
 One epoch = one seeded permutation of the training split, batches augmented on the device, loss
 accumulated on the device (no host sync per step). Validation runs every epoch, after the
-batch-norm statistics are recomputed over the training images (`pipeline.batchnorm`); the model with the
+batch-norm statistics are recomputed over the training images where the running averages can still
+be stale (`pipeline.batchnorm`); the model with the
 best validation AUROC is kept as a detached copy (never an alias of the live weights), and the test
 split is only touched by the caller, once, with that model.
 """
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics
 from pipeline.augment import Augment, identity
-from pipeline.batchnorm import recompute_bn_statistics
+from pipeline.batchnorm import refresh_for_evaluation
 from pipeline.data import Split, batch_indices, fold_single, to_float
 from pipeline.errors import DivergenceError, UserError
 from pipeline.runtime import autocast, epoch_seed, grad_scaler
@@ -68,12 +69,16 @@ def eval_interval(epochs: int, evaluations: int = 30) -> int:
     return max(1, epochs // evaluations)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps of an epoch on `n` images: every batch is a step, a one-image last batch is
+    folded into the one before."""
+    return max(1, n // batch_size + (n % batch_size > 1))
+
+
 def epochs_for_steps(steps: int, n: int, batch_size: int) -> int:
-    """Epochs that give at least `steps` optimizer steps on `n` images (every batch is a step; a
-    one-image last batch is folded into the one before), so a small label fraction is not starved:
-    at 1% of BreastMNIST an epoch is a single step."""
-    per_epoch = max(1, n // batch_size + (n % batch_size > 1))
-    return max(1, math.ceil(steps / per_epoch))
+    """Epochs that give at least `steps` optimizer steps on `n` images, so a small label fraction is
+    not starved: at 1% of BreastMNIST an epoch is a single step."""
+    return max(1, math.ceil(steps / steps_per_epoch(n, batch_size)))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
@@ -193,6 +198,7 @@ def train_classifier(
         best_state, best_epoch, best_auroc = resume["best_state"], resume["best_epoch"], resume["best_auroc"]
         history, start = list(resume["history"]), resume["epoch"] + 1
     val_labels = val.labels.cpu().numpy()
+    per_epoch = steps_per_epoch(len(train), cfg["batch_size"])
     for epoch in range(start, cfg["epochs"] + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_epoch(
@@ -202,7 +208,7 @@ def train_classifier(
         scheduler.step()
         if epoch % cfg.get("eval_every", 1) and epoch < cfg["epochs"]:
             continue
-        recompute_bn_statistics(model, train.images, cfg["eval_batch_size"], amp)
+        refresh_for_evaluation(model, train.images, epoch * per_epoch, cfg["seed"], cfg["eval_batch_size"], amp)
         logits = predict_logits(model, val, cfg["eval_batch_size"], amp)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, **epoch_metrics(logits, val_labels, cfg["ece_bins"])}
         history.append(row)

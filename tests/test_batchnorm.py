@@ -1,18 +1,19 @@
-"""Exact batch-norm statistics before evaluation: computed right, wired into both training loops."""
+"""Exact batch-norm statistics before evaluation: computed right, wired into both training loops,
+recomputed in supervised training only while the running averages can be stale."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pipeline import config
-from pipeline.batchnorm import recompute_bn_statistics
+from pipeline import batchnorm, config
+from pipeline.batchnorm import recompute_bn_statistics, statistics_sample
 from pipeline.data import load_splits, stratified_subset, to_float
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import pretrain
 from pipeline.runtime import seed_everything
 from pipeline.ssl import build_ssl
-from pipeline.train import train_classifier
+from pipeline.train import steps_per_epoch, train_classifier
 
 
 def first_bn(model: nn.Module) -> nn.modules.batchnorm._BatchNorm:
@@ -120,3 +121,51 @@ def test_a_last_batch_of_one_is_folded_into_the_one_before():
     chunks = [images[:4], images[4:]]
     variances = [len(c) * first_bn_input(model, c).var(dim=(0, 2, 3), unbiased=True) for c in chunks]
     assert bn.running_var.double() == pytest.approx((sum(variances) / 9).numpy(), rel=1e-4)
+
+
+def recompute_calls(monkeypatch) -> list[int]:
+    """Sizes of the image sets `train_classifier` recomputes statistics over, one entry per call."""
+    calls = []
+    real = batchnorm.recompute_bn_statistics
+
+    def spy(model, images, *args, **kwargs):
+        calls.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(batchnorm, "recompute_bn_statistics", spy)
+    return calls
+
+
+def test_a_long_training_evaluates_with_its_running_averages(splits, monkeypatch):
+    # recomputed while the training has made fewer than STALE_BELOW_STEPS optimizer steps, left to
+    # momentum after that, where they evaluate as well (bench/precise_bn_need.py); here 3 steps
+    # stand for the measured threshold, with one step an epoch (96 images, batch 128)
+    monkeypatch.setattr(batchnorm, "STALE_BELOW_STEPS", 3)
+    calls = recompute_calls(monkeypatch)
+    cfg = {**config.resolve("baseline", "breastmnist", {}), "epochs": 5, "bootstrap": 0}
+    assert steps_per_epoch(len(splits.train), cfg["batch_size"]) == 1
+    seed_everything(0)
+    model = build_classifier(ModelSpec("smallcnn"))
+    result = train_classifier(model, splits.train, splits.val, cfg)
+    assert calls == [len(splits.train)] * 2 and len(result.history) == 5  # epochs 1 and 2 only
+    bn = first_bn(model)
+    out = first_bn_input(model, splits.train.images)
+    assert bn.running_mean.double() != pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    assert int(bn.num_batches_tracked) == 1 + 3  # the last recomputation (one batch), then three training steps
+
+
+def test_a_large_training_split_recomputes_over_a_fixed_sample(splits, monkeypatch):
+    monkeypatch.setattr(batchnorm, "SAMPLE_IMAGES", 6)
+    calls = recompute_calls(monkeypatch)
+    train = splits.train.subset(stratified_subset(splits.train.labels.numpy(), 0.1, 0))  # 10 images, one step an epoch
+    cfg = {**config.resolve("baseline", "breastmnist", {}), "epochs": 2, "bootstrap": 0}
+    seed_everything(0)
+    model = build_classifier(ModelSpec("smallcnn"))
+    train_classifier(model, train, splits.val, cfg)
+    assert calls == [6, 6]
+    sample = statistics_sample(train.images, 6, cfg["seed"])
+    assert torch.equal(sample, statistics_sample(train.images, 6, cfg["seed"]))
+    assert len({bytes(image.numpy()) for image in sample}) == 6
+    bn = first_bn(model)
+    assert bn.running_mean.double() == pytest.approx(first_bn_input(model, sample).mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
+    assert statistics_sample(train.images, 10, 0) is train.images

@@ -90,3 +90,33 @@ def test_split_bn_cost_times_both_modules_on_the_same_batch(tmp_path):
     assert row["model"] == "smallcnn" and row["splits"] == 4 and row["plain_ms"] > 0 and row["split_ms"] > 0
     assert row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
     assert "| smallcnn |" in done.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_classic_vs_run_times_both_in_turns_and_profiles_our_run(tmp_path):
+    # medmnist's Dataset and Evaluator insist on the official split sizes
+    write_synthetic(tmp_path, "breastmnist", counts={"train": 546, "val": 78, "test": 156})
+    out = tmp_path / "classic.json"
+    command = [sys.executable, "bench/classic_vs_run.py", "--dataset", "breastmnist", "--data-root", str(tmp_path),
+               "--epochs", "1", "--rounds", "1", "--profile", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    [row] = report["rounds"]
+    assert row["classic_s"] > 0 and row["ours_s"] > 0 and row["ratio"] == pytest.approx(row["classic_s"] / row["ours_s"], rel=0.01)
+    profile = report["profile"]
+    assert 0 < profile["training epochs"] < profile["entry point process"]
+    assert profile["imports"] > 0 and profile["store preparation"] > 0 and profile["figures"] > 0
+    assert "batch-norm recomputation" in profile  # one epoch of 5 steps: recomputed
+
+
+def test_cpu_bf16_measures_speed_and_metrics_in_both_precisions(tmp_path, synthetic_root):
+    out = tmp_path / "bf16.json"
+    command = [sys.executable, "bench/cpu_bf16.py", "--data-root", str(synthetic_root), "--batch", "16", "--rounds", "1",
+               "--epochs", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["speed"]["train_fp32_ms"] > 0 and report["speed"]["train_bf16_over_fp32"] > 0
+    assert set(report["quality"]) == {"fp32", "bf16"}
+    assert all(0 <= values["val_auroc"] <= 1 for values in report["quality"].values())
