@@ -25,7 +25,7 @@ from pipeline.augment import Augment, identity
 from pipeline.batchnorm import recompute_bn_statistics
 from pipeline.data import Split, batch_indices, fold_single, to_float
 from pipeline.errors import DivergenceError, UserError
-from pipeline.grouped_model import GroupedClassifier, stack_channels
+from pipeline.grouped_model import GroupedClassifier, check_members, stack_channels
 from pipeline.models import Classifier
 from pipeline.runtime import autocast, epoch_seed, grad_scaler, prepare_model
 from pipeline.train import TrainResult, epoch_metrics, make_optimizer, make_scheduler, predict_logits, selection_score
@@ -96,6 +96,19 @@ def check_group(members: list[Member], device: torch.device, amp: bool) -> None:
         raise UserError(f"grouped members need training subsets of one size, got {sorted({len(m.train) for m in members})}")
     if grad_scaler(device, amp).is_enabled():
         raise UserError("grouped training cannot use fp16 loss scaling; use amp=false or a bf16 GPU")
+
+
+def refusal(members: list[Member], cfg: Mapping[str, Any]) -> str:
+    """Why `train_members` would refuse these members ('' when it would not), so that a grid can
+    train them one by one instead; a lone member gains nothing from a group."""
+    if len(members) < 2:
+        return "a single member"
+    try:
+        check_members([member.model for member in members])
+        check_group(members, members[0].train.images.device, bool(cfg.get("amp", False)))
+    except UserError as exc:
+        return str(exc)
+    return ""
 
 
 def train_members(members: list[Member], val: Split, cfg: Mapping[str, Any],
