@@ -115,18 +115,23 @@ def raise_failures(failures: list[str], total: int, grid: str) -> None:
 
 def run_grid(
     cfg: Mapping[str, Any], data: DatasetSplits, child: Callable[[np.ndarray, dict[str, Any]], Mapping[str, float]],
-    methods: list[str], base_tags: Mapping[str, Any],
+    methods: list[str], base_tags: Mapping[str, Any], ahead: Callable[[float, dict[int, np.ndarray]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Call `child(subset, tags)` (returning metrics and its `run_id`) for every fraction × seed ×
-    method; the same stratified subset serves every method of a (fraction, seed). Every grid's
+    method; the same stratified subset serves every method of a (fraction, seed). `ahead(fraction,
+    {seed: subset})`, when given, runs before a fraction's children, so a step can train that
+    fraction's members together and let each child log its stored result (a member's failure is
+    stored too and raised by its child; an error of `ahead` itself stops the grid). Every grid's
     failure policy: a child that fails (its run already FAILED with the reason) is recorded and the
     grid goes on, so one diverging seed does not cost the others; a user mistake stops it at once,
     since every child would repeat it. Returns (rows of the finished children, failures)."""
     train_labels = data.train.labels.cpu().numpy()
     rows, failures = [], []
     for fraction in cfg["label_fractions"]:
-        for seed in cfg["seeds"]:
-            subset = stratified_subset(train_labels, fraction, seed)
+        subsets = {seed: stratified_subset(train_labels, fraction, seed) for seed in cfg["seeds"]}
+        if ahead is not None:
+            ahead(fraction, subsets)
+        for seed, subset in subsets.items():
             for method in methods:
                 tags = {**base_tags, "method": method, "label_fraction": fraction, "seed": seed}
                 try:

@@ -2,7 +2,9 @@
 
 Shared by `baseline`, the ablation children and the fine-tuning steps: train with per-epoch
 validation, select by validation AUROC, evaluate val and test once with the selected weights, then
-log metrics, predictions, checkpoint, plots and tables.
+log metrics, predictions, checkpoint, plots and tables. A grid's members of one label fraction can
+train together first (`train_together`, `pipeline/grouped_train.py`); each is then logged in its own
+run as if it had trained there (`log_member`, `log_trained`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pipeline.augment import build_augment
 from pipeline.checkpoint import CheckpointSchedule, load_classifier, save_checkpoint
 from pipeline.config import config_hash
 from pipeline.data import DatasetSplits, Split, stratified_subset
+from pipeline.errors import DivergenceError
 from pipeline.gallery import log_gallery, most_confident_mistakes
+from pipeline.grouped_train import Member, refusal, train_members
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.runtime import prepare_model, seed_everything
 from pipeline.train import TrainResult, predict_logits, train_classifier
@@ -87,7 +91,7 @@ def fit_and_log(
     with_model: bool = False,
 ) -> ClassifierOutcome:
     """Train `model` on `train` (possibly a label subset) and log the classifier artifacts (and, with
-    `with_model`, an MLflow model).
+    `with_model`, an MLflow model), each epoch's metrics and `last.pt` as training goes.
 
     With `resume` (a `last.pt` training state of this run) training continues after its epoch;
     the config is already logged, and epochs up to `logged_through` are not logged again.
@@ -97,18 +101,81 @@ def fit_and_log(
         if resume is None:
             tracking.log_config(cfg)
         else:
-            (workdir / "val_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in resume["history"]))
+            (workdir / "val_log.jsonl").write_text(history_lines(resume["history"]))
         result = train_classifier(
             model, train, data.val, cfg, augment=build_augment(cfg["augment"]),
             on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
-        model.load_state_dict(result.best_state)
-        evaluation = evaluate(model, data, cfg, train, best_epoch=result.best_epoch)
-        values = log_classifier(evaluation, model, spec, data, cfg, train, step=result.history[-1]["epoch"], with_model=with_model)
-        tracking.log_file(workdir / "val_log.jsonl")
-        title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
-        tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
+        return log_selected(model, spec, data, train, cfg, result, workdir, with_model)
+
+
+def log_trained(
+    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any], result: TrainResult,
+    with_model: bool = False,
+) -> ClassifierOutcome:
+    """Log a classifier trained elsewhere (a grid member trained in its group) as `fit_and_log` logs
+    one it trains: the config, each evaluated epoch's metrics at step = epoch, `val_log.jsonl`, then
+    the selected weights' artifacts. No `last.pt`: a grid member is never resumed."""
+    with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+        workdir = Path(tmp)
+        tracking.log_config(cfg)
+        for row in result.history:
+            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        (workdir / "val_log.jsonl").write_text(history_lines(result.history))
+        return log_selected(model, spec, data, train, cfg, result, workdir, with_model)
+
+
+def history_lines(history: list[dict[str, float]]) -> str:
+    """`val_log.jsonl`'s text: one JSON object per evaluated epoch."""
+    return "".join(json.dumps(row) + "\n" for row in history)
+
+
+def log_selected(
+    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any], result: TrainResult,
+    workdir: Path, with_model: bool,
+) -> ClassifierOutcome:
+    """Load the selected epoch's weights into `model`, evaluate them once and log the artifact
+    contract, `val_log.jsonl` (from `workdir`) and the learning curves."""
+    model.load_state_dict(result.best_state)
+    evaluation = evaluate(model, data, cfg, train, best_epoch=result.best_epoch)
+    values = log_classifier(evaluation, model, spec, data, cfg, train, step=result.history[-1]["epoch"], with_model=with_model)
+    tracking.log_file(workdir / "val_log.jsonl")
+    title = f"{cfg['dataset']} {cfg['model']} (best epoch {result.best_epoch})"
+    tracking.log_figure(plots.learning_curves(result.history, title), "plots/learning_curves.png")
     return ClassifierOutcome(values, model, result)
+
+
+@dataclass
+class MemberRun:
+    """A grid member: its initialised model, labelled subset and run config, and once its group has
+    trained it, its result (or the divergence that would have stopped it alone)."""
+
+    model: Classifier
+    train: Split
+    cfg: dict[str, Any]
+    result: TrainResult | DivergenceError | None = None
+
+
+def train_together(runs: list[MemberRun], val: Split) -> str:
+    """Train the members (one config but the seed, subsets of one size) as one group, storing each
+    one's result; returns '' or why they cannot be grouped (their results then stay None: solo)."""
+    members = [Member(run.model, run.train, run.cfg["seed"]) for run in runs]
+    cfg = runs[0].cfg
+    reason = refusal(members, cfg)
+    if not reason:
+        for run, result in zip(runs, train_members(members, val, cfg, build_augment(cfg["augment"]))):
+            run.result = result
+    return reason
+
+
+def log_member(run: MemberRun, spec: ModelSpec, data: DatasetSplits) -> dict[str, float]:
+    """Inside the member's open run: log what its group trained (raising its divergence here, so
+    the run fails as a solo run would), or train and log it alone when it was not grouped."""
+    if run.result is None:
+        return fit_and_log(run.model, spec, data, run.train, run.cfg).metrics
+    if isinstance(run.result, DivergenceError):
+        raise run.result
+    return log_trained(run.model, spec, data, run.train, run.cfg, run.result).metrics
 
 
 @dataclass

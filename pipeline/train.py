@@ -128,6 +128,12 @@ def epoch_metrics(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[s
     }
 
 
+def selection_score(row: Mapping[str, float]) -> float:
+    """What model selection maximises: validation AUROC, or minus the validation loss where the AUROC
+    is undefined (one class in the validation split)."""
+    return row["val_auroc"] if math.isfinite(row["val_auroc"]) else -row["val_loss"]
+
+
 def train_epoch(
     model: nn.Module,
     train: Split,
@@ -212,7 +218,7 @@ def train_classifier(
         logits = predict_logits(model, val, cfg["eval_batch_size"], amp)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": lr, **epoch_metrics(logits, val_labels, cfg["ece_bins"])}
         history.append(row)
-        score = row["val_auroc"] if math.isfinite(row["val_auroc"]) else -row["val_loss"]
+        score = selection_score(row)
         if score > best_auroc:
             best_auroc, best_epoch = score, epoch
             best_state = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})

@@ -17,7 +17,6 @@ from entrypoints.common import main
 from pipeline.steps import linear_probe as pipeline_linear_probe
 from pipeline.steps import ssl_finetune as pipeline_ssl_finetune
 from pipeline.data import load_arrays, stratified_subset
-from pipeline.errors import DivergenceError
 from pipeline.models import ModelSpec, build_classifier
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
@@ -294,14 +293,16 @@ def test_a_failed_probe_child_fails_the_grid_after_the_others_finish(data_env, t
     # the grids' one failure policy: the failed child is FAILED with its reason, the grid goes on,
     # its table holds what finished, and the parent ends FAILED naming the failed child
     main(ssl_pretrain.command, ["--dataset", "breastmnist", *PRETRAIN])
-    real = pipeline_linear_probe.fit_and_log
+    real = pipeline_linear_probe.supervised_member
 
-    def diverge_on_seed_1(model, spec, data, train, cfg):
-        if cfg["seed"] == 1 and cfg["label_fraction"] == 1.0:
-            raise DivergenceError("loss became nan at epoch 1")
-        return real(model, spec, data, train, cfg)
+    def diverge_on_seed_1(data, spec, subset, cfg, seed, fraction, device):
+        member = real(data, spec, subset, cfg, seed, fraction, device)
+        if seed == 1 and fraction == 1.0:  # trained with seed 0 in one group (group_members: true by default)
+            with torch.no_grad():
+                member.model.head.bias.fill_(float("nan"))
+        return member
 
-    monkeypatch.setattr(pipeline_linear_probe, "fit_and_log", diverge_on_seed_1)
+    monkeypatch.setattr(pipeline_linear_probe, "supervised_member", diverge_on_seed_1)
     with pytest.raises(SystemExit) as exit_info:
         main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", *PROBE])
     err = capsys.readouterr().err

@@ -8,7 +8,9 @@ seed): subset seed number i uses encoder i mod K, so the SSL rows' spread includ
 variance as the supervised rows' includes initialisation variance. Features are extracted once per
 encoder; every probe is fitted on the cached features. The supervised-only model uses the SSL
 encoder's architecture, trained from scratch on the same stratified subsets, for a fixed number of
-optimizer steps at every fraction. The parent logs the paired differences (pipeline/paired.py).
+optimizer steps at every fraction; with `group_members` a fraction's supervised-only seeds train
+together as one grouped model (`pipeline/grouped_train.py`, each equal to its solo run) before their
+child runs log them. The parent logs the paired differences (pipeline/paired.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline import config, paired, tables, tracking
 from pipeline.batchnorm import recompute_bn_statistics
@@ -29,7 +32,7 @@ from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, RESULT_KE
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import evaluate, fit_and_log, log_classifier, log_selected_model
+from pipeline.supervised import MemberRun, evaluate, log_classifier, log_member, log_selected_model, train_together
 from pipeline.train import epochs_for_steps, eval_interval
 
 PROBE_COMPARISONS = (("ssl_probe", "supervised"), ("ssl_probe", "random_probe"))
@@ -102,21 +105,29 @@ def probe_child(
     return {**values, "run_id": run_id}
 
 
-def supervised_child(
-    data: DatasetSplits, spec: ModelSpec, subset: np.ndarray, cfg: Mapping[str, Any], tags: Mapping[str, Any],
+def supervised_member(
+    data: DatasetSplits, spec: ModelSpec, subset: np.ndarray, cfg: Mapping[str, Any], seed: int, fraction: float,
     device: torch.device,
-) -> dict[str, float]:
-    """Train the encoder's architecture from scratch on the same subset (a nested classifier run),
-    for `supervised_steps` optimizer steps (converted to epochs of this subset), or `supervised_epochs` when given."""
+) -> MemberRun:
+    """The supervised-only model of one subset, initialised from its seed: the encoder's architecture
+    from scratch for `supervised_steps` optimizer steps (converted to epochs of this subset), or
+    `supervised_epochs` when given."""
     epochs = cfg["supervised_epochs"] or epochs_for_steps(cfg["supervised_steps"], len(subset), cfg["batch_size"])
     overrides = {"model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
-                 "augment": cfg["supervised_augment"], "seed": tags["seed"], "label_fraction": tags["label_fraction"], "size": data.size}
+                 "augment": cfg["supervised_augment"], "seed": seed, "label_fraction": fraction, "size": data.size}
     child_cfg = config.derive("baseline", cfg, overrides)
-    seed_everything(tags["seed"])
-    model = prepare_model(build_classifier(spec), device, child_cfg)
+    seed_everything(seed)
+    return MemberRun(prepare_model(build_classifier(spec), device, child_cfg), data.train.subset(subset), child_cfg)
+
+
+def supervised_child(
+    data: DatasetSplits, spec: ModelSpec, member: MemberRun, cfg: Mapping[str, Any], tags: Mapping[str, Any],
+) -> dict[str, float]:
+    """Log a supervised-only member as a nested classifier run: trained with its group, or now alone."""
     name = f"supervised-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
-    with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run_id:
-        values = fit_and_log(model, spec, data, data.train.subset(subset), child_cfg).metrics
+    run_tags = {**tags, "grouped": str(member.result is not None).lower()}
+    with tracking.tracked_run("linear_probe", cfg["dataset"], run_tags, run_name=name, nested=True) as run_id:
+        values = log_member(member, spec, data)
     return {**values, "run_id": run_id}
 
 
@@ -173,6 +184,7 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
 
     random_encoders: dict[int, FrozenEncoder] = {}  # one per seed, shared by its fractions
+    grouped: dict[tuple[float, int], MemberRun] = {}  # (fraction, seed): a member built, and trained, with its fraction's seeds
 
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
         method, seed = tags["method"], tags["seed"]
@@ -186,14 +198,25 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
             return probe_child(random_encoders[seed], data, subset, cfg, tags)
         if method == "imagenet_probe":
             return probe_child(imagenet, data, subset, cfg, {**tags, "model": "resnet18"})
-        return supervised_child(data, spec, subset, cfg, tags, device)
+        member = grouped.pop((tags["label_fraction"], seed), None)
+        if member is None:
+            member = supervised_member(data, spec, subset, cfg, seed, tags["label_fraction"], device)
+        return supervised_child(data, spec, member, cfg, tags)
+
+    def ahead(fraction: float, subsets: dict[int, np.ndarray]) -> None:
+        members = {seed: supervised_member(data, spec, subset, cfg, seed, fraction, device) for seed, subset in subsets.items()}
+        why_not = train_together(list(members.values()), data.val)
+        if why_not:
+            tqdm.write(f"linear_probe: the supervised-only seeds at {fraction:g} train one by one ({why_not})")
+        grouped.update({(fraction, seed): member for seed, member in members.items()})
 
     name = f"linear-probe-{ssl_method}-{spec.model}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], parent_tags, run_name=name):
         tracking.log_config(cfg)
         for method, why in not_run.items():
             tracking.set_tags({f"{method}_status": f"not run: {why}"[:4000]})
-        rows, failures = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method})
+        group = ahead if cfg["group_members"] and "supervised" in runnable else None
+        rows, failures = run_grid(cfg, data, child, runnable, {"model": spec.model, "ssl_method": ssl_method}, group)
         if not rows:
             raise_failures(failures, len(failures), "linear_probe")
         rows += majority_rows(data, cfg)

@@ -5,7 +5,9 @@ Every fraction trains for the same number of optimizer steps (`steps`, converted
 subset), so 1% of the labels is not starved at one step an epoch. The encoder's learning-rate scale
 is chosen per fraction from the `encoder_lr_scale` grid on the first seed's validation AUROC
 (trained in memory, not logged), then used for every seed. As in `linear_probe`, several
-pretraining runs serve the subset seeds in turn.
+pretraining runs serve the subset seeds in turn. With `group_members` a fraction's seeds train
+together as one grouped model (`pipeline/grouped_train.py`, each equal to its solo run) before their
+child runs log them; a failure to choose the scale fails every child of its fraction.
 
 The week-6 table reads the probe and supervised-only results from the newest FINISHED
 `linear_probe` run that used the same SSL run, and the full-label baselines from `baseline` runs;
@@ -20,16 +22,18 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline import config, paired, tables, tracking
 from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
+from pipeline.errors import UserError
 from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
                             majority_rows, raise_failures, recipe_hash, run_grid, run_rows, ssl_run_ids)
 from pipeline.models import Classifier
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
-from pipeline.supervised import fit_and_log, log_selected_model
+from pipeline.supervised import MemberRun, log_member, log_selected_model, train_together
 from pipeline.train import epochs_for_steps, eval_interval, train_classifier
 from pipeline.tracking import RunRecord
 
@@ -123,6 +127,14 @@ def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cf
     return max(grid, key=lambda scale: scores[scale]), scores
 
 
+def finetune_member(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], seed: int,
+                    fraction: float, scale: float, device: torch.device) -> MemberRun:
+    """One seed's fine-tuning run at the chosen scale: its model, labelled subset and config."""
+    model = finetune_model(encoder_path, cfg, seed, device)
+    child_cfg = child_config(cfg, model, seed, fraction, scale, len(subset), data.size)
+    return MemberRun(model, data.train.subset(subset), child_cfg)
+
+
 def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
     """Fine-tune at every fraction × seed under one parent run; returns the week-6 summary rows."""
     device = resolve_device(cfg["device"])
@@ -131,22 +143,46 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     _, checkpoint = load_classifier(encoders[0][0], device)
     data = load_splits(cfg["dataset"], checkpoint["config"]["size"], data_root, device)
     sources = [run.id for _, run in encoders]
-    chosen: dict[float, float] = {}
+    chosen: dict[float, float | Exception] = {}  # per fraction: the encoder lr scale, or why choosing it failed
     selection: list[dict[str, Any]] = []
+    members: dict[tuple[float, int], MemberRun] = {}  # (fraction, seed): built, and trained with its fraction's seeds
+
+    def ahead(fraction: float, subsets: dict[int, np.ndarray]) -> None:
+        seed = cfg["seeds"][0]
+        try:
+            chosen[fraction], scores = choose_scale(for_seed(encoders, cfg["seeds"], seed)[0], data, subsets[seed], cfg,
+                                                    fraction, seed, device)
+        except UserError:
+            raise
+        except Exception as exc:  # every child of the fraction fails with it, in its own run
+            chosen[fraction] = exc
+            return
+        selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction],
+                          **{f"val_auroc_scale_{k:g}": v for k, v in scores.items()}})
+        if cfg["group_members"]:
+            group_fraction(fraction, subsets)
+
+    def group_fraction(fraction: float, subsets: dict[int, np.ndarray]) -> None:
+        built = {seed: finetune_member(for_seed(encoders, cfg["seeds"], seed)[0], data, subset, cfg, seed, fraction,
+                                       chosen[fraction], device) for seed, subset in subsets.items()}
+        why_not = train_together(list(built.values()), data.val)
+        if why_not:
+            tqdm.write(f"ssl_finetune: the seeds at {fraction:g} train one by one ({why_not})")
+        members.update({(fraction, seed): member for seed, member in built.items()})
 
     def child(subset: np.ndarray, tags: dict[str, Any]) -> Mapping[str, float]:
         fraction, seed = tags["label_fraction"], tags["seed"]
         path, ssl_run = for_seed(encoders, cfg["seeds"], seed)
-        if fraction not in chosen:
-            chosen[fraction], scores = choose_scale(path, data, subset, cfg, fraction, seed, device)
-            selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction],
-                              **{f"val_auroc_scale_{k:g}": v for k, v in scores.items()}})
-        model = finetune_model(path, cfg, seed, device)
-        child_cfg = child_config(cfg, model, seed, fraction, chosen[fraction], len(subset), data.size)
+        member = members.pop((fraction, seed), None)
+        if member is None and not isinstance(chosen[fraction], Exception):
+            member = finetune_member(path, data, subset, cfg, seed, fraction, chosen[fraction], device)
         name = f"ssl_finetune-{tags['ssl_method']}-f{fraction}-s{seed}"
-        child_tags = {**tags, "source_run_id": ssl_run.id, "pretrain_seed": ssl_run.tags.get("seed", "")}
+        child_tags = {**tags, "source_run_id": ssl_run.id, "pretrain_seed": ssl_run.tags.get("seed", ""),
+                      "grouped": str(member is not None and member.result is not None).lower()}
         with tracking.tracked_run("ssl_finetune", cfg["dataset"], child_tags, run_name=name, nested=True) as run_id:
-            values = fit_and_log(model, model.spec, data, data.train.subset(subset), child_cfg).metrics
+            if member is None:
+                raise chosen[fraction]
+            values = log_member(member, member.model.spec, data)
         return {**values, "run_id": run_id}
 
     spec_model = checkpoint["spec"]["model"]
@@ -155,7 +191,7 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
                    "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
     with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
         tracking.log_config(cfg)
-        rows, failures = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method})
+        rows, failures = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method}, ahead)
         if not rows:
             raise_failures(failures, len(failures), "ssl_finetune")
         log_selected_model(rows, data, cfg["dataset"])
