@@ -36,12 +36,17 @@ def statistics_sample(images: torch.Tensor, limit: int, seed: int) -> torch.Tens
     return images[chosen.to(images.device)]
 
 
+def running_averages_stale(steps: int) -> bool:
+    """Whether the running averages can still be stale after `steps` optimizer steps of a training."""
+    return steps < STALE_BELOW_STEPS
+
+
 def refresh_for_evaluation(model: nn.Module, images: torch.Tensor, steps: int, seed: int, batch_size: int = 1024,
                            amp: bool = False) -> bool:
     """Recompute the statistics before an evaluation if the running averages can still be stale (fewer
     than `STALE_BELOW_STEPS` optimizer steps in this training), over a sample of at most
     `SAMPLE_IMAGES` of `images`; returns whether it did."""
-    if steps >= STALE_BELOW_STEPS:
+    if not running_averages_stale(steps):
         return False
     recompute_bn_statistics(model, statistics_sample(images, SAMPLE_IMAGES, seed), batch_size, amp)
     return True

@@ -2,7 +2,7 @@
 
 The members run as one `GroupedClassifier` (one launch per layer instead of K), but each keeps what
 makes it independent: its data order and augmentation stream from its own epoch seed, its channel
-block of every batch norm (batch statistics, running averages, the precise recomputation over its own
+block of every batch norm (batch statistics, running averages, the precise recomputation over a sample of its own
 training images), its elements of the optimizer state (Adam, AdamW and SGD update element-wise, so one
 optimizer over the concatenated parameters is K optimizers), and its model selection by validation
 AUROC. The schedule is shared because it depends on the epoch alone, so members must share the
@@ -22,13 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.augment import Augment, identity
-from pipeline.batchnorm import recompute_bn_statistics
+from pipeline.batchnorm import SAMPLE_IMAGES, recompute_bn_statistics, running_averages_stale, statistics_sample
 from pipeline.data import Split, batch_indices, fold_single, to_float
 from pipeline.errors import DivergenceError, UserError
 from pipeline.grouped_model import GroupedClassifier, check_members, stack_channels
 from pipeline.models import Classifier
 from pipeline.runtime import autocast, epoch_seed, grad_scaler, prepare_model
-from pipeline.train import TrainResult, epoch_metrics, make_optimizer, make_scheduler, predict_logits, selection_score
+from pipeline.train import TrainResult, epoch_metrics, make_optimizer, make_scheduler, predict_logits, selection_score, steps_per_epoch
 
 
 @dataclass
@@ -124,7 +124,9 @@ def train_members(members: list[Member], val: Split, cfg: Mapping[str, Any],
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     trains = [member.train for member in members]
-    train_images = stack_channels([train.images for train in trains])
+    # each member's batch-norm sample, as its solo run draws it (seeded by its own seed)
+    bn_images = stack_channels([statistics_sample(t.images, SAMPLE_IMAGES, m.seed) for t, m in zip(trains, members)])
+    per_epoch = steps_per_epoch(len(trains[0]), cfg["batch_size"])
     val_grouped = Split(val.images.repeat(1, len(members), 1, 1), val.labels)
     val_labels = val.labels.cpu().numpy()
     tracks = [MemberTrack() for _ in members]
@@ -140,7 +142,8 @@ def train_members(members: list[Member], val: Split, cfg: Mapping[str, Any],
                                               "lower lr or check the data")
         if epoch % cfg.get("eval_every", 1) and epoch < epochs:
             continue
-        recompute_bn_statistics(model, train_images, cfg["eval_batch_size"], amp)
+        if running_averages_stale(epoch * per_epoch):
+            recompute_bn_statistics(model, bn_images, cfg["eval_batch_size"], amp)
         logits = predict_logits(model, val_grouped, cfg["eval_batch_size"], amp)
         for index, (track, loss) in enumerate(zip(tracks, losses)):
             if track.error is None:
