@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from perf import sync  # noqa: E402
+from harness import sync  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import autocast, configure_speed, prepare_model, resolve_device  # noqa: E402

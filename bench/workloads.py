@@ -235,10 +235,10 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
             rate = per_step * steps / seconds
             row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
                                         extra={"rates": [], "references": [], "flops_per_image": flops_per_image})
-            row.extra["rates"].append(round(rate, 1))
+            row.extra["rates"].append(round(rate, 3))
             row.extra["references"].append(round(reference / 1e12, 6))
             if rate > row.images_per_s:
-                row.images_per_s, row.wall_s, row.peak_mem_mib, row.steps = round(rate, 1), round(seconds, 2), mib, steps
+                row.images_per_s, row.wall_s, row.peak_mem_mib, row.steps = round(rate, 3), round(seconds, 2), mib, steps
                 row.tflops = round(flops_per_image * rate / 1e12, 3)
                 row.flop_fraction = round(flops_per_image * rate / reference, 3)
             best[path] = row
