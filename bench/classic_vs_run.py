@@ -193,7 +193,10 @@ def spans_worker(args: argparse.Namespace) -> None:
     from entrypoints.common import main as run_command
 
     for label, module, name in SPANS:
-        target = importlib.import_module(module)
+        try:
+            target = importlib.import_module(module)
+        except ModuleNotFoundError:  # a module of another checkout's layout
+            continue
         if hasattr(target, name):
             setattr(target, name, spans.wrap(label, getattr(target, name)))
     words = [word for key, value in baseline_args(args) for word in (f"--{key.replace('_', '-')}", value)]
