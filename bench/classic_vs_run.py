@@ -55,10 +55,12 @@ SPANS = (
 
 
 def environment(store: Path) -> dict[str, str]:
-    """The subprocesses' environment: the fresh store, no progress bars, this interpreter first on PATH."""
+    """The subprocesses' environment: the fresh store, no progress bars, this interpreter first on PATH,
+    and no experiment or run id inherited from the caller (they would point into another store)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "TQDM_DISABLE": "1", "PATH": path,
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    return {**inherited, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "TQDM_DISABLE": "1", "PATH": path,
             "PYTHONPATH": python_path, "MLFLOW_EXPERIMENT_NAME": "bench"}
 
 
