@@ -70,9 +70,9 @@ def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, wo
 
     def on_epoch(epoch: int, row: dict[str, float], state) -> None:
         if epoch > logged_through:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            log_epoch(row)
         with log_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(history_lines([row]))
         if schedule.due(epoch):
             path = save_checkpoint(workdir / "last.pt", model, spec, cfg, train_state=state())
             tracking.log_file(path, "checkpoints")
@@ -120,9 +120,14 @@ def log_trained(
         workdir = Path(tmp)
         tracking.log_config(cfg)
         for row in result.history:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            log_epoch(row)
         (workdir / "val_log.jsonl").write_text(history_lines(result.history))
         return log_selected(model, spec, data, train, cfg, result, workdir, with_model)
+
+
+def log_epoch(row: Mapping[str, float]) -> None:
+    """One evaluated epoch's values as metrics at step = epoch."""
+    tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
 def history_lines(history: list[dict[str, float]]) -> str:
