@@ -39,7 +39,7 @@ from pipeline.errors import DivergenceError  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import prepare_model, seed_everything  # noqa: E402
 from pipeline.ssl import build_ssl  # noqa: E402
-from pipeline.train import predict_logits, train_classifier  # noqa: E402
+from pipeline.train import TrainSettings, predict_logits, train_classifier  # noqa: E402
 
 TOLERANCE = {"loss_rel": 0.02, "auroc_abs": 0.01, "logit_abs": 1e-3}
 AMP_LOSS_REL = 0.05
@@ -105,7 +105,7 @@ def train_on(device: torch.device, spec: ModelSpec, dataset: str, epochs: int, a
     data = load_splits(dataset, 28, "", device)
     seed_everything(0)
     model = prepare_model(build_classifier(spec), device, cfg)
-    result = train_classifier(model, data.train, data.val, cfg)
+    result = train_classifier(model, data.train, data.val, TrainSettings.of(cfg))
     model.load_state_dict(result.best_state)
     logits = predict_logits(model, data.test, 1024)
     return {"history": result.history, "test_auroc": metrics.auroc(logits, data.test.labels.cpu().numpy()),

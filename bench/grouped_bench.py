@@ -39,7 +39,7 @@ from pipeline.grouped_model import GroupedClassifier, stack_channels  # noqa: E4
 from pipeline.grouped_train import train_group_epoch  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import configure_speed, epoch_seed, prepare_model  # noqa: E402
-from pipeline.train import epochs_for_steps, eval_interval, make_optimizer, predict_logits, train_epoch  # noqa: E402
+from pipeline.train import TrainSettings, epochs_for_steps, eval_interval, make_optimizer, predict_logits, train_epoch  # noqa: E402
 
 
 def child_config(dataset: str, n: int) -> dict[str, Any]:
@@ -70,9 +70,9 @@ class Cell:
             torch.manual_seed(seed)
             models.append(build_classifier(ModelSpec("smallcnn")))
         self.solo = [prepare_model(copy.deepcopy(model), torch.device("cpu"), self.cfg) for model in models]
-        self.solo_optimizers = [make_optimizer(model, self.cfg) for model in self.solo]
+        self.solo_optimizers = [make_optimizer(model, TrainSettings.of(self.cfg)) for model in self.solo]
         self.group = prepare_model(GroupedClassifier(models), torch.device("cpu"), self.cfg)
-        self.group_optimizer = make_optimizer(self.group, self.cfg)
+        self.group_optimizer = make_optimizer(self.group, TrainSettings.of(self.cfg))
         self.train_images = stack_channels([train.images for train in self.trains])
         self.val_grouped = Split(self.data.val.images.repeat(1, members, 1, 1), self.data.val.labels)
 

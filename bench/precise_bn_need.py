@@ -28,7 +28,7 @@ from pipeline.batchnorm import recompute_bn_statistics, statistics_sample  # noq
 from pipeline.data import Split, load_splits, stratified_subset  # noqa: E402
 from pipeline.models import ModelSpec, build_classifier  # noqa: E402
 from pipeline.runtime import configure_speed, epoch_seed, prepare_model, seed_everything  # noqa: E402
-from pipeline.train import epoch_metrics, make_optimizer, make_scheduler, predict_logits, train_epoch  # noqa: E402
+from pipeline.train import TrainSettings, epoch_metrics, make_optimizer, make_scheduler, predict_logits, train_epoch  # noqa: E402
 
 
 def evaluate(model: torch.nn.Module, val: Split, cfg: dict) -> dict[str, float]:
@@ -50,8 +50,8 @@ def trace(cfg: dict, data, fraction: float, epochs: int, sample: int) -> list[di
     model = prepare_model(build_classifier(ModelSpec(cfg["model"])), torch.device("cpu"), cfg)
     train = data.train.subset(stratified_subset(data.train.labels.numpy(), fraction, cfg["seed"]))
     cfg = {**cfg, "epochs": epochs}
-    optimizer, augment = make_optimizer(model, cfg), build_augment(cfg["augment"])
-    scheduler = make_scheduler(optimizer, cfg)
+    optimizer, augment = make_optimizer(model, TrainSettings.of(cfg)), build_augment(cfg["augment"])
+    scheduler = make_scheduler(optimizer, TrainSettings.of(cfg))
     rows, steps = [], 0
     for epoch in range(1, epochs + 1):
         train_epoch(model, train, optimizer, augment, cfg["batch_size"], epoch_seed(cfg["seed"], epoch), False, f"epoch {epoch}")

@@ -23,7 +23,7 @@ from pipeline import config
 from pipeline.data import load_splits, stratified_subset
 from pipeline.features import extract_features
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import pretrain
+from pipeline.pretrain import PretrainSettings, pretrain
 from pipeline.probe import fit_linear_head
 from pipeline import metrics
 from pipeline.runtime import configure_speed, prepare_model, seed_everything
@@ -85,7 +85,7 @@ def main() -> None:
         print(f"{args.dataset} {args.method} step {step}: kNN {row['knn_val_auroc']:.3f} "
               f"probe {point['probe_val_auroc']:.3f} ({point['wall_s']:.0f} s)", flush=True)
 
-    pretrain(module, data, cfg, on_monitor)
+    pretrain(module, data, PretrainSettings.of(cfg), on_monitor)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from pipeline.augment import SSL_VIEW, build_augment
 from pipeline.data import DatasetSplits, resolve_root, to_float
 from pipeline.features import extract_features
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import StepTrainer, epoch_views
+from pipeline.pretrain import PretrainSettings, StepTrainer, epoch_views
 from pipeline.probe import fit_linear_head
 from pipeline.runtime import autocast, cpu_threads, grad_scaler, prepare_model
 from pipeline.ssl import build_ssl
-from pipeline.train import train_epoch
+from pipeline.train import train_epoch, train_step
 
 
 MODELS = {"smallcnn": ModelSpec("smallcnn"), "resnet18": ModelSpec("resnet18", stem="cifar")}
@@ -59,7 +59,8 @@ def index_stream(n: int, batch: int, device: torch.device, count: int = 256) -> 
 
 
 class Loop:
-    """Our training step for one workload, with any single speed feature switched off."""
+    """The pipeline's training step for one workload (`train.train_step`, `pretrain.StepTrainer.step`),
+    fed by our input path with any single speed feature switched off."""
 
     def __init__(self, workload: str, spec: ModelSpec, data: DatasetSplits, batch: int, device: torch.device, feats: Features):
         self.workload, self.device, self.feats, self.batch = workload, device, feats, batch
@@ -69,14 +70,18 @@ class Loop:
         if workload != "supervised":
             model = build_ssl(workload, model, config.resolve("ssl_pretrain", data.name, {}))
         self.module = prepare_model(model, device, cfg)
-        self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
         home = device if feats.resident else torch.device("cpu")
         self.images, self.labels = data.train.images.to(home), data.train.labels.to(home)
         self.indices = index_stream(len(self.images), batch, home)
         self.generator = torch.Generator(device=device).manual_seed(0)
         self.augment = build_augment(SUPERVISED_AUGMENT) if workload == "supervised" else SSL_VIEW
         self.amp = feats.amp and device.type == "cuda"
-        self.scaler = grad_scaler(device, self.amp)
+        if workload == "supervised":
+            self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=1e-3)
+            self.scaler, self.loss_fn = grad_scaler(device, self.amp), torch.nn.BCEWithLogitsLoss(reduction="sum")
+        else:
+            ssl_cfg = {**config.resolve("ssl_pretrain", data.name, {}), "lr": 1e-3, "warmup_steps": 1, "amp": self.amp}
+            self.trainer = StepTrainer(self.module, PretrainSettings.of(ssl_cfg), 10**9, device)
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         if self.feats.batched_aug:
@@ -86,16 +91,11 @@ class Loop:
     def __call__(self) -> None:
         index = next(self.indices)
         x = to_float(self.images[index].to(self.device, non_blocking=True))
-        with autocast(self.device, self.amp):
-            if self.workload == "supervised":
-                target = self.labels[index].to(self.device, non_blocking=True).float()
-                loss = F.binary_cross_entropy_with_logits(self.module(self.view(x)).float(), target)
-            else:
-                loss = self.module(self.view(x), self.view(x), index)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.workload == "supervised":
+            target = self.labels[index].to(self.device, non_blocking=True).float()
+            loss = train_step(self.module, self.view(x), target, self.optimizer, self.scaler, self.amp, self.loss_fn)
+        else:
+            loss = self.trainer.step(self.view(x), self.view(x), index.to(self.device))
         if not self.feats.no_sync:
             loss.item()
 
@@ -113,8 +113,9 @@ def pipeline_epoch(workload: str, spec: ModelSpec, data: DatasetSplits, batch: i
     cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True,
            "warmup_steps": 1}
     module = prepare_model(build_ssl(workload, model, cfg), device, fast)
-    trainer = StepTrainer(module, cfg, 10**9, device)
-    return lambda: [trainer.step(*views[1:], views[0]) for views in epoch_views(data.train.images, cfg, 1)]
+    settings = PretrainSettings.of(cfg)
+    trainer = StepTrainer(module, settings, 10**9, device)
+    return lambda: [trainer.step(*views[1:], views[0]) for views in epoch_views(data.train.images, settings, 1)]
 
 
 class TwoViews:

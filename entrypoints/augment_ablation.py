@@ -6,7 +6,7 @@ import click
 
 from entrypoints.common import DATA_OPTIONS, TRAINER_OPTIONS, apply, main, resolve
 from pipeline.steps.augment_ablation import run_augment_ablation
-from pipeline.grids import ABLATION_METRICS
+from pipeline.results import ABLATION_METRICS
 from pipeline.tables import mean_std
 
 

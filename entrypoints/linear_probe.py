@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import DATA_OPTIONS, apply, main, resolve
-from pipeline.grids import METHOD_LABELS
+from pipeline.results import METHOD_LABELS
 from pipeline.steps.linear_probe import run_linear_probe
 from pipeline.tables import mean_std
 

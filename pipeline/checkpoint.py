@@ -15,23 +15,23 @@ from pipeline.models import Classifier, ModelSpec, build_classifier
 
 
 class CheckpointSchedule:
-    """When a training writes its resumable `last.pt`: every `checkpoint_every` epochs or steps (not
-    after the last one), but no sooner than `checkpoint_min_seconds` after the previous one or the start.
+    """When a training writes its resumable `last.pt`: every `every` epochs or steps (the config's
+    `checkpoint_every`; never after the `last` one), but no sooner than `min_seconds`
+    (`checkpoint_min_seconds`) after the previous one or the start.
 
     On a GPU an epoch at 28 px takes less time than writing a ResNet-18's training state, so a
     short run is cheaper to rerun than to checkpoint; a long run still loses at most a few epochs.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], clock: Callable[[], float] = time.monotonic, last: int | None = None):
+    def __init__(self, every: int, last: int, min_seconds: float = 0, clock: Callable[[], float] = time.monotonic):
         """`last`: the final epoch (or step, for a step-budgeted run), after which no last.pt is written."""
-        self.every, self.epochs = cfg["checkpoint_every"], cfg["epochs"] if last is None else last
-        self.min_seconds = cfg.get("checkpoint_min_seconds", 0)
+        self.every, self.epochs, self.min_seconds = every, last, min_seconds
         self.clock = clock
         self.last = clock()
         self.previous = 0
 
     def due(self, epoch: int) -> bool:
-        """Whether to checkpoint after `epoch` (or step): a multiple of `checkpoint_every` was reached
+        """Whether to checkpoint after `epoch` (or step): a multiple of `every` was reached
         since the previous call; a True answer restarts the interval."""
         crossed = epoch // self.every > self.previous // self.every
         self.previous = epoch

@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from pipeline.augment import preset_names
+from pipeline.data import SIZES
 from pipeline.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SIZES = (28, 64, 128, 224)
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; anything near this is a mistake
 MAX_INT = 2**31 - 1  # seeds, sizes and counts: beyond this, torch and numpy overflow or allocate without end
 _REPR = reprlib.Repr()
@@ -307,10 +307,15 @@ def resolve(
     return pretrained_head(positive_class(config))
 
 
-def derive(stage: str, parent: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The config of a `stage` run that a grid makes as its child: every setting the parent shares
-    with `stage` (so a new shared key follows the parent, never `stage`'s default), then
-    `overrides`, validated as `stage`'s own."""
+def derive(parent: Mapping[str, Any], overrides: Mapping[str, Any], stage: str = "") -> dict[str, Any]:
+    """The config of a child run that a grid makes: the parent's settings, then the child's own
+    values (`overrides`: its seed, label fraction, ...). Every grid builds its children here.
+    A child trained as another `stage` (a baseline classifier) takes every setting the parent
+    shares with that stage, so a new shared key follows the parent and never the stage's default,
+    and is validated as the stage's own; without `stage`, the child keeps its parent's validated
+    settings (and so its grid lists) and adds what the grid chose for it."""
+    if not stage:
+        return {**parent, **overrides}
     shared = {k: v for k, v in parent.items() if k in stage_defaults(stage)}
     return resolve(stage, parent["dataset"], {**shared, **overrides})
 

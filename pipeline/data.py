@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from medmnist.info import DEFAULT_ROOT, INFO
 
-from pipeline.config import SIZES
 from pipeline.errors import UserError
+
+SIZES = (28, 64, 128, 224)  # the image sizes MedMNIST publishes
 
 SPLITS = ("train", "val", "test")
 

@@ -17,7 +17,7 @@ from medmnist.info import INFO
 from pipeline import plots, tracking
 from pipeline.data import load_arrays, resolve_root
 from pipeline.errors import UserError
-from pipeline.tracking import RunRecord
+from pipeline.records import RunRecord
 
 GALLERY_PNG = "gallery/misclassified_gallery.png"
 GALLERY_CSV = "gallery/misclassified_gallery.csv"

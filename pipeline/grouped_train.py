@@ -13,8 +13,8 @@ gives every subset seed the same size, so a grid groups the seeds of one (method
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from pipeline.errors import DivergenceError, UserError
 from pipeline.grouped_model import GroupedClassifier, check_members, stack_channels
 from pipeline.models import Classifier
 from pipeline.runtime import autocast, epoch_seed, grad_scaler, prepare_model
-from pipeline.train import TrainResult, epoch_metrics, make_optimizer, make_scheduler, predict_logits, selection_score, steps_per_epoch
+from pipeline.train import TrainResult, TrainSettings, epoch_metrics, make_optimizer, make_scheduler, predict_logits, selection_score, steps_per_epoch
 
 
 @dataclass
@@ -98,56 +98,56 @@ def check_group(members: list[Member], device: torch.device, amp: bool) -> None:
         raise UserError("grouped training cannot use fp16 loss scaling; use amp=false or a bf16 GPU")
 
 
-def refusal(members: list[Member], cfg: Mapping[str, Any]) -> str:
+def refusal(members: list[Member], settings: TrainSettings) -> str:
     """Why `train_members` would refuse these members ('' when it would not), so that a grid can
     train them one by one instead; a lone member gains nothing from a group."""
     if len(members) < 2:
         return "a single member"
     try:
         check_members([member.model for member in members])
-        check_group(members, members[0].train.images.device, bool(cfg.get("amp", False)))
+        check_group(members, members[0].train.images.device, settings.amp)
     except UserError as exc:
         return str(exc)
     return ""
 
 
-def train_members(members: list[Member], val: Split, cfg: Mapping[str, Any],
+def train_members(members: list[Member], val: Split, settings: TrainSettings,
                   augment: Augment = identity) -> list[TrainResult | DivergenceError]:
-    """Train every member for cfg['epochs'] epochs as one grouped model; returns, per member, what
-    `train_classifier` returns for it alone with `cfg` and its seed (or the `DivergenceError` that
+    """Train every member for `settings.epochs` epochs as one grouped model; returns, per member, what
+    `train_classifier` returns for it alone with `settings` and its seed (or the `DivergenceError` that
     would have stopped it), validated every `eval_every` epochs and after the last. A diverged member
     goes on being computed (its channels cannot leave the group) but is no longer evaluated."""
     device = members[0].train.images.device
-    amp = bool(cfg.get("amp", False))
+    amp = settings.amp
     check_group(members, device, amp)
-    model = prepare_model(GroupedClassifier([member.model for member in members]), device, cfg)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
+    model = prepare_model(GroupedClassifier([member.model for member in members]), device, asdict(settings))
+    optimizer = make_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer, settings)
     trains = [member.train for member in members]
     # each member's batch-norm sample, as its solo run draws it (seeded by its own seed)
     bn_images = stack_channels([statistics_sample(t.images, SAMPLE_IMAGES, m.seed) for t, m in zip(trains, members)])
-    per_epoch = steps_per_epoch(len(trains[0]), cfg["batch_size"])
+    per_epoch = steps_per_epoch(len(trains[0]), settings.batch_size)
     val_grouped = Split(val.images.repeat(1, len(members), 1, 1), val.labels)
     val_labels = val.labels.cpu().numpy()
     tracks = [MemberTrack() for _ in members]
-    epochs = cfg["epochs"]
+    epochs = settings.epochs
     for epoch in tqdm(range(1, epochs + 1), desc=f"{len(members)} grouped members", leave=False, unit="epoch"):
         lr = optimizer.param_groups[0]["lr"]
         seeds = [epoch_seed(member.seed, epoch) for member in members]
-        losses = train_group_epoch(model, trains, optimizer, augment, cfg["batch_size"], seeds, amp)
+        losses = train_group_epoch(model, trains, optimizer, augment, settings.batch_size, seeds, amp)
         scheduler.step()
         for track, loss, member in zip(tracks, losses, members):
             if track.error is None and not math.isfinite(loss):
                 track.error = DivergenceError(f"training loss became {loss} (epoch {epoch}/{epochs}, seed {member.seed}); "
                                               "lower lr or check the data")
-        if epoch % cfg.get("eval_every", 1) and epoch < epochs:
+        if epoch % settings.eval_every and epoch < epochs:
             continue
         if running_averages_stale(epoch * per_epoch):
-            recompute_bn_statistics(model, bn_images, cfg["eval_batch_size"], amp)
-        logits = predict_logits(model, val_grouped, cfg["eval_batch_size"], amp)
+            recompute_bn_statistics(model, bn_images, settings.eval_batch_size, amp)
+        logits = predict_logits(model, val_grouped, settings.eval_batch_size, amp)
         for index, (track, loss) in enumerate(zip(tracks, losses)):
             if track.error is None:
                 row = {"epoch": epoch, "train_loss": float(loss), "lr": lr,
-                       **epoch_metrics(logits[:, index], val_labels, cfg["ece_bins"])}
+                       **epoch_metrics(logits[:, index], val_labels, settings.ece_bins)}
                 track.record(row, lambda index=index: model.member_state(index))
     return [track.result() for track in tracks]

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.gallery import STUDENT_COLUMNS
-from pipeline.paper import dataset_text, fetch, prompt
-from pipeline.report import Table, best_on_validation, fmt, markdown, validation_auroc
+from pipeline.render import Table, best_on_validation, fmt, markdown, validation_auroc
+from pipeline.writeup import dataset_text, fetch, prompt
 
 WEEKS = range(1, 11)
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

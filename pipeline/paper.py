@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
-from medmnist.info import INFO
 
-from pipeline import tables, tracking
-from pipeline.grids import label_efficiency_figure
-from pipeline.report import Table, best_on_validation, fmt, interval_text, markdown, write_atomic
-from pipeline.writeup import checklist_lines, environment_lines, findings_lines, methods_text
+from pipeline import tables
+from pipeline.render import Table, best_on_validation, fmt, interval_text, markdown, write_atomic
+from pipeline.results import label_efficiency_figure
+from pipeline.writeup import PROMPT, checklist_lines, dataset_text, environment_lines, fetch, findings_lines, methods_text, prompt
 
-PROMPT = "YOUR WORDS"
 QUESTION = ("Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training images "
             "help a classifier when only 1%, 5% or 10% of the labels are available, and how well calibrated are the resulting models?")
 INTRO_PROMPT = "Why does this question matter clinically for this dataset? What did you expect, and why?"
@@ -46,11 +44,6 @@ class PaperFigure:
     name: str
     caption: str
     week: int
-
-
-def prompt(question: str) -> str:
-    """A clearly marked place for the student's own words (Markdown)."""
-    return f"> ✍ **{PROMPT}:** {question}\n"
 
 
 def by_name(built: list[Table]) -> dict[str, Table]:
@@ -106,22 +99,6 @@ def collect_figures(built: list[Table], out_dir: Path, dataset: str) -> list[Pap
         if record and fetch(record["run_id"], artifact, folder / file):
             found.append(PaperFigure(file, f"{caption} (run {record['run_id'][:8]})", week))
     return sorted(found, key=lambda f: f.week)
-
-
-def fetch(run_id: str, artifact: str, target: Path) -> bool:
-    """Copy one artifact of a run to `target`; False when the run does not hold it."""
-    if not tracking.has_artifacts(run_id, (artifact,)):
-        return False
-    shutil.copy2(tracking.download_artifact(run_id, artifact), target)
-    return True
-
-
-def dataset_text(dataset: str) -> str:
-    """The dataset in one sentence: task, classes, split sizes (MedMNIST's own description)."""
-    info = INFO[dataset]
-    labels = ", ".join(f"{k} = {v}" for k, v in info["label"].items())
-    sizes = ", ".join(f"{n} {split}" for split, n in info["n_samples"].items())
-    return f"{info['python_class']} ({info['task']}; labels {labels}; official splits {sizes} images)."
 
 
 def skipped_lines(built: list[Table]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -54,36 +55,57 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n > batch_size else 1
 
 
-def total_steps(cfg: Mapping[str, Any], n: int) -> int:
-    """The run's optimizer-step budget: `epochs` converted at `n` images when given (> 0), else `steps`."""
-    return int(cfg["epochs"]) * steps_per_epoch(n, cfg["batch_size"]) if cfg.get("epochs") else int(cfg["steps"])
+@dataclass(frozen=True)
+class PretrainSettings:
+    """What the pretraining loop reads of the `ssl_pretrain` config, and nothing else:
+    `PretrainSettings.of(cfg)` picks these keys out."""
+
+    steps: int
+    epochs: int  # when > 0, replaces `steps`: that many epochs of the training images
+    batch_size: int
+    seed: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    knn_every: int
+    knn_k: int
+    eval_batch_size: int
+    amp: bool
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> PretrainSettings:
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+    def total_steps(self, n: int) -> int:
+        """The run's optimizer-step budget: `epochs` converted at `n` images when given (> 0), else `steps`."""
+        return int(self.epochs) * steps_per_epoch(n, self.batch_size) if self.epochs else int(self.steps)
 
 
-def epoch_views(images: torch.Tensor, cfg: Mapping[str, Any], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def epoch_views(images: torch.Tensor, settings: PretrainSettings, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices, view 1, view 2) of each batch of an epoch, shuffled and augmented from (seed, epoch) alone."""
-    seed = epoch_seed(cfg["seed"], epoch)
+    seed = epoch_seed(settings.seed, epoch)
     torch.manual_seed(seed)
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    for index in epoch_batches(len(images), cfg["batch_size"], seed, images.device):
+    for index in epoch_batches(len(images), settings.batch_size, seed, images.device):
         yield index, *two_views(to_float(images[index]), generator)
 
 
-def monitor(module: nn.Module, data: DatasetSplits, cfg: Mapping[str, Any]) -> dict[str, float]:
+def monitor(module: nn.Module, data: DatasetSplits, settings: PretrainSettings) -> dict[str, float]:
     """kNN validation AUROC/accuracy of the backbone, its batch-norm statistics recomputed first."""
-    recompute_bn_statistics(module.backbone, data.train.images, cfg["eval_batch_size"], cfg["amp"])
-    return knn_monitor(module.backbone, data.train, data.val, cfg["knn_k"], cfg["eval_batch_size"], cfg["amp"])
+    recompute_bn_statistics(module.backbone, data.train.images, settings.eval_batch_size, settings.amp)
+    return knn_monitor(module.backbone, data.train, data.val, settings.knn_k, settings.eval_batch_size, settings.amp)
 
 
 class StepTrainer:
     """The optimizer, schedule and loss scaling of one pretraining run, advanced one batch at a time."""
 
-    def __init__(self, module: nn.Module, cfg: Mapping[str, Any], steps: int, device: torch.device):
+    def __init__(self, module: nn.Module, settings: PretrainSettings, steps: int, device: torch.device):
         params = [p for p in module.parameters() if p.requires_grad]
         self.module = module
-        self.optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        self.scheduler = warmup_cosine(self.optimizer, cfg["warmup_steps"], steps)
-        self.scaler = grad_scaler(device, cfg["amp"])
-        self.amp = cfg["amp"]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, settings.warmup_steps, steps)
+        self.scaler = grad_scaler(device, settings.amp)
+        self.amp = settings.amp
 
     def step(self, view1: torch.Tensor, view2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of two views; returns the detached loss."""
@@ -108,10 +130,10 @@ class StepTrainer:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def check_resume_state(module: nn.Module, cfg: Mapping[str, Any], n_images: int, state: Mapping[str, Any], source: str) -> None:
+def check_resume_state(module: nn.Module, settings: PretrainSettings, n_images: int, state: Mapping[str, Any], source: str) -> None:
     """Load a saved training state into a copy of `module` and a fresh optimizer, so a damaged
     `last.pt` is refused with one line before its run is reopened."""
-    trainer = StepTrainer(copy.deepcopy(module), cfg, total_steps(cfg, n_images), next(module.parameters()).device)
+    trainer = StepTrainer(copy.deepcopy(module), settings, settings.total_steps(n_images), next(module.parameters()).device)
     try:
         trainer.load(state)
         int(state["step"]), list(state["history"])
@@ -123,7 +145,7 @@ def check_resume_state(module: nn.Module, cfg: Mapping[str, Any], n_images: int,
 def pretrain(
     module: nn.Module,
     data: DatasetSplits,
-    cfg: Mapping[str, Any],
+    settings: PretrainSettings,
     on_monitor: MonitorCallback | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
@@ -135,9 +157,9 @@ def pretrain(
     """
     images = data.train.images
     device = images.device
-    steps = total_steps(cfg, len(images))
-    per_epoch = steps_per_epoch(len(images), cfg["batch_size"])
-    trainer = StepTrainer(module, cfg, steps, device)
+    steps = settings.total_steps(len(images))
+    per_epoch = steps_per_epoch(len(images), settings.batch_size)
+    trainer = StepTrainer(module, settings, steps, device)
     history: list[dict[str, float]] = []
     step = 0
 
@@ -151,26 +173,26 @@ def pretrain(
         history, step = list(resume["history"]), int(resume["step"])
     else:
         module.train()
-        report({"step": 0, "epoch": 0, "ssl_loss": math.nan, "lr": 0.0, **monitor(module, data, cfg)})
+        report({"step": 0, "epoch": 0, "ssl_loss": math.nan, "lr": 0.0, **monitor(module, data, settings)})
     losses: list[torch.Tensor] = []
     progress = tqdm(total=steps, initial=step, desc="ssl steps", leave=False, unit="step")
     while step < steps:
         epoch = step // per_epoch + 1
         skip = step % per_epoch  # a resumed run replays this epoch's augmentation draws up to its step
         module.train()
-        for k, (index, view1, view2) in enumerate(epoch_views(images, cfg, epoch)):
+        for k, (index, view1, view2) in enumerate(epoch_views(images, settings, epoch)):
             if k < skip:
                 continue
             lr = trainer.optimizer.param_groups[0]["lr"]
             losses.append(trainer.step(view1, view2, index))
             step += 1
             progress.update(1)
-            if step % cfg["knn_every"] == 0 or step == steps:
+            if step % settings.knn_every == 0 or step == steps:
                 loss = torch.stack(losses).mean().item()
                 losses = []
                 if not math.isfinite(loss):
                     raise DivergenceError(f"SSL loss became {loss} by step {step}; lower lr or raise temperature")
-                row = {"step": step, "epoch": epoch, "ssl_loss": loss, "lr": lr, **monitor(module, data, cfg)}
+                row = {"step": step, "epoch": epoch, "ssl_loss": loss, "lr": lr, **monitor(module, data, settings)}
                 tqdm.write(f"ssl step {step:>5}/{steps}  loss {loss:.4f}  kNN val AUROC {row['knn_val_auroc']:.3f}  "
                            f"acc {row['knn_val_acc']:.3f}")
                 report(row)

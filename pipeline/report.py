@@ -1,5 +1,5 @@
 """Weeks 9–10: cross-week tables read back from the tracking store, written as Markdown, CSV and
-LaTeX (booktabs) plus figures. Each table cites the run ids its rows came from; a stage with no
+LaTeX (booktabs) plus figures (`pipeline.render` writes them). Each table cites the run ids its rows came from; a stage with no
 FINISHED run is reported as missing, never as zeros.
 """
 
@@ -9,60 +9,14 @@ import csv
 import io
 import json
 import math
-import os
-from dataclasses import dataclass, field
 from itertools import groupby
-from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping
-
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
-
-from pipeline import grids, paired, plots, tables, tracking
-from pipeline.grids import METHOD_LABELS, SHOWN_KEYS, label_efficiency_figure, recipe_hash, run_rows
-from pipeline.tracking import RunRecord
+from typing import Any, Collection, Mapping
 
 
-@dataclass
-class Table:
-    """One report table: display rows for Markdown/LaTeX, records for CSV, and an optional figure."""
-
-    name: str
-    title: str
-    header: list[str]
-    rows: list[list[Any]] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
-    missing: str = ""
-    figure: Figure | None = None
-    settings: dict[str, str] = field(default_factory=dict)  # logged config the methods text cites
-    not_run: list[str] = field(default_factory=list)  # what was asked for but could not run, and why
-
-    @property
-    def csv_columns(self) -> list[str]:
-        return list(dict.fromkeys(k for record in self.records for k in record)) or ["status"]
-
-
-SPREAD = "mean ± sample std (ddof 1) over seeds"
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number to `digits` decimals, or `—` when missing."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if number != number else f"{number:.{digits}f}"
-
-
-def plural(count: Any, word: str) -> str:
-    """`1 epoch`, `15 epochs`."""
-    return f"{count} {word}{'' if str(count) == '1' else 's'}"
-
-
-def seed_list(rows: Iterable[Mapping[str, Any]], sep: str = " ") -> str:
-    """The distinct seeds of some rows, in numeric order (`0 1 2`)."""
-    seeds = {str(r["seed"]) for r in rows}
-    return sep.join(sorted(seeds, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)))
+from pipeline import paired, plots, results, tables, tracking
+from pipeline.render import PAIRED_METRICS, SPREAD, Table, fmt, interval_text, plural, seed_list
+from pipeline.results import METHOD_LABELS, SHOWN_KEYS, label_efficiency_figure, recipe_hash, run_rows
+from pipeline.records import RunRecord
 
 
 Scope = Collection[str] | None  # the run ids a study's compare may cite; None: the newest of each stage
@@ -180,9 +134,9 @@ def ablation_table(dataset: str, scope: Scope = None) -> Table:
     p = parent.config
     rows = [{"variant": run.tags.get("augment", "?"), "seed": run.tags.get("seed"), **tracking.final_metrics(run),
              "run_id": run.id}
-            for run in tracking.child_runs(parent.id, dataset) if set(grids.ABLATION_METRICS) <= set(tracking.final_metrics(run))]
+            for run in tracking.child_runs(parent.id, dataset) if set(results.ABLATION_METRICS) <= set(tracking.final_metrics(run))]
     variants = list(dict.fromkeys([*p.get("variants", "").split(","), *(r["variant"] for r in rows)]))
-    summary = grids.ablation_summary(rows, variants)
+    summary = results.ablation_summary(rows, variants)
     what = f"Augmentation ablation ({p.get('model')}, {plural(p.get('epochs'), 'epoch')}, run {parent.id[:8]})"
     title = f"{what}, {SPREAD}"
     table = Table("week3_augment_ablation", title, header,
@@ -289,9 +243,6 @@ def label_efficiency_table(dataset: str, scope: Scope = None) -> Table:
     return table
 
 
-PAIRED_METRICS = ("test_auroc", "test_acc", "test_ece")
-
-
 def finetune_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
     """Per-seed rows of the newest ssl_finetune grid of each SSL method, labelled with the method."""
     newest: dict[str, RunRecord] = {}
@@ -329,15 +280,6 @@ def paired_table(dataset: str, scope: Scope = None) -> Table:
                            *(cells[m]["verdict"] if m in cells else "—" for m in PAIRED_METRICS)])
     table.figure = plots.paired_differences(records, PAIRED_METRICS, f"{dataset}: paired differences (95% t intervals)")
     return table
-
-
-def interval_text(record: Mapping[str, Any] | None) -> str:
-    """`+0.012 [−0.004, +0.028]`, or the mean alone when there is no interval."""
-    if record is None:
-        return "—"
-    if math.isnan(record["ci_low"]):
-        return f"{record['diff_mean']:+.3f}"
-    return f"{record['diff_mean']:+.3f} [{record['ci_low']:+.3f}, {record['ci_high']:+.3f}]"
 
 
 def baseline_rows(dataset: str, scope: Scope) -> list[dict[str, Any]]:
@@ -458,23 +400,6 @@ def build_tables(dataset: str, scope: Scope = None) -> list[Table]:
     return built
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file under a temporary name and rename it, so a failure never leaves half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def markdown(table: Table, level: int = 2, not_run: bool = True) -> str:
-    """The table as a Markdown section (title, table or the missing note, what did not run unless
-    the caller lists that itself)."""
-    body = tables.rows_to_markdown(table.rows, table.header) if table.rows else ""
-    note = f"\n_{table.missing}_\n" if table.missing else ""
-    skipped = "".join(f"\n- **not run**: {line}\n" for line in table.not_run) if not_run else ""
-    return f"{'#' * level} {table.title}\n\n{body}{note}{skipped}"
-
-
 STEP_TABLES = {"eda": "week1_class_balance", "baseline": "week2_baselines", "finetune_table": "week3_head_vs_full", "augment_ablation": "week3_augment_ablation",
                "ssl_pretrain": "week4_ssl_pretraining", "linear_probe": "week5_label_efficiency",
                "ssl_finetune": "week6_probe_vs_finetune", "calibrate": "week6_calibration", "thresholds": "week7_thresholds",
@@ -489,30 +414,3 @@ def add_not_run(built: list[Table], not_run: Mapping[str, tuple[str, str]]) -> N
         by_name[STEP_TABLES[stage]].not_run.append(f"study step `{step}`: {reason}")
 
 
-def write_table(table: Table, out_dir: Path) -> list[Path]:
-    """`<name>.md`, `.csv`, `.tex` (and `.png` when the table has a figure) under out_dir."""
-    paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
-    write_atomic(paths[0], markdown(table))
-    write_atomic(paths[1], tables.to_csv(table.records, table.csv_columns) if table.records else f"status\n{table.missing}\n")
-    write_atomic(paths[2], tables.to_latex(table.rows, table.header, table.title) if table.rows else f"% {table.missing}\n")
-    figure_path = out_dir / f"{table.name}.png"
-    figure_path.unlink(missing_ok=True)  # a figure from an earlier compare must not outlive its table
-    if table.figure is not None:
-        tmp = figure_path.with_name(f".{figure_path.name}.tmp.png")
-        table.figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        plt.close(table.figure)
-        os.replace(tmp, figure_path)
-        paths.append(figure_path)
-    return paths
-
-
-def validation_auroc(record: Mapping[str, Any]) -> float:
-    """A record's validation AUROC, or -inf where it is missing or NaN (a one-class split)."""
-    value = record.get("val_auroc")
-    return value if value is not None and math.isfinite(value) else -math.inf
-
-
-def best_on_validation(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record with the highest validation AUROC; records come newest first, and max keeps the
-    first of ties (so the newest run when none has one)."""
-    return max(records, key=validation_auroc)

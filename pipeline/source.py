@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import metrics, tracking
 from pipeline.data import ArraySplit, load_arrays, resolve_root
 from pipeline.errors import UserError
-from pipeline.tracking import RunRecord
+from pipeline.records import RunRecord
 
 PREDICTIONS = ("predictions/val.csv", "predictions/test.csv")
 COLUMNS = ["index", "label", "logit", "prob"]

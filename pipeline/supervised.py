@@ -30,7 +30,7 @@ from pipeline.gallery import log_gallery, most_confident_mistakes
 from pipeline.grouped_train import Member, refusal, train_members
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.runtime import prepare_model, seed_everything
-from pipeline.train import TrainResult, predict_logits, train_classifier
+from pipeline.train import TrainResult, TrainSettings, predict_logits, train_classifier
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _epoch_logger(cfg: Mapping[str, Any], spec: ModelSpec, model: Classifier, wo
     """The per-epoch callback: metrics to MLflow (except epochs up to `logged_through`, already
     there from before a resume), a line to val_log.jsonl, last.pt when `CheckpointSchedule` says."""
     log_path = workdir / "val_log.jsonl"
-    schedule = CheckpointSchedule(cfg)
+    schedule = CheckpointSchedule(cfg["checkpoint_every"], cfg["epochs"], cfg["checkpoint_min_seconds"])
 
     def on_epoch(epoch: int, row: dict[str, float], state) -> None:
         if epoch > logged_through:
@@ -103,7 +103,7 @@ def fit_and_log(
         else:
             (workdir / "val_log.jsonl").write_text(history_lines(resume["history"]))
         result = train_classifier(
-            model, train, data.val, cfg, augment=build_augment(cfg["augment"]),
+            model, train, data.val, TrainSettings.of(cfg), augment=build_augment(cfg["augment"]),
             on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
         )
         return log_selected(model, spec, data, train, cfg, result, workdir, with_model)
@@ -166,9 +166,10 @@ def train_together(runs: list[MemberRun], val: Split) -> str:
     one's result; returns '' or why they cannot be grouped (their results then stay None: solo)."""
     members = [Member(run.model, run.train, run.cfg["seed"]) for run in runs]
     cfg = runs[0].cfg
-    reason = refusal(members, cfg)
+    settings = TrainSettings.of(cfg)
+    reason = refusal(members, settings)
     if not reason:
-        for run, result in zip(runs, train_members(members, val, cfg, build_augment(cfg["augment"]))):
+        for run, result in zip(runs, train_members(members, val, settings, build_augment(cfg["augment"]))):
             run.result = result
     return reason
 

@@ -5,16 +5,18 @@ checklist (code versions, commits, seeds, the command of each top-level run).
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from itertools import groupby
+from pathlib import Path
 from typing import Any, Mapping
 
 from medmnist.info import INFO
 
 from pipeline import tracking
 from pipeline.augment import SSL_VIEW_DESCRIPTION
-from pipeline.report import PAIRED_METRICS, Table, interval_text, plural, seed_list
-from pipeline.tracking import RunRecord
+from pipeline.render import PAIRED_METRICS, Table, interval_text, plural, seed_list
+from pipeline.records import RunRecord
 
 
 def environment_lines() -> list[str]:
@@ -202,3 +204,27 @@ def findings_lines(built: list[Table]) -> list[str]:
         lines.append(f"Only {fewest} paired seed(s) in some cells: intervals that wide cannot show small effects; "
                      "these numbers are a wiring check, not evidence (use the paper profile, ≥ 5 seeds).")
     return lines
+
+
+PROMPT = "YOUR WORDS"
+
+
+def prompt(question: str) -> str:
+    """A clearly marked place for the student's own words (Markdown)."""
+    return f"> ✍ **{PROMPT}:** {question}\n"
+
+
+def fetch(run_id: str, artifact: str, target: Path) -> bool:
+    """Copy one artifact of a run to `target`; False when the run does not hold it."""
+    if not tracking.has_artifacts(run_id, (artifact,)):
+        return False
+    shutil.copy2(tracking.download_artifact(run_id, artifact), target)
+    return True
+
+
+def dataset_text(dataset: str) -> str:
+    """The dataset in one sentence: task, classes, split sizes (MedMNIST's own description)."""
+    info = INFO[dataset]
+    labels = ", ".join(f"{k} = {v}" for k, v in info["label"].items())
+    sizes = ", ".join(f"{n} {split}" for split, n in info["n_samples"].items())
+    return f"{info['python_class']} ({info['task']}; labels {labels}; official splits {sizes} images)."

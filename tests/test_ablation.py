@@ -12,7 +12,7 @@ from entrypoints.cli import cli
 from entrypoints.common import main
 from pipeline import augment
 from pipeline.steps.augment_ablation import summary_markdown
-from pipeline.grids import ablation_summary
+from pipeline.results import ablation_summary
 from tests.conftest import all_runs, artifact_paths, assert_contract, cli_env, mlflow_run
 
 

@@ -1,8 +1,10 @@
 """The module rules docs/architecture.md states, checked on the source: one step module per entry
 point, named as it; steps are siblings (no step imports another); the library below them imports
-no step and no entry point; only `pipeline.tracking` imports MLflow."""
+no step and no entry point; only `pipeline.tracking` imports MLflow; the import graph below a step
+stays shallow."""
 
 import ast
+import functools
 from pathlib import Path
 
 import yaml
@@ -51,8 +53,33 @@ def test_the_library_imports_no_step_and_no_entry_point():
 
 
 def test_only_tracking_imports_mlflow():
-    """Every other module reads runs as `tracking.RunRecord`s and calls `tracking`; none names MLflow."""
+    """Every other module reads runs as `RunRecord`s and calls `tracking`; none names MLflow."""
     files = {**modules("pipeline"), **modules("entrypoints")}
     importers = {name for name, path in files.items() if not name.startswith("pipeline.tracking.")
                  and any(m == "mlflow" or m.startswith("mlflow.") for m in imported_modules(path))}
     assert "pipeline.tracking.lookup" in files and not importers, importers
+
+
+STEP_FLOORS = 8  # a step and the chain of internal modules below it, down to `errors` (docs/architecture.md)
+
+
+def internal_imports() -> dict[str, set[str]]:
+    """pipeline module → the pipeline modules it imports (a package counts as its `__init__`)."""
+    files = {name.removesuffix(".__init__"): path for name, path in
+             ((".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in (REPO / "pipeline").rglob("*.py"))}
+    return {name: {m for m in imported_modules(path) if m in files and m != name} for name, path in files.items()}
+
+
+def longest_chain(graph: dict[str, set[str]], start: str) -> list[str]:
+    """The longest import chain from `start` (the graph has no cycles at module level)."""
+    @functools.cache
+    def chain(name: str) -> tuple[str, ...]:
+        return (name, *max((chain(d) for d in graph[name]), key=len, default=()))
+    return list(chain(start))
+
+
+def test_no_step_stands_more_than_eight_floors_above_the_bottom():
+    graph = internal_imports()
+    chains = {name: longest_chain(graph, f"pipeline.steps.{name}") for name in step_modules()}
+    too_deep = {name: " → ".join(c) for name, c in chains.items() if len(c) > STEP_FLOORS}
+    assert chains and max(map(len, chains.values())) >= 3 and not too_deep, too_deep

@@ -10,10 +10,10 @@ from pipeline import batchnorm, config
 from pipeline.batchnorm import recompute_bn_statistics, statistics_sample
 from pipeline.data import load_splits, stratified_subset, to_float
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import pretrain
+from pipeline.pretrain import PretrainSettings, pretrain
 from pipeline.runtime import seed_everything
 from pipeline.ssl import build_ssl
-from pipeline.train import steps_per_epoch, train_classifier
+from pipeline.train import TrainSettings, steps_per_epoch, train_classifier
 
 
 def first_bn(model: nn.Module) -> nn.modules.batchnorm._BatchNorm:
@@ -90,7 +90,7 @@ def test_supervised_training_evaluates_with_the_training_images_statistics(split
     cfg = {**config.resolve("baseline", "breastmnist", {}), "epochs": 3, "bootstrap": 0}
     seed_everything(0)
     model = build_classifier(ModelSpec("smallcnn"))
-    train_classifier(model, train, splits.val, cfg)
+    train_classifier(model, train, splits.val, TrainSettings.of(cfg))
     bn = first_bn(model)
     out = first_bn_input(model, train.images)
     assert bn.running_mean.double() == pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
@@ -103,7 +103,7 @@ def test_pretraining_monitors_and_saves_the_encoder_with_the_training_images_sta
            "batch_size": 32, "warmup_steps": 1, "queue_size": 64}
     seed_everything(0)
     module = build_ssl(method, build_classifier(ModelSpec("smallcnn")), cfg)
-    pretrain(module, splits, cfg)
+    pretrain(module, splits, PretrainSettings.of(cfg))
     bn = first_bn(module.backbone)
     out = first_bn_input(module.backbone, splits.train.images)
     assert bn.running_mean.double() == pytest.approx(out.mean(dim=(0, 2, 3)).numpy(), abs=1e-5)
@@ -146,7 +146,7 @@ def test_a_long_training_evaluates_with_its_running_averages(splits, monkeypatch
     assert steps_per_epoch(len(splits.train), cfg["batch_size"]) == 1
     seed_everything(0)
     model = build_classifier(ModelSpec("smallcnn"))
-    result = train_classifier(model, splits.train, splits.val, cfg)
+    result = train_classifier(model, splits.train, splits.val, TrainSettings.of(cfg))
     assert calls == [len(splits.train)] * 2 and len(result.history) == 5  # epochs 1 and 2 only
     bn = first_bn(model)
     out = first_bn_input(model, splits.train.images)
@@ -161,7 +161,7 @@ def test_a_large_training_split_recomputes_over_a_fixed_sample(splits, monkeypat
     cfg = {**config.resolve("baseline", "breastmnist", {}), "epochs": 2, "bootstrap": 0}
     seed_everything(0)
     model = build_classifier(ModelSpec("smallcnn"))
-    train_classifier(model, train, splits.val, cfg)
+    train_classifier(model, train, splits.val, TrainSettings.of(cfg))
     assert calls == [6, 6]
     sample = statistics_sample(train.images, 6, cfg["seed"])
     assert torch.equal(sample, statistics_sample(train.images, 6, cfg["seed"]))

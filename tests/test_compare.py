@@ -9,7 +9,7 @@ import pytest
 
 from entrypoints import augment_ablation, baseline, compare, linear_probe, ssl_finetune, ssl_pretrain
 from entrypoints.common import main
-from pipeline import paired, report, tables, tracking, writeup
+from pipeline import paired, render, report, tables, tracking, writeup
 from pipeline.steps.compare import run_compare
 from scipy import stats
 from tests.conftest import all_runs, artifact_paths
@@ -155,9 +155,9 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
 def test_exported_best_baseline_is_chosen_on_validation_not_test():
     newest_first = [{"run_id": "a", "val_auroc": 0.70, "test_auroc": 0.95}, {"run_id": "b", "val_auroc": 0.80, "test_auroc": 0.60},
                     {"run_id": "c", "val_auroc": None, "test_auroc": 0.99}, {"run_id": "d", "val_auroc": 0.80, "test_auroc": 0.70}]
-    assert report.best_on_validation(newest_first)["run_id"] == "b"  # the newer of the two best on validation
+    assert render.best_on_validation(newest_first)["run_id"] == "b"  # the newer of the two best on validation
     one_class = [{"run_id": "n", "val_auroc": float("nan")}, {"run_id": "o", "val_auroc": 0.6}]
-    assert report.best_on_validation(one_class)["run_id"] == "o"  # NaN (a one-class split) ranks last
+    assert render.best_on_validation(one_class)["run_id"] == "o"  # NaN (a one-class split) ranks last
 
 
 def test_latex_escapes_and_mean_std_formatting():

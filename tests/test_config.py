@@ -104,11 +104,11 @@ def test_head_only_training_defaults_to_imagenet_weights_and_refuses_a_random_en
 def test_a_profiles_ssl_step_budget_holds_on_every_dataset(profile, dataset):
     """A dataset's defaults must not turn a profile's measured step budget back into epochs
     (`epochs` > 0 replaces `steps`): PneumoniaMNIST's 15 epochs had cut the paper profile's 800 steps to 270."""
-    from pipeline.pretrain import total_steps
+    from pipeline.pretrain import PretrainSettings
 
     cfg = config.resolve("ssl_pretrain", dataset, {}, profile=profile)
     wanted = config.load_profile(profile)["ssl_pretrain"]["steps"]
-    assert cfg["epochs"] == 0 and total_steps(cfg, 4708) == wanted
+    assert cfg["epochs"] == 0 and PretrainSettings.of(cfg).total_steps(4708) == wanted
 
 
 def test_positive_class_defaults_to_the_datasets_finding(tmp_path):
@@ -125,8 +125,8 @@ def test_positive_class_defaults_to_the_datasets_finding(tmp_path):
 
 def test_a_child_config_follows_every_setting_its_parent_shares_with_the_childs_stage():
     parent = config.resolve("linear_probe", "breastmnist", {"eval_batch_size": 256, "deterministic": True, "lr": 0.01})
-    child = config.derive("baseline", parent, {"seed": 3, "augment": parent["supervised_augment"]})
+    child = config.derive(parent, {"seed": 3, "augment": parent["supervised_augment"]}, stage="baseline")
     assert (child["eval_batch_size"], child["deterministic"], child["lr"], child["seed"]) == (256, True, 0.01, 3)
     assert "probe_cs" not in child and child["augment"] == "flip" and child["dataset"] == "breastmnist"
     with pytest.raises(UserError, match="seed"):
-        config.derive("baseline", parent, {"seed": -1})
+        config.derive(parent, {"seed": -1}, stage="baseline")

@@ -27,7 +27,7 @@ from pipeline.grouped_model import GroupedClassifier
 from pipeline.grouped_train import Member, train_members
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.runtime import prepare_model, seed_everything
-from pipeline.train import train_classifier
+from pipeline.train import TrainSettings, train_classifier
 
 SEEDS = (0, 1, 2)
 FLOAT64_TOLERANCE = 1e-7
@@ -79,7 +79,7 @@ def members(splits, fraction: float, dtype: torch.dtype = torch.float32) -> list
 def solo_results(group: list[Member], splits, settings):
     """Each member trained alone by the solo path, its model prepared as a grid child's is."""
     return [train_classifier(prepare_model(copy.deepcopy(m.model), torch.device("cpu"), settings), m.train, splits.val,
-                             {**settings, "seed": m.seed}, build_augment(settings["augment"])) for m in group]
+                             TrainSettings.of({**settings, "seed": m.seed}), build_augment(settings["augment"])) for m in group]
 
 
 def mismatches(grouped, solo, tolerance: float = FLOAT64_TOLERANCE) -> list[str]:
@@ -102,7 +102,7 @@ def run_both(splits, fraction: float, settings, dtype: torch.dtype = torch.float
     assert len({len(m.train) for m in group}) == 1 and len({tuple(m.train.labels.tolist()) for m in group}) == len(SEEDS)
     solo = solo_results(group, splits, settings)
     assert len({r.history[-1]["val_loss"] for r in solo}) == len(SEEDS)  # precondition: the members really differ
-    return train_members(group, splits.val, settings, build_augment(settings["augment"])), solo
+    return train_members(group, splits.val, TrainSettings.of(settings), build_augment(settings["augment"])), solo
 
 
 @pytest.mark.parametrize("fraction, overrides", [
@@ -124,7 +124,7 @@ def test_members_do_not_move_the_initial_weights(splits):
     settings = cfg()
     group = members(splits, 0.25)
     before = [copy.deepcopy(m.model.state_dict()) for m in group]
-    train_members(group, splits.val, settings)
+    train_members(group, splits.val, TrainSettings.of(settings))
     assert all(torch.equal(v, state[k]) for m, state in zip(group, before) for k, v in m.model.state_dict().items())
 
 
@@ -155,7 +155,7 @@ def test_the_comparison_catches_shared_batch_norm_statistics(splits, float64, mo
     group = members(splits, 0.25, float64)
     solo = solo_results(group, splits, settings)
     monkeypatch.setattr(grouped_model, "grouped_batch_norm", SharedBatchNorm)
-    assert mismatches(train_members(group, splits.val, settings, build_augment("flip")), solo)
+    assert mismatches(train_members(group, splits.val, TrainSettings.of(settings), build_augment("flip")), solo)
 
 
 def test_the_comparison_catches_a_shared_data_order(splits, float64, monkeypatch):
@@ -164,7 +164,7 @@ def test_the_comparison_catches_a_shared_data_order(splits, float64, monkeypatch
     solo = solo_results(group, splits, settings)
     shared = grouped_train.member_batches
     monkeypatch.setattr(grouped_train, "member_batches", lambda n, size, seed, device: shared(n, size, 0, device))
-    assert mismatches(train_members(group, splits.val, settings, build_augment("flip")), solo)
+    assert mismatches(train_members(group, splits.val, TrainSettings.of(settings), build_augment("flip")), solo)
 
 
 def test_a_diverging_member_fails_alone(splits, float64):
@@ -172,7 +172,7 @@ def test_a_diverging_member_fails_alone(splits, float64):
     group = members(splits, 0.25, float64)
     with torch.no_grad():
         group[1].model.head.bias.fill_(float("nan"))
-    grouped = train_members(group, splits.val, settings, build_augment(settings["augment"]))
+    grouped = train_members(group, splits.val, TrainSettings.of(settings), build_augment(settings["augment"]))
     solo = solo_results([group[0], group[2]], splits, settings)
     assert "training loss became nan" in str(grouped[1])
     assert not mismatches([grouped[0], grouped[2]], solo)
@@ -183,7 +183,7 @@ def test_groups_that_cannot_step_together_are_refused(splits):
     group = members(splits, 0.25)
     unequal = [group[0], Member(group[1].model, splits.train.subset(np.arange(10)), 1)]
     with pytest.raises(UserError, match="one size"):
-        train_members(unequal, splits.val, settings)
+        train_members(unequal, splits.val, TrainSettings.of(settings))
     group[0].model.set_dropout(0.2)
     with pytest.raises(UserError, match="dropout"):
         GroupedClassifier([m.model for m in group])

@@ -19,7 +19,8 @@ from entrypoints import compare
 from entrypoints.common import main
 from pipeline import paper, tables
 from pipeline.handin import analysed_runs, json_safe
-from pipeline.report import Table, baseline_key
+from pipeline.render import Table
+from pipeline.report import baseline_key
 from tests.conftest import REPO, all_runs
 
 HAS_LATEX = paper.latex_engine() is not None

@@ -3,7 +3,7 @@ of a ten-week study passes that, and a truncated search would turn old grids' ch
 
 from mlflow import MlflowClient
 
-from pipeline import report, tracking, writeup
+from pipeline import render, tracking, writeup
 
 CHILDREN = 1001
 
@@ -58,7 +58,7 @@ def test_checklist_reads_the_cited_runs_and_notes_purged_ones(tracking_uri):
     parent = client.create_run(experiment, tags={"command": "medmnist-ssl linear_probe --seeds 0,1"}).info.run_id
     child = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "seed": "1", "code_version": "abc"}).info.run_id
     purged = "f" * 32
-    table = report.Table("t", "t", ["x"], records=[{"run_id": child}, {"run_id": purged, "parent_run_id": parent}])
+    table = render.Table("t", "t", ["x"], records=[{"run_id": child}, {"run_id": purged, "parent_run_id": parent}])
     lines, commands = writeup.checklist_lines([table])
     assert lines[0] == "Runs cited by the tables: 2, from 1 top-level run."
     assert f"Cited runs no longer in the store (purged): {purged[:8]}." in lines

@@ -125,7 +125,7 @@ def test_loss_scaling_in_the_supervised_epoch_leaves_the_update_unchanged(synthe
 
 def test_loss_scaling_in_the_ssl_epoch_leaves_the_update_unchanged(synthetic_root):
     from pipeline.data import load_splits
-    from pipeline.pretrain import StepTrainer, epoch_views
+    from pipeline.pretrain import PretrainSettings, StepTrainer, epoch_views
 
     data = load_splits("breastmnist", 28, str(synthetic_root), torch.device("cpu"))
     cfg = {**config.resolve("ssl_pretrain", "breastmnist", {"model": "smallcnn", "batch_size": 32}), "amp": False}
@@ -133,10 +133,10 @@ def test_loss_scaling_in_the_ssl_epoch_leaves_the_update_unchanged(synthetic_roo
     def step(scaler):
         torch.manual_seed(0)
         module = build_ssl("simclr", build_classifier(ModelSpec("smallcnn")), cfg)
-        trainer = StepTrainer(module, {**cfg, "warmup_steps": 0}, 10, torch.device("cpu"))
+        trainer = StepTrainer(module, PretrainSettings.of({**cfg, "warmup_steps": 0}), 10, torch.device("cpu"))
         trainer.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         trainer.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-        for index, view1, view2 in epoch_views(data.train.images, cfg, 1):
+        for index, view1, view2 in epoch_views(data.train.images, PretrainSettings.of(cfg), 1):
             trainer.step(view1, view2, index)
         return module
 

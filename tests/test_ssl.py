@@ -15,7 +15,7 @@ from pipeline.errors import DivergenceError
 from pipeline.data import Split
 from pipeline.features import knn_monitor, knn_predict
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import monitor, pretrain, total_steps, warmup_cosine
+from pipeline.pretrain import PretrainSettings, monitor, pretrain, warmup_cosine
 from pipeline.runtime import seed_everything
 from pipeline.ssl import (MoCo, SimCLR, SplitBatchNorm, build_ssl, chunkwise_batch_norm, folded_batch_norm, info_nce, key_order,
                           nt_xent, split_batch_norm)
@@ -298,7 +298,7 @@ def fresh_module(method, cfg):
 def test_pretraining_runs_its_step_budget_and_simclr_lowers_its_loss(method, splits):
     cfg = ssl_cfg(method=method, steps=10, knn_every=5, lr=3e-3)
     module = fresh_module(method, cfg)
-    history = pretrain(module, splits, cfg)
+    history = pretrain(module, splits, PretrainSettings.of(cfg))
     assert [row["step"] for row in history] == [0, 5, 10]
     assert [row["epoch"] for row in history] == [0, 2, 4]  # 96 images at batch 32: 3 steps an epoch
     assert math.isnan(history[0]["ssl_loss"]) and history[0]["lr"] == 0.0  # step 0: the random initialisation
@@ -314,19 +314,23 @@ def test_step_zero_monitors_the_untrained_encoder(splits):
     cfg = ssl_cfg(method="simclr")
     module = fresh_module("simclr", cfg)
     untouched = copy.deepcopy(module)
-    first = pretrain(module, splits, {**cfg, "steps": 1, "knn_every": 1})[0]
-    assert first["knn_val_auroc"] == monitor(untouched, splits, cfg)["knn_val_auroc"]
+    first = pretrain(module, splits, PretrainSettings.of({**cfg, "steps": 1, "knn_every": 1}))[0]
+    assert first["knn_val_auroc"] == monitor(untouched, splits, PretrainSettings.of(cfg))["knn_val_auroc"]
+
+
+def budget(**overrides) -> PretrainSettings:
+    return PretrainSettings.of({**config.resolve("ssl_pretrain", "breastmnist", {}), **overrides})
 
 
 def test_an_epoch_budget_is_converted_to_steps():
-    assert total_steps({"epochs": 4, "steps": 1000, "batch_size": 32}, 96) == 12
-    assert total_steps({"epochs": 0, "steps": 1000, "batch_size": 32}, 96) == 1000
-    assert total_steps({"epochs": 3, "steps": 1, "batch_size": 256}, 96) == 3  # a batch above the data: one step an epoch
+    assert budget(epochs=4, steps=1000, batch_size=32).total_steps(96) == 12
+    assert budget(epochs=0, steps=1000, batch_size=32).total_steps(96) == 1000
+    assert budget(epochs=3, steps=1, batch_size=256).total_steps(96) == 3  # a batch above the data: one step an epoch
 
 
 def test_the_learning_rate_warms_up_then_decays_to_zero_over_the_steps(splits):
     cfg = ssl_cfg(method="simclr", steps=10, knn_every=1, warmup_steps=4, lr=1e-3)
-    lrs = [row["lr"] for row in pretrain(fresh_module("simclr", cfg), splits, cfg)[1:]]
+    lrs = [row["lr"] for row in pretrain(fresh_module("simclr", cfg), splits, PretrainSettings.of(cfg))[1:]]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 1e-4
 
@@ -340,8 +344,8 @@ def test_pretraining_resumes_exactly(splits, at_step):
         if step == at_step:
             saved.update(copy.deepcopy(state()))
 
-    full = pretrain(fresh_module("moco", cfg), splits, cfg, on_monitor=keep)
-    resumed = pretrain(fresh_module("moco", {**cfg, "seed": 5}), splits, cfg, resume=saved)
+    full = pretrain(fresh_module("moco", cfg), splits, PretrainSettings.of(cfg), on_monitor=keep)
+    resumed = pretrain(fresh_module("moco", {**cfg, "seed": 5}), splits, PretrainSettings.of(cfg), resume=saved)
     assert saved["step"] == at_step
     assert resumed == full
 
@@ -352,7 +356,7 @@ def test_diverging_ssl_loss_fails_with_a_message(splits):
     with torch.no_grad():
         module.projector[-1].bias.fill_(float("nan"))
     with pytest.raises(DivergenceError, match="SSL loss became nan"):
-        pretrain(module, splits, cfg)
+        pretrain(module, splits, PretrainSettings.of(cfg))
 
 
 def test_simclr_wraps_the_classifier_backbone():

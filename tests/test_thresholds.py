@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score
 
-from pipeline import report, writeup
+from pipeline import render, writeup
 from pipeline.steps import thresholds
 from pipeline.source import Predictions
 
@@ -127,7 +127,7 @@ def test_oriented_predictions_flip_labels_and_scores_only_for_class_0():
 
 def test_draft_sentence_of_a_run_logged_before_positive_class_says_label_1():
     settings = {"source_run_id": "0123456789abcdef", "dataset": "breastmnist", "target_tprs": "0.9", "target_fprs": "0.1", "bootstrap": "10"}
-    table = report.Table("week7_thresholds", "thresholds", ["rule"], records=[{"rule": "default 0.5"}], settings=settings)
+    table = render.Table("week7_thresholds", "thresholds", ["rule"], records=[{"rule": "default 0.5"}], settings=settings)
     assert "(positive class: label 1, normal, benign; TPR and FPR refer to it)" in writeup.posthoc_text({"week7_thresholds": table})[0]
     table.settings = {**settings, "positive_class": "0"}
     assert "(positive class: label 0, malignant; TPR and FPR refer to it)" in writeup.posthoc_text({"week7_thresholds": table})[0]

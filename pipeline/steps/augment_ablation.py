@@ -12,19 +12,19 @@ import re
 from typing import Any, Mapping
 
 
-from pipeline import plots, tables, tracking
+from pipeline import config, plots, tables, tracking
 from pipeline.config import config_hash
 from pipeline.data import load_splits
 from pipeline.errors import UserError
-from pipeline.grids import ABLATION_METRICS, GRID_GUIDE, ablation_summary, child_failure, raise_failures
+from pipeline.grids import GRID_GUIDE, child_failure, raise_failures
+from pipeline.results import ABLATION_METRICS, ablation_summary
 from pipeline.runtime import configure_speed, resolve_device
 from pipeline.supervised import log_selected_model, train_supervised
 
 
 def child_config(cfg: Mapping[str, Any], variant: str, seed: int) -> dict[str, Any]:
-    """The classifier config of one child: the ablation config with one preset and one seed."""
-    child = {k: v for k, v in cfg.items() if k not in ("variants", "seeds")}
-    return {**child, "augment": variant, "seed": seed}
+    """The classifier config of one child: a baseline config with the ablation's settings, one preset and one seed."""
+    return config.derive(cfg, {"augment": variant, "seed": seed}, stage="baseline")
 
 
 def summary_csv(summary: list[Mapping[str, Any]]) -> str:

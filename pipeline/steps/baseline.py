@@ -13,7 +13,7 @@ from pipeline.data import fingerprint, load_splits
 from pipeline.errors import UserError
 from pipeline.runtime import configure_speed, resolve_device
 from pipeline.supervised import Prepared, build_job, fit_and_log
-from pipeline.train import check_resume_state
+from pipeline.train import TrainSettings, check_resume_state
 
 
 def prepare(cfg: Mapping[str, Any], data_root: str, device: str = "") -> Prepared:
@@ -51,7 +51,7 @@ def resume_baseline(run_id: str, dataset: str, data_root: str = "", device: str 
     tracking.check_same_data(run, fingerprint(cfg["dataset"], cfg["size"], data_root), other_data)
     job = prepare(cfg, data_root, device)
     load_weights(job.model, state["model"], f"checkpoints/last.pt of run {run_id}", cfg["model"])
-    check_resume_state(job.model, cfg, state, f"checkpoints/last.pt of run {run_id}")
+    check_resume_state(job.model, TrainSettings.of(cfg), state, f"checkpoints/last.pt of run {run_id}")
     logged = tracking.last_logged_step(run_id, "train_loss")
     with tracking.tracked_run("baseline", dataset, {**job.tags, "resumed_from_epoch": state["epoch"]}, resume_run_id=run_id):
         outcome = fit_and_log(job.model, job.spec, job.data, job.train, cfg, resume=state, logged_through=logged, with_model=True)

@@ -12,7 +12,8 @@ from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.handin import check_export_is_new, export_results
 from pipeline.paper import write_paper
-from pipeline.report import Scope, Table, add_not_run, build_tables, write_table
+from pipeline.render import Table, write_table
+from pipeline.report import Scope, add_not_run, build_tables
 
 
 def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",

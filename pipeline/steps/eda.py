@@ -18,7 +18,7 @@ from pipeline import plots, tracking
 from pipeline.data import SPLITS, ArraySplit, load_arrays, resolve_root
 from pipeline.errors import UserError
 from pipeline.gallery import log_run_gallery
-from pipeline.tracking import RunRecord
+from pipeline.records import RunRecord
 
 
 def split_stats(split: ArraySplit) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from pipeline import plots, tracking
 from pipeline.errors import UserError
-from pipeline.tracking import RunRecord
+from pipeline.records import RunRecord
 
 OVERFIT_GAP = 0.1
 UNDERFIT_LOSS = 0.4

@@ -27,10 +27,11 @@ from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
 from pipeline.features import extract_features
-from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, for_seed, label_efficiency_figure,
-                            load_encoder_checkpoint, majority_rows, pretraining_seed_note, raise_failures, run_grid, ssl_run_ids)
+from pipeline.grids import (GRID_GUIDE, for_seed, load_encoder_checkpoint, majority_rows, pretraining_seed_note, raise_failures, run_grid,
+                            ssl_run_ids)
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
+from pipeline.results import METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, label_efficiency_figure
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.supervised import MemberRun, evaluate, log_classifier, log_member, log_selected_model, train_together
 from pipeline.train import epochs_for_steps, eval_interval
@@ -95,7 +96,7 @@ def probe_child(
     )
     logits = {s: head.logits(encoder.features[s]) for s in ("val", "test")}
     install_head(encoder.model, head)
-    child_cfg = {**cfg, "seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C, "size": data.size}
+    child_cfg = config.derive(cfg, {"seed": tags["seed"], "label_fraction": tags["label_fraction"], "probe_C": head.C, "size": data.size})
     name = f"{tags['method']}-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
     with tracking.tracked_run("linear_probe", cfg["dataset"], tags, run_name=name, nested=True) as run_id:
         tracking.log_config(child_cfg)
@@ -115,7 +116,7 @@ def supervised_member(
     epochs = cfg["supervised_epochs"] or epochs_for_steps(cfg["supervised_steps"], len(subset), cfg["batch_size"])
     overrides = {"model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
                  "augment": cfg["supervised_augment"], "seed": seed, "label_fraction": fraction, "size": data.size}
-    child_cfg = config.derive("baseline", cfg, overrides)
+    child_cfg = config.derive(cfg, overrides, stage="baseline")
     seed_everything(seed)
     return MemberRun(prepare_model(build_classifier(spec), device, child_cfg), data.train.subset(subset), child_cfg)
 

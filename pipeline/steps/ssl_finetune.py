@@ -29,13 +29,13 @@ from pipeline.augment import build_augment
 from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
-from pipeline.grids import (GRID_GUIDE, METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, for_seed, label_efficiency_figure, load_encoder_checkpoint,
-                            majority_rows, raise_failures, recipe_hash, run_grid, run_rows, ssl_run_ids)
+from pipeline.grids import GRID_GUIDE, for_seed, load_encoder_checkpoint, majority_rows, raise_failures, run_grid, ssl_run_ids
 from pipeline.models import Classifier
+from pipeline.results import METHOD_LABELS, PAIRED_COLUMNS, SHOWN_KEYS, label_efficiency_figure, recipe_hash, run_rows
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.supervised import MemberRun, log_member, log_selected_model, train_together
-from pipeline.train import epochs_for_steps, eval_interval, train_classifier
-from pipeline.tracking import RunRecord
+from pipeline.train import TrainSettings, epochs_for_steps, eval_interval, train_classifier
+from pipeline.records import RunRecord
 
 FINETUNE_COMPARISONS = (("ssl_finetune", "supervised"), ("ssl_finetune", "ssl_probe"))
 
@@ -106,9 +106,8 @@ def finetune_model(encoder_path: Path, cfg: Mapping[str, Any], seed: int, device
 def child_config(cfg: Mapping[str, Any], model: Classifier, seed: int, fraction: float, scale: float, n: int, size: int) -> dict[str, Any]:
     """A fine-tuning run's config: one seed, fraction and encoder lr scale, its step budget in epochs."""
     epochs = cfg["epochs"] or epochs_for_steps(cfg["steps"], n, cfg["batch_size"])
-    return {**cfg, "seed": seed, "label_fraction": fraction, "encoder_lr_scale": scale, "epochs": epochs,
-            "eval_every": eval_interval(epochs),
-            "model": model.spec.model, "stem": model.spec.stem, "size": size}
+    return config.derive(cfg, {"seed": seed, "label_fraction": fraction, "encoder_lr_scale": scale, "epochs": epochs,
+                               "eval_every": eval_interval(epochs), "model": model.spec.model, "stem": model.spec.stem, "size": size})
 
 
 def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], fraction: float,
@@ -122,7 +121,7 @@ def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cf
     for scale in grid:
         model = finetune_model(encoder_path, cfg, seed, device)
         trial_cfg = child_config(cfg, model, seed, fraction, scale, len(subset), data.size)
-        result = train_classifier(model, data.train.subset(subset), data.val, trial_cfg, augment=build_augment(cfg["augment"]))
+        result = train_classifier(model, data.train.subset(subset), data.val, TrainSettings.of(trial_cfg), augment=build_augment(cfg["augment"]))
         scores[scale] = max((row["val_auroc"] for row in result.history if math.isfinite(row["val_auroc"])), default=-math.inf)
     return max(grid, key=lambda scale: scores[scale]), scores
 

@@ -23,7 +23,7 @@ from pipeline.config import config_hash
 from pipeline.data import fingerprint, load_splits
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, build_classifier
-from pipeline.pretrain import check_resume_state, pretrain, steps_per_epoch, total_steps
+from pipeline.pretrain import PretrainSettings, check_resume_state, pretrain, steps_per_epoch
 from pipeline.runtime import configure_speed, prepare_model, resolve_device, seed_everything
 from pipeline.ssl import build_ssl
 
@@ -53,7 +53,7 @@ def ssl_loss_figure(history: list[dict[str, float]], title: str) -> plt.Figure:
 def ssl_settings(cfg: Mapping[str, Any], n: int) -> dict[str, Any]:
     """The settings a reader of the paper needs, as logged in `ssl_config.json` (`n`: training images);
     the budget both in optimizer steps and in epochs."""
-    steps = total_steps(cfg, n)
+    steps = PretrainSettings.of(cfg).total_steps(n)
     keys = ["method", "model", "stem", "batch_size", "lr", "weight_decay", "warmup_steps",
             "temperature", "proj_hidden_dim", "proj_dim", "seed", "size"]
     settings = {**{k: cfg[k] for k in keys}, "steps": steps, "epochs": steps / steps_per_epoch(n, cfg["batch_size"])}
@@ -109,12 +109,13 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
     module = prepare_model(build_ssl(cfg["method"], build_classifier(spec), cfg), device, cfg)
     if state is not None:
-        check_resume_state(module, cfg, len(data.train), state, f"checkpoints/last.pt of run {resume_run_id}")
+        check_resume_state(module, PretrainSettings.of(cfg), len(data.train), state, f"checkpoints/last.pt of run {resume_run_id}")
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg), "data_md5": data_md5}
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
     with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \
             tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
-        n, steps = len(data.train), total_steps(cfg, len(data.train))
+        settings = PretrainSettings.of(cfg)
+        n, steps = len(data.train), settings.total_steps(len(data.train))
         if cfg["method"] == "moco" and key_init_share(cfg["moco_momentum"], steps // 2) > 0.01:
             tqdm.write(f"warning: moco_momentum={cfg['moco_momentum']} keeps {key_init_share(cfg['moco_momentum'], steps // 2):.0%} "
                        f"of the key encoder's random init at mid-run ({steps} steps); lower it, e.g. to "
@@ -127,7 +128,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
         else:
             tracking.set_tags({"resumed_from_step": state["step"]})
 
-        schedule = CheckpointSchedule(cfg, last=steps)
+        schedule = CheckpointSchedule(cfg["checkpoint_every"], steps, cfg["checkpoint_min_seconds"])
 
         def on_monitor(step: int, row: dict[str, float], train_state) -> None:
             if step > logged_through or (step == 0 and state is None):
@@ -136,7 +137,7 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
                 last = save_checkpoint(Path(tmp) / "last.pt", module.backbone, spec, cfg, train_state=train_state())
                 tracking.log_file(last, "checkpoints")
 
-        history = pretrain(module, data, cfg, on_monitor, resume=state)
+        history = pretrain(module, data, settings, on_monitor, resume=state)
         tracking.log_metrics({"knn_val_auroc_init": history[0]["knn_val_auroc"]})
         encoder = save_checkpoint(Path(tmp) / "encoder.pt", module.backbone, spec, cfg, ssl_method=cfg["method"])
         tracking.log_file(encoder, "checkpoints")

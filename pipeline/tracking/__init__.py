@@ -3,6 +3,7 @@
 (`lookup`), the model registry (`registry`), stale runs (`housekeeping`); every store write goes
 through `writes`."""
 
+from pipeline.records import RunRecord, final_metrics
 from pipeline.tracking.housekeeping import NotYours, StaleRun, find_stale_runs, mark_killed, remove_partial_uploads, stale_reason
 from pipeline.tracking.lifecycle import (
     check_same_data,
@@ -34,12 +35,10 @@ from pipeline.tracking.log import (
     tag_run,
 )
 from pipeline.tracking.lookup import (
-    RunRecord,
     all_runs,
     child_runs,
     download_artifact,
     experiment_name,
-    final_metrics,
     find_latest,
     find_run,
     finished_runs,
@@ -50,7 +49,8 @@ from pipeline.tracking.lookup import (
     stage_parents,
 )
 from pipeline.tracking.registry import Champion, register_champion
-from pipeline.tracking.store import MLFLOW_VERSION, contract, ensure_store, experiment_id, mlflow_uri, prepare_store, sqlite_path
+from pipeline.tracking.store import MLFLOW_VERSION, contract, ensure_store, experiment_id, mlflow_uri, prepare_store
+from pipeline.tracking.writes import sqlite_path
 
 __all__ = [
     "MLFLOW_VERSION", "Champion", "InputData", "NotYours", "RunRecord", "StaleRun", "all_runs", "check_same_data",

@@ -15,9 +15,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from pipeline.tracking.lookup import RunRecord, all_runs, to_record
-from pipeline.tracking.store import sqlite_path
-from pipeline.tracking.writes import refused
+from pipeline.records import RunRecord
+from pipeline.tracking.lookup import all_runs, to_record
+from pipeline.tracking.writes import refused, sqlite_path
 
 
 @dataclass(frozen=True)

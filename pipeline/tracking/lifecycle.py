@@ -24,7 +24,8 @@ from pipeline.errors import UserError
 from pipeline.runtime import reproducibility_tags
 from pipeline.tracking.housekeeping import remove_partial_uploads, stale_reason
 from pipeline.tracking.log import set_tags
-from pipeline.tracking.lookup import RunRecord, find_run, to_record
+from pipeline.records import RunRecord
+from pipeline.tracking.lookup import find_run, to_record
 from pipeline.tracking.store import TEMPLATE_DIR, contract, describe_experiment, ensure_store
 from pipeline.tracking.writes import _one_line, _retried, _signals_deferred, _write, refusal, refused
 

@@ -15,7 +15,6 @@ import yaml
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.store import MLFLOW_VERSION
 from pipeline.tracking.writes import _write
 
 
@@ -131,7 +130,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray, dataset: str, tags: M
     try:
         with torch.no_grad():
             output = model(torch.from_numpy(example).to(next(model.parameters()).device)).cpu().numpy()
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={MLFLOW_VERSION}"]
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
         with warnings.catch_warnings():  # torch.export's archive writer warns about every buffer of a CPU model
             warnings.filterwarnings("ignore", message="No complete tensor found")
             info = _write(lambda: mlflow.pytorch.log_model(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -16,36 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as the rest of the project reads it: its tags, its resolved config (the `cfg.<key>`
-    params, un-prefixed), its other params (`mlflow run`'s `-P`, derived values), its final metrics. Hashed by its scalar fields."""
-
-    id: str
-    name: str
-    experiment_id: str
-    status: str
-    start: int  # ms since the epoch, as MLflow keeps it
-    artifact_uri: str
-    tags: Mapping[str, str] = field(hash=False)
-    config: Mapping[str, str] = field(hash=False)
-    params: Mapping[str, str] = field(hash=False)
-    metrics: Mapping[str, float] = field(hash=False)
-
-    @property
-    def stage(self) -> str:
-        return self.tags.get("stage", "")
-
-    @property
-    def dataset(self) -> str:
-        return self.tags.get("dataset", "")
-
-    @property
-    def parent(self) -> str:
-        """The id of the run this one is nested in ("" for a top-level run)."""
-        return self.tags.get("mlflow.parentRunId", "")
+from pipeline.records import RunRecord
 
 
 def to_record(run: Run) -> RunRecord:
@@ -56,13 +26,6 @@ def to_record(run: Run) -> RunRecord:
                      tags=dict(run.data.tags), metrics=dict(run.data.metrics),
                      config={k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")},
                      params={k: v for k, v in params.items() if not k.startswith("cfg.")})
-
-
-def final_metrics(run: RunRecord) -> dict[str, float]:
-    """A run's metrics with the selected checkpoint's validation values under `val_*`: they are
-    logged as `best_val_*` (runs logged before that logged them last under the per-epoch keys)."""
-    values = run.metrics
-    return {**values, **{k.removeprefix("best_"): v for k, v in values.items() if k.startswith("best_val_")}}
 
 
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:

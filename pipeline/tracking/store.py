@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from pipeline.tracking.writes import _one_line, _write, refusal, refused
+from pipeline.tracking.writes import _one_line, _write, refusal, refused, sqlite_path
 
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "mlruns_template"
@@ -29,11 +29,6 @@ MLFLOW_VERSION = mlflow.__version__  # what `compare` reports in its reproducibi
 def contract() -> dict[str, Any]:
     """The tag/metric/artifact contract declared in mlruns_template/contract.yaml."""
     return yaml.safe_load((TEMPLATE_DIR / "contract.yaml").read_text())
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def credentials_out_of_uri() -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlflow
@@ -125,3 +126,8 @@ def _signals_deferred() -> Iterator[list[int]]:
             signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt(f"signal {caught[0]} held while closing a run or writing to the store")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
