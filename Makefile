@@ -22,10 +22,11 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -n auto
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto -m "not slow"
 
 bench: setup
 	$(PY) bench/augment_bench.py
