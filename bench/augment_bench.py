@@ -51,13 +51,15 @@ def data_root() -> tuple[Path, str]:
 
 def classic_transform() -> transforms.Compose:
     """torchvision per-sample equivalent of the `geometric+intensity` preset (PIL in, tensor out)."""
-    return transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)),
-        transforms.RandomApply([transforms.ColorJitter(brightness=0.2, contrast=0.2)], p=0.8),
-        transforms.RandomApply([transforms.GaussianBlur(kernel_size=11, sigma=(0.1, 1.5))], p=0.2),
-        transforms.ToTensor(),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)),
+            transforms.RandomApply([transforms.ColorJitter(brightness=0.2, contrast=0.2)], p=0.8),
+            transforms.RandomApply([transforms.GaussianBlur(kernel_size=11, sigma=(0.1, 1.5))], p=0.2),
+            transforms.ToTensor(),
+        ]
+    )
 
 
 def time_epochs(epoch: Callable[[int], int], repeats: int) -> list[float]:
@@ -118,24 +120,28 @@ def main() -> None:
     device = resolve_device(args.device)
     train = medmnist.PneumoniaMNIST(split="train", root=str(root), download=False)
     images = torch.from_numpy(train.imgs).unsqueeze(1).to(device)
-    rows = [{"path": f"batched ({device.type})", "workers": "-",
-             "seconds": time_epochs(batched_epoch(images, args.batch_size), args.repeats)}]
+    rows = [{"path": f"batched ({device.type})", "workers": "-", "seconds": time_epochs(batched_epoch(images, args.batch_size), args.repeats)}]
     for workers in (int(w) for w in args.workers.split(",")):
-        rows.append({"path": "per-sample DataLoader", "workers": workers,
-                     "seconds": time_epochs(classic_epoch(root, args.batch_size, workers), args.repeats)})
+        rows.append({"path": "per-sample DataLoader", "workers": workers, "seconds": time_epochs(classic_epoch(root, args.batch_size, workers), args.repeats)})
     reference = statistics.median(rows[0]["seconds"])
     for row in rows:
         row["median_s"] = statistics.median(row["seconds"])
         row["images_per_s"] = TRAIN_SIZE / row["median_s"]
         row["slowdown_vs_batched"] = row["median_s"] / reference
     machine = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_average_1m": os.getloadavg()[0], "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_1m": os.getloadavg()[0],
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
     }
-    print(f"one augmented epoch of PneumoniaMNIST train ({TRAIN_SIZE} images, 28 px, {source} data), "
-          f"batch {args.batch_size}, median of {args.repeats}; {machine['cpu_count']} CPUs, "
-          f"{machine['torch_threads']} torch threads, load {machine['load_average_1m']:.1f}")
+    print(
+        f"one augmented epoch of PneumoniaMNIST train ({TRAIN_SIZE} images, 28 px, {source} data), "
+        f"batch {args.batch_size}, median of {args.repeats}; {machine['cpu_count']} CPUs, "
+        f"{machine['torch_threads']} torch threads, load {machine['load_average_1m']:.1f}"
+    )
     print(f"{'path':<24} {'workers':>7} {'s/epoch':>9} {'images/s':>10} {'x batched':>10}")
     for row in rows:
         print(f"{row['path']:<24} {row['workers']!s:>7} {row['median_s']:>9.3f} {row['images_per_s']:>10.0f} {row['slowdown_vs_batched']:>10.1f}")

@@ -60,8 +60,14 @@ def environment(store: Path) -> dict[str, str]:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
-    return {**inherited, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "TQDM_DISABLE": "1", "PATH": path,
-            "PYTHONPATH": python_path, "MLFLOW_EXPERIMENT_NAME": "bench"}
+    return {
+        **inherited,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+        "TQDM_DISABLE": "1",
+        "PATH": path,
+        "PYTHONPATH": python_path,
+        "MLFLOW_EXPERIMENT_NAME": "bench",
+    }
 
 
 def data_root(value: str) -> str:
@@ -81,14 +87,24 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
 
 def classic_command(args: argparse.Namespace) -> list[str]:
     """This script in its classic-worker mode."""
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", "--dataset", args.dataset, "--data-root",
-            data_root(args.data_root), "--epochs", str(args.epochs), "--batch", str(args.batch)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--dataset",
+        args.dataset,
+        "--data-root",
+        data_root(args.data_root),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+    ]
 
 
 def baseline_args(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The baseline parameters both `mlflow run` and the profiled entry point get."""
-    return [("dataset", args.dataset), ("data_root", data_root(args.data_root)), ("model", "smallcnn"),
-            ("epochs", str(args.epochs)), ("batch_size", str(args.batch))]
+    return [("dataset", args.dataset), ("data_root", data_root(args.data_root)), ("model", "smallcnn"), ("epochs", str(args.epochs)), ("batch_size", str(args.batch))]
 
 
 def ours_command(args: argparse.Namespace, repo: Path = REPO) -> list[str]:
@@ -214,8 +230,19 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     """Our entry point once with its spans timed (its own fresh store): seconds of each, the process
     wall time, and everything but the training epochs."""
     with tempfile.TemporaryDirectory(prefix="classic-vs-run-") as tmp:
-        command = [sys.executable, str(Path(__file__).resolve()), "--spans-worker", "--dataset", args.dataset, "--data-root",
-                   data_root(args.data_root), "--epochs", str(args.epochs), "--batch", str(args.batch)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--spans-worker",
+            "--dataset",
+            args.dataset,
+            "--data-root",
+            data_root(args.data_root),
+            "--epochs",
+            str(args.epochs),
+            "--batch",
+            str(args.batch),
+        ]
         env = environment(Path(tmp))
         start = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -246,10 +273,12 @@ def main() -> None:
         return spans_worker(args)
     measured = rounds(args)
     ratios = [r["ratio"] for r in measured]
-    report = {"meta": {"dataset": args.dataset, "epochs": args.epochs, "batch": args.batch, "cpus": os.cpu_count(),
-                       "load_before": os.getloadavg()},
-              "rounds": measured, "median_ratio": statistics.median(ratios),
-              "median_ours_s": statistics.median(r["ours_s"] for r in measured)}
+    report = {
+        "meta": {"dataset": args.dataset, "epochs": args.epochs, "batch": args.batch, "cpus": os.cpu_count(), "load_before": os.getloadavg()},
+        "rounds": measured,
+        "median_ratio": statistics.median(ratios),
+        "median_ours_s": statistics.median(r["ours_s"] for r in measured),
+    }
     print(f"median classic/ours {report['median_ratio']:.2f} over {len(ratios)} rounds (range {min(ratios):.2f}–{max(ratios):.2f})")
     if args.other:
         report["other"] = str(Path(args.other).resolve())

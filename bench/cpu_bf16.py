@@ -117,9 +117,16 @@ def main() -> None:
     cfg = config.resolve("baseline", args.dataset, {"model": args.model})
     configure_speed(CPU, False)
     data = load_splits(args.dataset, cfg["size"], args.data_root, CPU)
-    report = {"meta": {"dataset": args.dataset, "model": args.model, "batch": args.batch, "threads": torch.get_num_threads(),
-                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-              "speed": speed(args, cfg, data)}
+    report = {
+        "meta": {
+            "dataset": args.dataset,
+            "model": args.model,
+            "batch": args.batch,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "speed": speed(args, cfg, data),
+    }
     print(json.dumps(report["speed"]), flush=True)
     report["quality"] = {name: quality(args, cfg, data, bf16) for name, bf16 in (("fp32", False), ("bf16", True))}
     for name, values in report["quality"].items():

@@ -66,13 +66,11 @@ def step_checks(name: str, spec: ModelSpec, dataset: str) -> list[tuple[str, flo
     with torch.inference_mode():
         logit = (cpu_model.eval()(x) - gpu_model.eval()(x.cuda()).cpu()).abs().max().item()
     reference = gradients(ref_model, x.double(), y.double())
-    errors = [((gradients(m, a, b) - reference).norm() / reference.norm()).item()
-              for m, a, b in ((cpu_model, x, y), (gpu_model, x.cuda(), y.cuda()))]
+    errors = [((gradients(m, a, b) - reference).norm() / reference.norm()).item() for m, a, b in ((cpu_model, x, y), (gpu_model, x.cuda(), y.cuda()))]
     tolerance = max(GRAD_FACTOR * errors[0], 1e-3)
     return [
         (f"{name}: same weights, max abs. logit diff", logit, TOLERANCE["logit_abs"], logit <= TOLERANCE["logit_abs"]),
-        (f"{name}: one step's gradients vs float64, rel. L2 error (CPU fp32: {errors[0]:.1e})", errors[1], tolerance,
-         errors[1] <= tolerance),
+        (f"{name}: one step's gradients vs float64, rel. L2 error (CPU fp32: {errors[0]:.1e})", errors[1], tolerance, errors[1] <= tolerance),
     ]
 
 
@@ -108,8 +106,7 @@ def train_on(device: torch.device, spec: ModelSpec, dataset: str, epochs: int, a
     result = train_classifier(model, data.train, data.val, TrainSettings.of(cfg))
     model.load_state_dict(result.best_state)
     logits = predict_logits(model, data.test, 1024)
-    return {"history": result.history, "test_auroc": metrics.auroc(logits, data.test.labels.cpu().numpy()),
-            "model": model.cpu(), "best_epoch": result.best_epoch}
+    return {"history": result.history, "test_auroc": metrics.auroc(logits, data.test.labels.cpu().numpy()), "model": model.cpu(), "best_epoch": result.best_epoch}
 
 
 def compare(name: str, cpu: dict, gpu: dict) -> list[tuple[str, float, float, bool]]:
@@ -121,8 +118,12 @@ def compare(name: str, cpu: dict, gpu: dict) -> list[tuple[str, float, float, bo
     return [
         (f"{name}: max rel. diff of per-epoch train loss", loss, TOLERANCE["loss_rel"], loss <= TOLERANCE["loss_rel"] if checked else None),
         (f"{name}: max abs. diff of per-epoch val AUROC", val, TOLERANCE["auroc_abs"], val <= TOLERANCE["auroc_abs"] if checked else None),
-        (f"{name}: abs. diff of test AUROC (best epoch {cpu['best_epoch']} vs {gpu['best_epoch']})", test,
-         TOLERANCE["auroc_abs"], test <= TOLERANCE["auroc_abs"] if checked else None),
+        (
+            f"{name}: abs. diff of test AUROC (best epoch {cpu['best_epoch']} vs {gpu['best_epoch']})",
+            test,
+            TOLERANCE["auroc_abs"],
+            test <= TOLERANCE["auroc_abs"] if checked else None,
+        ),
     ]
 
 

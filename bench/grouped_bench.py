@@ -119,9 +119,17 @@ def measure(dataset: str, fraction: float, args: argparse.Namespace) -> dict[str
     cfg = cell.cfg
     evaluations = len([e for e in range(1, cfg["epochs"] + 1) if e % cfg["eval_every"] == 0 or e == cfg["epochs"]])
     budget = cfg["epochs"] * cell.steps_per_epoch()
-    row: dict[str, Any] = {"dataset": dataset, "fraction": fraction, "n_train": len(cell.trains[0]),
-                           "batch": min(cfg["batch_size"], len(cell.trains[0])), "steps_per_epoch": cell.steps_per_epoch(),
-                           "members": args.members, "budget_steps": budget, "evaluations": evaluations, "times": times}
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "fraction": fraction,
+        "n_train": len(cell.trains[0]),
+        "batch": min(cfg["batch_size"], len(cell.trains[0])),
+        "steps_per_epoch": cell.steps_per_epoch(),
+        "members": args.members,
+        "budget_steps": budget,
+        "evaluations": evaluations,
+        "times": times,
+    }
     for path in ("solo", "grouped"):
         row[f"{path}_steps_per_s"] = member_steps / statistics.median(wall for wall, _ in times[f"{path}_train"])
         row[f"{path}_eval_s"] = statistics.median(wall for wall, _ in times[f"{path}_eval"])
@@ -136,14 +144,18 @@ def measure(dataset: str, fraction: float, args: argparse.Namespace) -> dict[str
 
 def render(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of docs/speed.md."""
-    lines = ["| dataset | labels | images (batch) | member steps/s solo | grouped | speed-up wall (CPU time) | "
-             "s per evaluation of K solo | grouped | speed-up wall (CPU time) | grid cell of K, solo → grouped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | labels | images (batch) | member steps/s solo | grouped | speed-up wall (CPU time) | "
+        "s per evaluation of K solo | grouped | speed-up wall (CPU time) | grid cell of K, solo → grouped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['fraction']:.0%} | {r['n_train']} ({r['batch']}) | {r['solo_steps_per_s']:.1f} | "
-                     f"{r['grouped_steps_per_s']:.1f} | {r['train_ratio']:.2f} ({r['train_cpu_ratio']:.2f}) | {r['solo_eval_s']:.2f} | "
-                     f"{r['grouped_eval_s']:.2f} | {r['eval_ratio']:.2f} ({r['eval_cpu_ratio']:.2f}) | "
-                     f"{r['solo_cell_s']:.0f} s → {r['grouped_cell_s']:.0f} s ({r['budget_steps']} steps, {r['evaluations']} evaluations) |")
+        lines.append(
+            f"| {r['dataset']} | {r['fraction']:.0%} | {r['n_train']} ({r['batch']}) | {r['solo_steps_per_s']:.1f} | "
+            f"{r['grouped_steps_per_s']:.1f} | {r['train_ratio']:.2f} ({r['train_cpu_ratio']:.2f}) | {r['solo_eval_s']:.2f} | "
+            f"{r['grouped_eval_s']:.2f} | {r['eval_ratio']:.2f} ({r['eval_cpu_ratio']:.2f}) | "
+            f"{r['solo_cell_s']:.0f} s → {r['grouped_cell_s']:.0f} s ({r['budget_steps']} steps, {r['evaluations']} evaluations) |"
+        )
     return "\n".join(lines)
 
 
@@ -164,8 +176,14 @@ def main() -> None:
         for fraction in map(float, args.fractions.split(",")):
             rows.append(measure(dataset, fraction, args))
             print(render(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "processor": platform.processor(),
-            "machine": platform.machine(), "args": vars(args), "when": time.strftime("%Y-%m-%d %H:%M")}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "args": vars(args),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(render(rows))

@@ -138,8 +138,7 @@ class Roofline:
     def summary(self) -> dict[str, object]:
         """Best, median and worst sample (TFLOP/s) and the autocast dtype, for the JSON."""
         spread = {k: [round(f(v) / 1e12, 4) for f in (max, statistics.median, min)] for k, v in self.samples.items()}
-        return {"amp_dtype": str(self.amp).removeprefix("torch."), "samples": {k: len(v) for k, v in self.samples.items()},
-                "best_median_worst_tflops": spread}
+        return {"amp_dtype": str(self.amp).removeprefix("torch."), "samples": {k: len(v) for k, v in self.samples.items()}, "best_median_worst_tflops": spread}
 
 
 def steal_fraction(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
@@ -173,19 +172,21 @@ def table(rows: list[Row]) -> str:
         frac = f"{r.flop_fraction:.0%}" if r.flop_fraction is not None else ""
         tf = f"{r.tflops:.3f}" if r.tflops is not None else ""
         rate = f"{r.images_per_s:>10.1f}" if r.images_per_s is not None else f"{'-':>10}"
-        lines.append(f"{r.workload:<10} {r.model:<9} {r.path:<16} {rate} {r.unit:<15} {r.wall_s:>7.2f} "
-                     f"{r.peak_mem_mib:>9.1f} {tf:>8} {frac:>6}")
+        lines.append(f"{r.workload:<10} {r.model:<9} {r.path:<16} {rate} {r.unit:<15} {r.wall_s:>7.2f} {r.peak_mem_mib:>9.1f} {tf:>8} {frac:>6}")
     return "\n".join(lines)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The rows of a results JSON as a Markdown table, for README."""
-    lines = [f"{meta.get('gpu') or meta['processor'] or meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
-             f"{meta['dataset']}; measured matmul {meta['matmul_tflops']} TFLOP/s", "",
-             "| workload | model | path | rate | unit | peak MiB | TFLOP/s | of matmul |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{meta.get('gpu') or meta['processor'] or meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
+        f"{meta['dataset']}; measured matmul {meta['matmul_tflops']} TFLOP/s",
+        "",
+        "| workload | model | path | rate | unit | peak MiB | TFLOP/s | of matmul |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         frac = f"{r['flop_fraction']:.0%}" if r.get("flop_fraction") is not None else ""
         rate = f"{r['wall_s']:.0f} s" if r["unit"] == "-" else f"{r['images_per_s']:,.0f}"
-        lines.append(f"| {r['workload']} | {r['model']} | {r['path']} | {rate} | {r['unit']} | {r['peak_mem_mib']:,.0f} | "
-                     f"{r.get('tflops') or ''} | {frac} |")
+        lines.append(f"| {r['workload']} | {r['model']} | {r['path']} | {rate} | {r['unit']} | {r['peak_mem_mib']:,.0f} | {r.get('tflops') or ''} | {frac} |")
     return "\n".join(lines) + "\n"

@@ -56,19 +56,26 @@ def main() -> None:
         rows = {}
         with mlflow.start_run():
             cfg = {"label_fraction": 0.1, "seed": 0}
-            rows["log_inputs (train subset, val, test)"] = timed(
-                lambda: tracking.log_inputs(lineage.classifier_inputs(data, data.train, cfg)), args.repeats)
+            rows["log_inputs (train subset, val, test)"] = timed(lambda: tracking.log_inputs(lineage.classifier_inputs(data, data.train, cfg)), args.repeats)
             for name in ("smallcnn", "resnet18"):
                 model = build_classifier(ModelSpec(name, 1, "cifar")).eval()
                 ids = []
-                rows[f"log_model {name}"] = timed(lambda: ids.append(tracking.log_model(model, lineage.model_example(data), "bench", {})),
-                                                  args.repeats)
+                rows[f"log_model {name}"] = timed(lambda: ids.append(tracking.log_model(model, lineage.model_example(data), "bench", {})), args.repeats)
                 rows[f"load_model {name}"] = timed(lambda: mlflow.pytorch.load_model(f"models:/{ids[-1]}"), args.repeats)
     print(f"{'what':40s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
     for what, seconds in rows.items():
         print(f"{what:40s} {seconds['median']:9.2f} {seconds['min']:7.2f} {seconds['max']:7.2f}")
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                      "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "seconds": rows}))
+    print(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "repeats": args.repeats,
+                "seconds": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,16 +60,15 @@ def main() -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader workers of the per-sample reference paths")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds each path is timed for (at least)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each path")
-    parser.add_argument("--matmul-seconds", type=float, default=0.0, help="length of each matmul sample around a "
-                        "training measurement (default 0.2 s on CUDA, 0.5 s on the CPU)")
+    parser.add_argument(
+        "--matmul-seconds", type=float, default=0.0, help="length of each matmul sample around a training measurement (default 0.2 s on CUDA, 0.5 s on the CPU)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="measurements of each training path (best kept)")
-    parser.add_argument("--compile", default="", help="model/workload pairs also measured under torch.compile, "
-                        "e.g. resnet18/simclr (compiling takes a minute each)")
+    parser.add_argument("--compile", default="", help="model/workload pairs also measured under torch.compile, e.g. resnet18/simclr (compiling takes a minute each)")
     parser.add_argument("--study", action="store_true", help="also time a whole study (subprocess, fresh store)")
     parser.add_argument("--study-dataset", default="breastmnist", help="comma list: the studies run at once")
     parser.add_argument("--study-profile", default="quick")
-    parser.add_argument("--study-store", default="", help="folder of the studies' tracking store, kept and reused "
-                        "across calls (default: a fresh temporary store)")
+    parser.add_argument("--study-store", default="", help="folder of the studies' tracking store, kept and reused across calls (default: a fresh temporary store)")
     parser.add_argument("--out", default="")
     parser.add_argument("--render", default="", help="print an earlier results JSON as a Markdown table and exit")
     args = parser.parse_args()
@@ -87,9 +86,11 @@ def main() -> None:
     # peak, so a study-only timing (`--workloads none`) takes just one, for the record.
     for _ in range(3 if set(TRAINING_WORKLOADS) & set(workloads) else 1):
         roofline.sample(2.0)
-    print(f"device {device}; measured matmul: fp32 {roofline.peak('fp32') / 1e12:.3f} TFLOP/s"
-          + (f" (TF32), {roofline.amp} {roofline.peak('amp') / 1e12:.1f} TFLOP/s" if device.type == "cuda"
-             else f" ({torch.get_num_threads()} threads)"), flush=True)
+    print(
+        f"device {device}; measured matmul: fp32 {roofline.peak('fp32') / 1e12:.3f} TFLOP/s"
+        + (f" (TF32), {roofline.amp} {roofline.peak('amp') / 1e12:.1f} TFLOP/s" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"),
+        flush=True,
+    )
     data = load_splits(args.dataset, 28, args.data_root, device)
     rows: list[Row] = []
     for name in args.models.split(","):
@@ -106,16 +107,25 @@ def main() -> None:
         rows += study_rows(args, device, out.with_suffix(""))
     steal_end = cpu_steal()
     meta = {
-        "machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "dataset": args.dataset,
-        "matmul_tflops": {k: round(roofline.peak(k) / 1e12, 4) for k in ("fp32", "amp")}, "matmul": roofline.summary(),
-        "load_avg": os.getloadavg(), "cpu_steal": steal_fraction(steal_start, steal_end),
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "dataset": args.dataset,
+        "matmul_tflops": {k: round(roofline.peak(k) / 1e12, 4) for k in ("fp32", "amp")},
+        "matmul": roofline.summary(),
+        "load_avg": os.getloadavg(),
+        "cpu_steal": steal_fraction(steal_start, steal_end),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    print(f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
-          f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}")
+    print(
+        f"\n{table(rows)}\n\nmatmul roofline: {meta['matmul_tflops']} TFLOP/s; {meta['gpu'] or meta['processor'] or meta['machine']}, "
+        f"{meta['cpus']} CPUs, torch {meta['torch']}; written {out}"
+    )
     if failed := [r.path for r in rows if r.extra.get("returncode")]:
         sys.exit(f"perf: study failed: {', '.join(failed)}")
 

@@ -36,13 +36,11 @@ def figure(curves: dict[tuple[str, str], list[dict]], budget: int) -> plt.Figure
     datasets = sorted({d for d, _ in curves})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.6 * len(datasets)), squeeze=False, constrained_layout=True)
     for row, dataset in enumerate(datasets):
-        for col, (key, label) in enumerate((("knn_val_auroc", "kNN (k=20) val AUROC"),
-                                            ("probe_val_auroc", "linear probe, 10% of labels: val AUROC"))):
+        for col, (key, label) in enumerate((("knn_val_auroc", "kNN (k=20) val AUROC"), ("probe_val_auroc", "linear probe, 10% of labels: val AUROC"))):
             ax = axes[row][col]
             for (d, method), points in sorted(curves.items()):
                 if d == dataset:
-                    ax.plot([p["step"] for p in points], [p[key] for p in points], "o-", ms=3,
-                            label=f"{method} (batch {points[0]['batch_size']})")
+                    ax.plot([p["step"] for p in points], [p[key] for p in points], "o-", ms=3, label=f"{method} (batch {points[0]['batch_size']})")
             ax.axvline(budget, color="grey", linestyle="--", label=f"paper budget ({budget} steps)")
             ax.set_title(f"{dataset}: {label}")
             ax.set_xlabel("optimizer step (0 = random init)")
@@ -55,8 +53,7 @@ def figure(curves: dict[tuple[str, str], list[dict]], budget: int) -> plt.Figure
 
 def table(curves: dict[tuple[str, str], list[dict]], steps: list[int]) -> str:
     """Markdown: kNN / probe val AUROC at the chosen steps, and the wall time to the last point."""
-    lines = ["| dataset | curve | " + " | ".join(f"step {s}" for s in steps) + " | wall time (s) |",
-             "|---|---|" + "---|" * (len(steps) + 1)]
+    lines = ["| dataset | curve | " + " | ".join(f"step {s}" for s in steps) + " | wall time (s) |", "|---|---|" + "---|" * (len(steps) + 1)]
     for (dataset, method), points in sorted(curves.items()):
         at = {p["step"]: p for p in points}
         cells = [f"{at[s]['knn_val_auroc']:.3f} / {at[s]['probe_val_auroc']:.3f}" if s in at else "—" for s in steps]

@@ -60,11 +60,20 @@ def trace(cfg: dict, data, fraction: float, epochs: int, sample: int) -> list[di
         views = {"running": evaluate(model, data.val, cfg), "precise": recomputed(model, train.images, data.val, cfg)}
         if sample:
             views["sampled"] = recomputed(model, statistics_sample(train.images, sample, cfg["seed"]), data.val, cfg)
-        rows.append({"fraction": fraction, "n_train": len(train), "epoch": epoch, "steps": int(steps),
-                     **{f"{k}_{view}": v for view, values in views.items() for k, v in values.items()}})
-        print(f"{fraction:>5} {epoch:>4} {int(steps):>6}  " + "  ".join(
-            f"{k.upper() if k != 'nll' else 'NLL'} " + " / ".join(f"{values[k]:.3f}" for values in views.values())
-            for k in ("auroc", "nll", "acc")), flush=True)
+        rows.append(
+            {
+                "fraction": fraction,
+                "n_train": len(train),
+                "epoch": epoch,
+                "steps": int(steps),
+                **{f"{k}_{view}": v for view, values in views.items() for k, v in values.items()},
+            }
+        )
+        print(
+            f"{fraction:>5} {epoch:>4} {int(steps):>6}  "
+            + "  ".join(f"{k.upper() if k != 'nll' else 'NLL'} " + " / ".join(f"{values[k]:.3f}" for values in views.values()) for k in ("auroc", "nll", "acc")),
+            flush=True,
+        )
     return rows
 
 

@@ -37,8 +37,7 @@ def moco(model: str, splits: int, device: torch.device, cfg: dict) -> tuple[MoCo
     return module, torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg["lr"])
 
 
-def step_seconds(module: MoCo, optimizer: torch.optim.Optimizer, views: tuple[torch.Tensor, torch.Tensor],
-                 ids: torch.Tensor, device: torch.device, amp: bool) -> float:
+def step_seconds(module: MoCo, optimizer: torch.optim.Optimizer, views: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, device: torch.device, amp: bool) -> float:
     """Wall time of one optimizer step (the device synchronised before and after)."""
     sync(device)
     start = time.perf_counter()
@@ -68,9 +67,15 @@ def measure(model: str, args: argparse.Namespace, device: torch.device) -> dict:
         times["plain"].append(step_seconds(*plain, views, ids, device, cfg["amp"]))
         times["split"].append(step_seconds(*split, views, ids, device, cfg["amp"]))
     ratios = [s / p for p, s in zip(times["plain"], times["split"])]
-    return {"model": model, "batch": args.batch, "splits": args.splits,
-            "plain_ms": 1000 * statistics.median(times["plain"]), "split_ms": 1000 * statistics.median(times["split"]),
-            "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+    return {
+        "model": model,
+        "batch": args.batch,
+        "splits": args.splits,
+        "plain_ms": 1000 * statistics.median(times["plain"]),
+        "split_ms": 1000 * statistics.median(times["split"]),
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+    }
 
 
 def main() -> None:
@@ -91,8 +96,7 @@ def main() -> None:
     print("| encoder | plain BN (ms) | split BN (ms) | split / plain (median, range) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['plain_ms']:.1f} | {r['split_ms']:.1f} | "
-              f"{r['ratio']:.2f} ({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}) |")
+        print(f"| {r['model']} | {r['plain_ms']:.1f} | {r['split_ms']:.1f} | {r['ratio']:.2f} ({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}) |")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
 

@@ -55,9 +55,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    overrides = {"method": args.method, "model": args.model, "steps": args.steps, "epochs": 0, "knn_every": args.every,
-                 "batch_size": args.batch_size, "seed": args.seed, "moco_momentum": args.moco_momentum,
-                 "device": args.device}
+    overrides = {
+        "method": args.method,
+        "model": args.model,
+        "steps": args.steps,
+        "epochs": 0,
+        "knn_every": args.every,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "moco_momentum": args.moco_momentum,
+        "device": args.device,
+    }
     cfg = config.resolve("ssl_pretrain", args.dataset, overrides)
     cs = config.resolve("linear_probe", args.dataset, {})["probe_cs"]
     device = torch.device(args.device)
@@ -66,24 +74,36 @@ def main() -> None:
     data = load_splits(cfg["dataset"], cfg["size"], "", device)
     spec = ModelSpec(model=cfg["model"], in_channels=data.channels, stem=cfg["stem"])
     module = prepare_model(build_ssl(cfg["method"], build_classifier(spec), cfg), device, cfg)
-    meta = {"dataset": args.dataset, "method": args.method, "model": args.model, "batch_size": args.batch_size,
-            "steps": args.steps, "seed": args.seed, "lr": cfg["lr"], "warmup_steps": cfg["warmup_steps"],
-            "moco_momentum": cfg["moco_momentum"] if args.method == "moco" else None,
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__}
+    meta = {
+        "dataset": args.dataset,
+        "method": args.method,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "seed": args.seed,
+        "lr": cfg["lr"],
+        "warmup_steps": cfg["warmup_steps"],
+        "moco_momentum": cfg["moco_momentum"] if args.method == "moco" else None,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
 
     def on_monitor(step: int, row: dict, state) -> None:
-        point = {**meta, **row, "probe_fraction": args.probe_fraction,
-                 "probe_val_auroc": probe_auroc(module.backbone, data, cfg, args.probe_fraction, cs),
-                 "wall_s": round(time.monotonic() - start, 1)}
+        point = {
+            **meta,
+            **row,
+            "probe_fraction": args.probe_fraction,
+            "probe_val_auroc": probe_auroc(module.backbone, data, cfg, args.probe_fraction, cs),
+            "wall_s": round(time.monotonic() - start, 1),
+        }
         if args.method == "moco":
             point["key_init_share"] = cfg["moco_momentum"] ** step  # weight of the random init left in the key encoder
         with args.out.open("a") as handle:
             handle.write(json.dumps(point) + "\n")
-        print(f"{args.dataset} {args.method} step {step}: kNN {row['knn_val_auroc']:.3f} "
-              f"probe {point['probe_val_auroc']:.3f} ({point['wall_s']:.0f} s)", flush=True)
+        print(f"{args.dataset} {args.method} step {step}: kNN {row['knn_val_auroc']:.3f} probe {point['probe_val_auroc']:.3f} ({point['wall_s']:.0f} s)", flush=True)
 
     pretrain(module, data, PretrainSettings.of(cfg), on_monitor)
 

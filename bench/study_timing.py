@@ -38,8 +38,19 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
         with PeakMemory(torch.device("cpu")) as memory:
             start, procs, ended = time.perf_counter(), {}, {}
             for dataset in datasets:
-                command = [sys.executable, "-m", "entrypoints.study", "--dataset", dataset, "--profile", args.study_profile,
-                           "--data-root", data_root, "--out", f"{tmp}/reports"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "entrypoints.study",
+                    "--dataset",
+                    dataset,
+                    "--profile",
+                    args.study_profile,
+                    "--data-root",
+                    data_root,
+                    "--out",
+                    f"{tmp}/reports",
+                ]
                 log = stack.enter_context(Path(f"{logs}-{dataset}.log").open("a" if args.study_store else "w"))
                 procs[dataset] = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
                 stack.callback(reap, procs[dataset])
@@ -52,15 +63,44 @@ def study_rows(args, device: torch.device, logs: Path) -> list[Row]:
     store = f"store {args.study_store} (finished steps reused)" if args.study_store else "fresh SQLite store"
     for dataset in datasets:
         code = procs[dataset].returncode
-        note = (f"{args.study_profile} profile, {dataset}, {store}" + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
-                + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log"))
-        rows.append(Row("study", "-", f"{args.study_profile} {dataset}", str(device), None, round(ended[dataset], 1), memory.mib, 0, 1,
-                        unit="-", note=note + " (peak = host memory of this benchmark's process tree, all studies together)",
-                        extra={"returncode": code}))
+        note = (
+            f"{args.study_profile} profile, {dataset}, {store}"
+            + (f", {len(datasets)} studies at once" if len(datasets) > 1 else "")
+            + ("" if code == 0 else f"; FAILED rc={code}, see {logs}-{dataset}.log")
+        )
+        rows.append(
+            Row(
+                "study",
+                "-",
+                f"{args.study_profile} {dataset}",
+                str(device),
+                None,
+                round(ended[dataset], 1),
+                memory.mib,
+                0,
+                1,
+                unit="-",
+                note=note + " (peak = host memory of this benchmark's process tree, all studies together)",
+                extra={"returncode": code},
+            )
+        )
         print(f"  {'study':<10} {'-':<9} {dataset:<16} {ended[dataset]:>10.1f} s" + ("" if code == 0 else f"  FAILED rc={code}"), flush=True)
     if len(datasets) > 1:
-        rows.append(Row("study", "-", f"{args.study_profile} all", str(device), None, round(max(ended.values()), 1), memory.mib, 0, 1,
-                        unit="-", note=f"{args.study_profile} profile, {'+'.join(datasets)} at once; wall time until the last finished"))
+        rows.append(
+            Row(
+                "study",
+                "-",
+                f"{args.study_profile} all",
+                str(device),
+                None,
+                round(max(ended.values()), 1),
+                memory.mib,
+                0,
+                1,
+                unit="-",
+                note=f"{args.study_profile} profile, {'+'.join(datasets)} at once; wall time until the last finished",
+            )
+        )
     return rows
 
 

@@ -110,8 +110,7 @@ def pipeline_epoch(workload: str, spec: ModelSpec, data: DatasetSplits, batch: i
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         augment = build_augment(SUPERVISED_AUGMENT)
         return lambda: train_epoch(model, data.train, optimizer, augment, batch, 0, device.type == "cuda", "bench")
-    cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True,
-           "warmup_steps": 1}
+    cfg = {**config.resolve("ssl_pretrain", data.name, {}), "method": workload, "batch_size": batch, "amp": True, "warmup_steps": 1}
     module = prepare_model(build_ssl(workload, model, cfg), device, fast)
     settings = PretrainSettings.of(cfg)
     trainer = StepTrainer(module, settings, 10**9, device)
@@ -122,11 +121,15 @@ class TwoViews:
     """torchvision's per-sample equivalent of our SSL view, applied twice to a PIL image."""
 
     def __init__(self) -> None:
-        self.view = transforms.Compose([
-            transforms.RandomResizedCrop(28, scale=(0.4, 1.0)), transforms.RandomHorizontalFlip(),
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4)], p=0.8),
-            transforms.RandomApply([transforms.GaussianBlur(5, (0.1, 1.5))], p=0.5), transforms.ToTensor(),
-        ])
+        self.view = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(28, scale=(0.4, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4)], p=0.8),
+                transforms.RandomApply([transforms.GaussianBlur(5, (0.1, 1.5))], p=0.5),
+                transforms.ToTensor(),
+            ]
+        )
 
     def __call__(self, image):
         return self.view(image), self.view(image)
@@ -140,14 +143,20 @@ def medmnist_train(dataset: str, root: Path, transform) -> torch.utils.data.Data
 
 def medmnist_loader(dataset: str, root: Path, transform, batch: int, workers: int, device: torch.device) -> Iterator:
     """The official script's input path: medmnist Dataset, per-sample transforms, shuffled DataLoader."""
-    loader = DataLoader(medmnist_train(dataset, root, transform), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        medmnist_train(dataset, root, transform),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     while True:
         yield from loader
 
 
-def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, batch: int, workers: int,
-                    device: torch.device) -> Callable[[], None]:
+def per_sample_step(workload: str, spec: ModelSpec, dataset: str, root: Path, batch: int, workers: int, device: torch.device) -> Callable[[], None]:
     """A training step fed by the per-sample path; same model, optimizer and autocast as ours (MoCo
     without own-key masking: a DataLoader batch carries no image indices; the mask is one N×K compare)."""
     torch.manual_seed(0)
@@ -183,8 +192,12 @@ def ablations(device: torch.device, compile_too: bool) -> list[tuple[str, Featur
     """Our path, then each feature off in turn (only those that exist on this device)."""
     paths = [("ours", Features()), ("-batched_aug", Features(batched_aug=False)), ("-channels_last", Features(channels_last=False))]
     if device.type == "cuda":
-        paths += [("-resident", Features(resident=False)), ("-no_sync", Features(no_sync=False)),
-                  ("-amp", Features(amp=False)), ("-cudnn_benchmark", Features(cudnn_benchmark=False))]
+        paths += [
+            ("-resident", Features(resident=False)),
+            ("-no_sync", Features(no_sync=False)),
+            ("-amp", Features(amp=False)),
+            ("-cudnn_benchmark", Features(cudnn_benchmark=False)),
+        ]
     elif (os.cpu_count() or 1) != cpu_threads():
         paths.append(("-threads", Features(threads=False)))
     if compile_too:
@@ -213,20 +226,27 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
     root = resolve_root(args.data_root)
     n_epoch = len(data.train) - (len(data.train) % batch if workload != "supervised" and len(data.train) > batch else 0)
     paths: list[tuple[str, Features, Callable[[], Callable[[], None]], int, int, str]] = [
-        (path, feats, lambda feats=feats: Loop(workload, spec, data, batch, device, feats), batch,
-         10 if feats.compile else args.warmup, "")
+        (path, feats, lambda feats=feats: Loop(workload, spec, data, batch, device, feats), batch, 10 if feats.compile else args.warmup, "")
         for path, feats in ablations(device, f"{name}/{workload}" in args.compile.split(","))
     ]
-    paths.append(("pipeline epoch", Features(), lambda: pipeline_epoch(workload, spec, data, batch, device), n_epoch, 1,
-                  "the shipped epoch function"))
-    paths += [(f"per-sample w{w}", Features(), lambda w=w: per_sample_step(workload, spec, args.dataset, root, batch, w, device),
-               batch, args.warmup, "medmnist Dataset + torchvision transforms + DataLoader") for w in args.workers]
+    paths.append(("pipeline epoch", Features(), lambda: pipeline_epoch(workload, spec, data, batch, device), n_epoch, 1, "the shipped epoch function"))
+    paths += [
+        (
+            f"per-sample w{w}",
+            Features(),
+            lambda w=w: per_sample_step(workload, spec, args.dataset, root, batch, w, device),
+            batch,
+            args.warmup,
+            "medmnist Dataset + torchvision transforms + DataLoader",
+        )
+        for w in args.workers
+    ]
     flops = step_flops(paths[0][2]())
     flops_per_image = flops / batch
     best: dict[str, Row] = {}
     sample_seconds = args.matmul_seconds or (0.2 if device.type == "cuda" else 0.5)  # a GPU's rate is steady; a shared CPU's drifts
     for repeat in range(args.repeats):
-        for path, feats, build, per_step, warmup, note in (paths if repeat % 2 == 0 else paths[::-1]):
+        for path, feats, build, per_step, warmup, note in paths if repeat % 2 == 0 else paths[::-1]:
             kind = "fp32" if device.type != "cuda" or not feats.amp else "amp"
             before = roofline.sample(sample_seconds, (kind,))[kind]
             apply_globals(feats, device)
@@ -234,8 +254,20 @@ def training_rows(workload: str, name: str, data: DatasetSplits, args, device: t
             apply_globals(Features(), device)
             reference = (before + roofline.sample(sample_seconds, (kind,))[kind]) / 2
             rate = per_step * steps / seconds
-            row = best.get(path) or Row(workload, name, path, str(device), 0.0, 0.0, 0.0, batch, 0, unit=unit, note=note,
-                                        extra={"rates": [], "references": [], "flops_per_image": flops_per_image})
+            row = best.get(path) or Row(
+                workload,
+                name,
+                path,
+                str(device),
+                0.0,
+                0.0,
+                0.0,
+                batch,
+                0,
+                unit=unit,
+                note=note,
+                extra={"rates": [], "references": [], "flops_per_image": flops_per_image},
+            )
             row.extra["rates"].append(round(rate, 3))
             row.extra["references"].append(round(reference / 1e12, 6))
             if rate > row.images_per_s:
@@ -255,8 +287,7 @@ def feature_rows(name: str, data: DatasetSplits, args, device: torch.device) -> 
 
     def add(path: str, step: Callable[[], None], note: str = "") -> None:
         steps, seconds, mib = measure(step, device, args.min_time, 1)
-        rows.append(Row("features", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib,
-                        args.eval_batch, steps, note=note))
+        rows.append(Row("features", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib, args.eval_batch, steps, note=note))
         print(f"  {'features':<10} {name:<9} {path:<16} {rows[-1].images_per_s:>10.1f} images/s", flush=True)
 
     plain = build_classifier(MODELS[name]).to(device).eval()
@@ -298,10 +329,11 @@ def probe_rows(name: str, data: DatasetSplits, args, device: torch.device) -> li
             loss.backward()
             optimizer.step()
 
-    for path, step, note in (("ours", ours, f"features once + logistic regression over {len(cs)} C values"),
-                             ("per-sample w0", classic, f"frozen encoder + linear head, Adam, {args.probe_epochs} epochs of DataLoader")):
+    for path, step, note in (
+        ("ours", ours, f"features once + logistic regression over {len(cs)} C values"),
+        ("per-sample w0", classic, f"frozen encoder + linear head, Adam, {args.probe_epochs} epochs of DataLoader"),
+    ):
         steps, seconds, mib = measure(step, device, args.min_time, 0)
-        rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib,
-                        n, steps, unit="train images/s", note=note))
+        rows.append(Row("probe", name, path, str(device), round(n * steps / seconds, 1), round(seconds, 2), mib, n, steps, unit="train images/s", note=note))
         print(f"  {'probe':<10} {name:<9} {path:<16} {rows[-1].images_per_s:>10.1f} labelled images/s", flush=True)
     return rows

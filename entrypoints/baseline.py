@@ -32,8 +32,7 @@ def command(dataset: str, data_root: str, config_file: str, resume: str, other_d
     report(dataset, results)
 
 
-def resume_run(run_id: str, dataset: str, data_root: str, config_file: str, device: str, other_data: bool = False,
-               **overrides: str) -> dict[str, float]:
+def resume_run(run_id: str, dataset: str, data_root: str, config_file: str, device: str, other_data: bool = False, **overrides: str) -> dict[str, float]:
     """Finish a run with its own config; settings other than the device and data are refused."""
     given = [f"--{key.replace('_', '-')}" for key, value in overrides.items() if value] + (["--config"] if config_file else [])
     if given:

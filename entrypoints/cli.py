@@ -5,8 +5,19 @@ from __future__ import annotations
 import click
 
 from entrypoints import (
-    augment_ablation, baseline, calibrate, compare, eda, finetune_table, linear_probe, robustness, runs, ssl_finetune,
-    ssl_pretrain, study, thresholds,
+    augment_ablation,
+    baseline,
+    calibrate,
+    compare,
+    eda,
+    finetune_table,
+    linear_probe,
+    robustness,
+    runs,
+    ssl_finetune,
+    ssl_pretrain,
+    study,
+    thresholds,
 )
 
 
@@ -19,8 +30,7 @@ def cli() -> None:
     """medmnist-ssl: supervised and self-supervised study steps on MedMNIST, tracked in MLflow."""
 
 
-for module in (eda, baseline, finetune_table, augment_ablation, ssl_pretrain, linear_probe, ssl_finetune, calibrate, thresholds,
-               robustness, compare, study):
+for module in (eda, baseline, finetune_table, augment_ablation, ssl_pretrain, linear_probe, ssl_finetune, calibrate, thresholds, robustness, compare, study):
     cli.add_command(module.command)
 cli.add_command(runs.group)
 

@@ -35,8 +35,7 @@ TRAINER_OPTIONS = (
 )
 
 SOURCE_OPTIONS = (
-    click.option("--run-id", default="latest", show_default=True,
-                 help="Classifier run to read (latest: newest FINISHED one with predictions)."),
+    click.option("--run-id", default="latest", show_default=True, help="Classifier run to read (latest: newest FINISHED one with predictions)."),
     click.option("--config", "config_file", default="", help="YAML file of overrides."),
     click.option("--seed", default="", help="Random seed."),
     click.option("--device", default="", help="auto | cpu | cuda | mps."),

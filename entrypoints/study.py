@@ -33,8 +33,9 @@ def stage_runners() -> dict[str, Runner]:
         "calibrate": lambda cfg, root, ids: run_calibrate(cfg, ids["run_id"]),
         "thresholds": lambda cfg, root, ids: run_thresholds(cfg, ids["run_id"], root),
         "robustness": lambda cfg, root, ids: run_robustness(cfg, ids["run_id"], root),
-        "compare": lambda cfg, root, ids: run_compare(cfg["dataset"], cfg["out_root"], cfg["export_name"], cfg["results_root"],
-                                                      scope=frozenset(ids.values()), not_run=cfg["not_run"], echo=click.echo),
+        "compare": lambda cfg, root, ids: run_compare(
+            cfg["dataset"], cfg["out_root"], cfg["export_name"], cfg["results_root"], scope=frozenset(ids.values()), not_run=cfg["not_run"], echo=click.echo
+        ),
     }
 
 
@@ -47,12 +48,10 @@ def stage_runners() -> dict[str, Runner]:
 def command(dataset: str, data_root: str, profile: str, out_root: str, export_name: str, results_root: str) -> None:
     """Run the study in order, reusing every step already FINISHED with the same config and code."""
     check_dataset(dataset)
-    outcomes = run_study(dataset, profile or "quick", stage_runners(), data_root, out_root, echo=click.echo,
-                         export=(export_name, results_root))
+    outcomes = run_study(dataset, profile or "quick", stage_runners(), data_root, out_root, echo=click.echo, export=(export_name, results_root))
     ran = sum(o.status == "ran" for o in outcomes)
     reused = sum(o.status == "reused" for o in outcomes)
-    click.echo(f"study {dataset} ({profile}): {ran} step{'s' if ran != 1 else ''} ran, {reused} reused; "
-               f"tables in {out_root}/{dataset}/")
+    click.echo(f"study {dataset} ({profile}): {ran} step{'s' if ran != 1 else ''} ran, {reused} reused; tables in {out_root}/{dataset}/")
     note = profile_note(profile or "quick")
     if note:
         click.echo(f"note: {note}")

@@ -10,8 +10,7 @@ from pipeline.steps.thresholds import positive_text, run_thresholds
 
 @click.command("thresholds")
 @apply(DATA_OPTIONS + SOURCE_OPTIONS)
-@click.option("--positive-class", default="",
-              help="0, 1 or finding: the class TPR, FPR, precision and the thresholds refer to (default: the dataset's finding).")
+@click.option("--positive-class", default="", help="0, 1 or finding: the class TPR, FPR, precision and the thresholds refer to (default: the dataset's finding).")
 @click.option("--target-tprs", default="", help="Comma list of sensitivity targets (default 0.9,0.95).")
 @click.option("--target-fprs", default="", help="Comma list of false positive rate targets (default 0.05,0.1).")
 @click.option("--confidence", default="", help="Error gallery: top-label confidence at least this (default 0.9).")

@@ -66,9 +66,7 @@ def affine(
 CROP_TRIES = 10
 
 
-def crop_sizes(
-    n: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_sizes(n: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Width and height (fractions of the frame) of n random crops, drawn as torchvision's
     RandomResizedCrop draws them: up to 10 (area, log-uniform aspect) tries per crop, the first that
     fits the frame is taken, the whole frame when none does (square images, a ratio range around 1)."""
@@ -78,8 +76,7 @@ def crop_sizes(
     fits = (widths <= 1) & (heights <= 1)
     first = fits.int().argmax(dim=1, keepdim=True)
     found, whole = fits.any(dim=1), torch.ones(n, device=device)
-    return (torch.where(found, widths.gather(1, first).squeeze(1), whole),
-            torch.where(found, heights.gather(1, first).squeeze(1), whole))
+    return (torch.where(found, widths.gather(1, first).squeeze(1), whole), torch.where(found, heights.gather(1, first).squeeze(1), whole))
 
 
 def random_resized_crop(
@@ -99,9 +96,7 @@ def random_resized_crop(
     return _warp(images, theta, "border")  # the crop lies in the frame: border only settles its edge pixels
 
 
-def color_jitter(
-    images: torch.Tensor, generator: torch.Generator, brightness: float = 0.2, contrast: float = 0.2, p: float = 0.8
-) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.2, contrast: float = 0.2, p: float = 0.8) -> torch.Tensor:
     """Multiply brightness by 1±b and scale contrast about each image's mean by 1±c (prob. p)."""
     n, device = images.shape[0], images.device
     apply = _chance(n, p, generator, device)[:, None, None, None]
@@ -112,9 +107,7 @@ def color_jitter(
     return torch.where(apply, jittered, images)
 
 
-def gaussian_blur(
-    images: torch.Tensor, generator: torch.Generator, sigma: tuple[float, float] = (0.1, 1.5), p: float = 0.5
-) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, generator: torch.Generator, sigma: tuple[float, float] = (0.1, 1.5), p: float = 0.5) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma, applied with probability p."""
     n, c, h, w = images.shape
     device = images.device
@@ -131,9 +124,7 @@ def gaussian_blur(
     return flat.view(n, c, h, w)
 
 
-def gaussian_noise(
-    images: torch.Tensor, generator: torch.Generator, std: tuple[float, float] = (0.0, 0.05), p: float = 0.5
-) -> torch.Tensor:
+def gaussian_noise(images: torch.Tensor, generator: torch.Generator, std: tuple[float, float] = (0.0, 0.05), p: float = 0.5) -> torch.Tensor:
     """Add zero-mean Gaussian noise with a per-image std (prob. p), clamped to [0, 1]."""
     n, device = images.shape[0], images.device
     stds = _uniform(n, std[0], std[1], generator, device) * _chance(n, p, generator, device)

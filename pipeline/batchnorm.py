@@ -41,8 +41,7 @@ def running_averages_stale(steps: int) -> bool:
     return steps < STALE_BELOW_STEPS
 
 
-def refresh_for_evaluation(model: nn.Module, images: torch.Tensor, steps: int, seed: int, batch_size: int = 1024,
-                           amp: bool = False) -> bool:
+def refresh_for_evaluation(model: nn.Module, images: torch.Tensor, steps: int, seed: int, batch_size: int = 1024, amp: bool = False) -> bool:
     """Recompute the statistics before an evaluation if the running averages can still be stale (fewer
     than `STALE_BELOW_STEPS` optimizer steps in this training), over a sample of at most
     `SAMPLE_IMAGES` of `images`; returns whether it did."""
@@ -62,8 +61,7 @@ def recompute_bn_statistics(model: nn.Module, images: torch.Tensor, batch_size: 
     stay). Every module's mode is restored afterwards."""
     modes = {module: module.training for module in model.modules()}
     model.train()
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()

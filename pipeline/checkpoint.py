@@ -60,8 +60,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-SPEC_VALUES: dict[str, tuple[Any, ...]] = {"model": ("smallcnn", "resnet18"), "in_channels": (1, 3),
-                                           "stem": ("cifar", "imagenet"), "weights": ("none", "imagenet", "auto")}
+SPEC_VALUES: dict[str, tuple[Any, ...]] = {
+    "model": ("smallcnn", "resnet18"),
+    "in_channels": (1, 3),
+    "stem": ("cifar", "imagenet"),
+    "weights": ("none", "imagenet", "auto"),
+}
 
 
 def spec_from_checkpoint(raw: Any, path: Path) -> ModelSpec:

@@ -294,9 +294,7 @@ def resolve(
     for source, layer in layers:
         for key, value in layer.items():
             if key not in defaults:
-                raise UserError(
-                    f"unknown {stage} setting {_short(key)} (from {source}); known: {', '.join(sorted(defaults))}"
-                )
+                raise UserError(f"unknown {stage} setting {_short(key)} (from {source}); known: {', '.join(sorted(defaults))}")
             config[key] = _coerce(key, value, defaults[key])
     for key, value in config.items():
         check = RULES.get(f"{stage}.{key}") or RULES.get(key)
@@ -346,8 +344,10 @@ def pretrained_head(config: dict[str, Any]) -> dict[str, Any]:
     if config["weights"] == "auto":
         config["weights"] = "imagenet" if config["finetune"] == "head" else "none"
     if config["finetune"] == "head" and (config["weights"] != "imagenet" or config.get("model") != "resnet18"):
-        raise UserError("finetune=head trains only a linear head on a frozen encoder, so it needs pretrained weights: "
-                        "use model=resnet18 with weights=imagenet (or auto), or finetune=all to train from scratch")
+        raise UserError(
+            "finetune=head trains only a linear head on a frozen encoder, so it needs pretrained weights: "
+            "use model=resnet18 with weights=imagenet (or auto), or finetune=all to train from scratch"
+        )
     return config
 
 

@@ -40,10 +40,7 @@ def check_dataset(name: str) -> None:
     info = INFO[name]
     if name not in binary_2d_datasets():
         kind = "3D" if name.endswith("3d") else "2D"
-        raise UserError(
-            f"dataset {name!r} is a {kind} {info['task']} task; medmnist-ssl studies binary 2D "
-            f"classification only: choose one of: {allowed}"
-        )
+        raise UserError(f"dataset {name!r} is a {kind} {info['task']} task; medmnist-ssl studies binary 2D classification only: choose one of: {allowed}")
 
 
 def resolve_root(data_root: str = "") -> Path:
@@ -96,8 +93,9 @@ def fingerprint(name: str, size: int, data_root: str = "") -> str:
         raise UserError(f"{path} is not a regular file; point data_root/MEDMNIST_ROOT at the folder of the official npz files")
     stat = path.stat()
     if stat.st_size > MAX_DATA_BYTES:
-        raise UserError(f"{path} holds {stat.st_size / 2**30:.1f} GiB, more than any MedMNIST2D file "
-                        f"({MAX_DATA_BYTES / 2**30:.0f} GiB at most); it is not the official file")
+        raise UserError(
+            f"{path} holds {stat.st_size / 2**30:.1f} GiB, more than any MedMNIST2D file ({MAX_DATA_BYTES / 2**30:.0f} GiB at most); it is not the official file"
+        )
     return _file_md5(str(path), stat.st_size, stat.st_mtime_ns)
 
 
@@ -140,8 +138,7 @@ def _array_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def corrupted(path: Path, name: str, size: int, reason: str) -> UserError:
     """The one line for a data file that cannot be read as MedMNIST's: what failed and the MD5 to fetch."""
-    return UserError(f"{path} is corrupted or truncated ({reason}): delete it and download it again "
-                     f"(expected MD5 {INFO[name]['MD5' + _size_flag(size)]})")
+    return UserError(f"{path} is corrupted or truncated ({reason}): delete it and download it again (expected MD5 {INFO[name]['MD5' + _size_flag(size)]})")
 
 
 def check_layout(path: Path, name: str, size: int) -> None:
@@ -158,11 +155,12 @@ def check_layout(path: Path, name: str, size: int) -> None:
         if images is None or labels is None:
             raise UserError(f"{path} has no {split}_images/{split}_labels arrays; it is not MedMNIST's npz file")
         if images[1] != np.uint8 or images[0][1:] != image_shape:
-            raise UserError(f"{path}: {split}_images must be uint8 N×{'×'.join(map(str, image_shape))} "
-                            f"({name} has {channels} channel{'s' * (channels > 1)}), got {images[1]} {images[0]}")
+            raise UserError(
+                f"{path}: {split}_images must be uint8 N×{'×'.join(map(str, image_shape))} "
+                f"({name} has {channels} channel{'s' * (channels > 1)}), got {images[1]} {images[0]}"
+            )
         if labels[0][:1] != images[0][:1] or int(np.prod(labels[0][1:], dtype=object)) != 1:
-            raise UserError(f"{path}: {split}_labels must hold one label per image, got shape {labels[0]} "
-                            f"for {images[0][0]} images")
+            raise UserError(f"{path}: {split}_labels must hold one label per image, got shape {labels[0]} for {images[0][0]} images")
 
 
 def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
@@ -177,16 +175,16 @@ def load_arrays(name: str, size: int, root: Path) -> dict[str, ArraySplit]:
             images = np.asarray(dataset.imgs)
             raw = np.asarray(dataset.labels).reshape(-1)
             if not np.isin(raw, (0, 1)).all():  # before the cast: 0.95 would silently become 0
-                raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image (found {raw.dtype} values "
-                                f"{', '.join(map(str, np.unique(raw)[:4]))})")
+                raise UserError(f"{path}: {split}_labels must hold one 0/1 label per image (found {raw.dtype} values {', '.join(map(str, np.unique(raw)[:4]))})")
             splits[split] = ArraySplit(images, raw.astype(np.int64))
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, RuntimeError) as exc:
         raise corrupted(path, name, size, type(exc).__name__) from None
     for split, arrays in splits.items():
         labels = arrays.labels
         if len(np.unique(labels)) < 2:  # training, model selection (AUROC) and testing all need both classes
-            raise UserError(f"{path}: the {split} split holds only class {labels[0] if len(labels) else '(none: it is empty)'}; "
-                            "a binary classifier needs both classes in every split")
+            raise UserError(
+                f"{path}: the {split} split holds only class {labels[0] if len(labels) else '(none: it is empty)'}; a binary classifier needs both classes in every split"
+            )
     return splits
 
 
@@ -252,9 +250,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def batch_indices(
-    n: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-) -> Iterator[torch.Tensor]:
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
     """Index batches of a seeded permutation of n samples; the last batch may be short.
 
     The permutation is drawn on the CPU (the same order on every device) and copied to `device`

@@ -26,9 +26,7 @@ def extract_features(model: Classifier, split: Split, batch_size: int = 1024, am
     return torch.cat(chunks)
 
 
-def knn_predict(
-    support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, k: int = 20, temperature: float = 0.07
-) -> np.ndarray:
+def knn_predict(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, k: int = 20, temperature: float = 0.07) -> np.ndarray:
     """p(class 1) of each query from its k most cosine-similar support samples, weighted by
     exp(similarity / temperature) as in Wu et al. (2018)."""
     support = F.normalize(support, dim=1)
@@ -43,8 +41,6 @@ def knn_predict(
 def knn_monitor(model: Classifier, train: Split, val: Split, k: int, batch_size: int, amp: bool) -> dict[str, float]:
     """kNN AUROC and accuracy on validation with the training split as support (labels used only
     to monitor, never to train)."""
-    probs = knn_predict(
-        extract_features(model, train, batch_size, amp), train.labels, extract_features(model, val, batch_size, amp), k
-    )
+    probs = knn_predict(extract_features(model, train, batch_size, amp), train.labels, extract_features(model, val, batch_size, amp), k)
     labels = val.labels.cpu().numpy()
     return {"knn_val_auroc": metrics.auroc(probs, labels), "knn_val_acc": float(np.mean((probs >= 0.5) == labels))}

@@ -20,9 +20,11 @@ from pipeline.errors import PipelineError, UserError
 from pipeline.results import RESULT_KEYS
 
 T = TypeVar("T")
-GRID_GUIDE = ("\n\nEach child run (expand this row) is one classifier with its own predictions, reliability and confusion "
-              "plots and checkpoint; this run holds the tables and figures above, and its MLflow model is the child "
-              "with the best validation AUROC (tag `selected_run_id`).\n")
+GRID_GUIDE = (
+    "\n\nEach child run (expand this row) is one classifier with its own predictions, reliability and confusion "
+    "plots and checkpoint; this run holds the tables and figures above, and its MLflow model is the child "
+    "with the best validation AUROC (tag `selected_run_id`).\n"
+)
 
 
 def load_encoder_checkpoint(ssl_run_id: str, dataset: str) -> tuple[Path, Any]:
@@ -47,8 +49,9 @@ def for_seed(encoders: list[T], seeds: list[int], seed: int) -> T:
 
 def pretraining_seed_note(seeds: list[int], runs: list[Any]) -> str:
     """Which pretraining run serves which subset seed, as the tables state it."""
-    pairs = [f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).id[:8]} "
-             f"(pretraining seed {for_seed(runs, seeds, seed).tags.get('seed', '?')})" for seed in seeds]
+    pairs = [
+        f"subset seed {seed} → encoder {for_seed(runs, seeds, seed).id[:8]} (pretraining seed {for_seed(runs, seeds, seed).tags.get('seed', '?')})" for seed in seeds
+    ]
     return f"{len(runs)} pretraining run(s) for {len(seeds)} subset seeds: " + "; ".join(pairs) + "."
 
 
@@ -61,9 +64,19 @@ def majority_rows(data: DatasetSplits, cfg: Mapping[str, Any]) -> list[dict[str,
     for fraction in cfg["label_fractions"]:
         for seed in cfg["seeds"]:
             majority = int(np.bincount(train_labels[stratified_subset(train_labels, fraction, seed)], minlength=2).argmax())
-            rows.append({"method": "majority_class", "label_fraction": fraction, "seed": seed, "run_id": "",
-                         "test_acc": float(np.mean(test_labels == majority)), "test_balanced_acc": 0.5, "test_auroc": 0.5,
-                         "test_ece": math.nan, "val_auroc": 0.5})
+            rows.append(
+                {
+                    "method": "majority_class",
+                    "label_fraction": fraction,
+                    "seed": seed,
+                    "run_id": "",
+                    "test_acc": float(np.mean(test_labels == majority)),
+                    "test_balanced_acc": 0.5,
+                    "test_auroc": 0.5,
+                    "test_ece": math.nan,
+                    "val_auroc": 0.5,
+                }
+            )
     return rows
 
 
@@ -80,8 +93,12 @@ def raise_failures(failures: list[str], total: int, grid: str) -> None:
 
 
 def run_grid(
-    cfg: Mapping[str, Any], data: DatasetSplits, child: Callable[[np.ndarray, dict[str, Any]], Mapping[str, float]],
-    methods: list[str], base_tags: Mapping[str, Any], ahead: Callable[[float, dict[int, np.ndarray]], None] | None = None,
+    cfg: Mapping[str, Any],
+    data: DatasetSplits,
+    child: Callable[[np.ndarray, dict[str, Any]], Mapping[str, float]],
+    methods: list[str],
+    base_tags: Mapping[str, Any],
+    ahead: Callable[[float, dict[int, np.ndarray]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Call `child(subset, tags)` (returning metrics and its `run_id`) for every fraction × seed ×
     method; the same stratified subset serves every method of a (fraction, seed). `ahead(fraction,
@@ -109,5 +126,3 @@ def run_grid(
                     continue
                 rows.append({**tags, **{k: values[k] for k in RESULT_KEYS}, "run_id": values["run_id"]})
     return rows, failures
-
-

@@ -34,8 +34,17 @@ class GroupedHead(nn.Module):
 
 def grouped_conv(conv: nn.Conv2d, members: int) -> nn.Conv2d:
     """A convolution whose channel block k is member k's copy of `conv`."""
-    return nn.Conv2d(conv.in_channels * members, conv.out_channels * members, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, conv.groups * members, conv.bias is not None, conv.padding_mode)
+    return nn.Conv2d(
+        conv.in_channels * members,
+        conv.out_channels * members,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups * members,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
 
 
 def grouped_batch_norm(norm: nn.BatchNorm2d, members: int) -> nn.BatchNorm2d:

@@ -65,8 +65,9 @@ def member_batches(n: int, batch_size: int, seed: int, device: torch.device) -> 
     return fold_single(list(batch_indices(n, batch_size, torch.Generator().manual_seed(seed), device)))
 
 
-def train_group_epoch(model: GroupedClassifier, trains: list[Split], optimizer: torch.optim.Optimizer, augment: Augment,
-                      batch_size: int, seeds: list[int], amp: bool) -> np.ndarray:
+def train_group_epoch(
+    model: GroupedClassifier, trains: list[Split], optimizer: torch.optim.Optimizer, augment: Augment, batch_size: int, seeds: list[int], amp: bool
+) -> np.ndarray:
     """One epoch of every member, member k shuffled and augmented from `seeds[k]`; returns each
     member's mean training loss."""
     device = trains[0].images.device
@@ -76,8 +77,7 @@ def train_group_epoch(model: GroupedClassifier, trains: list[Split], optimizer: 
     totals = torch.zeros(len(trains), device=device)
     model.train()
     for indices in zip(*orders):
-        images = stack_channels([augment(to_float(train.images[index]), generator)
-                                 for train, index, generator in zip(trains, indices, generators)])
+        images = stack_channels([augment(to_float(train.images[index]), generator) for train, index, generator in zip(trains, indices, generators)])
         targets = torch.stack([train.labels[index] for train, index in zip(trains, indices)], dim=1).float()
         with autocast(device, amp):
             logits = model(images)
@@ -111,8 +111,7 @@ def refusal(members: list[Member], settings: TrainSettings) -> str:
     return ""
 
 
-def train_members(members: list[Member], val: Split, settings: TrainSettings,
-                  augment: Augment = identity) -> list[TrainResult | DivergenceError]:
+def train_members(members: list[Member], val: Split, settings: TrainSettings, augment: Augment = identity) -> list[TrainResult | DivergenceError]:
     """Train every member for `settings.epochs` epochs as one grouped model; returns, per member, what
     `train_classifier` returns for it alone with `settings` and its seed (or the `DivergenceError` that
     would have stopped it), validated every `eval_every` epochs and after the last. A diverged member
@@ -138,8 +137,7 @@ def train_members(members: list[Member], val: Split, settings: TrainSettings,
         scheduler.step()
         for track, loss, member in zip(tracks, losses, members):
             if track.error is None and not math.isfinite(loss):
-                track.error = DivergenceError(f"training loss became {loss} (epoch {epoch}/{epochs}, seed {member.seed}); "
-                                              "lower lr or check the data")
+                track.error = DivergenceError(f"training loss became {loss} (epoch {epoch}/{epochs}, seed {member.seed}); lower lr or check the data")
         if epoch % settings.eval_every and epoch < epochs:
             continue
         if running_averages_stale(epoch * per_epoch):
@@ -147,7 +145,6 @@ def train_members(members: list[Member], val: Split, settings: TrainSettings,
         logits = predict_logits(model, val_grouped, settings.eval_batch_size, amp)
         for index, (track, loss) in enumerate(zip(tracks, losses)):
             if track.error is None:
-                row = {"epoch": epoch, "train_loss": float(loss), "lr": lr,
-                       **epoch_metrics(logits[:, index], val_labels, settings.ece_bins)}
+                row = {"epoch": epoch, "train_loss": float(loss), "lr": lr, **epoch_metrics(logits[:, index], val_labels, settings.ece_bins)}
                 track.record(row, lambda index=index: model.member_state(index))
     return [track.result() for track in tracks]

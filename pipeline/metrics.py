@@ -46,9 +46,7 @@ def _confidence_and_outcome(probs: np.ndarray, labels: np.ndarray, confidence: s
     raise ValueError(f"confidence must be 'top_label' or 'class1', got {confidence!r}")
 
 
-def calibration_bins(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, strategy: str = "uniform", confidence: str = "top_label"
-) -> Bins:
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, strategy: str = "uniform", confidence: str = "top_label") -> Bins:
     """Group samples into bins by confidence: equal-width (`uniform`) or equal-count (`quantile`;
     equal up to ties, which stay together)."""
     conf, outcome = _confidence_and_outcome(probs, labels, confidence)
@@ -73,9 +71,7 @@ def calibration_bins(
     return Bins(np.asarray(lower), np.asarray(upper), count, mean_conf, mean_outcome)
 
 
-def ece(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, strategy: str = "uniform", confidence: str = "top_label"
-) -> float:
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, strategy: str = "uniform", confidence: str = "top_label") -> float:
     """Expected calibration error: sum over bins of |accuracy − confidence| weighted by bin size."""
     bins = calibration_bins(probs, labels, n_bins, strategy, confidence)
     filled = bins.count > 0
@@ -86,8 +82,7 @@ def ece(
 MCE_MIN_COUNT = 5  # bins with fewer samples are left out of MCE: one image decides a near-empty bin's gap
 
 
-def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, confidence: str = "top_label",
-        min_count: int = MCE_MIN_COUNT) -> float:
+def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, confidence: str = "top_label", min_count: int = MCE_MIN_COUNT) -> float:
     """Maximum calibration error over equal-width bins holding at least `min_count` samples (NaN
     when none does)."""
     bins = calibration_bins(probs, labels, n_bins, "uniform", confidence)
@@ -129,9 +124,7 @@ def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(_auroc_rows(np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64)))
 
 
-def bootstrap_auroc_ci(
-    probs: np.ndarray, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
+def bootstrap_auroc_ci(probs: np.ndarray, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUROC of a score (resamples with a single class are skipped)."""
     if n_resamples == 0:
         return float("nan"), float("nan")

@@ -62,9 +62,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher_is_better: 
 
 def pairs(rows: Iterable[Mapping[str, Any]], method_a: str, method_b: str, fraction: float, metric: str) -> tuple[list[float], list[float], list[str]]:
     """The (a, b) metric values of every seed both methods ran at `fraction`, and those seeds."""
+
     def by_seed(method: str) -> dict[str, float]:
-        return {str(r["seed"]): float(r.get(metric, math.nan)) for r in rows
-                if r["method"] == method and float(r["label_fraction"]) == fraction}
+        return {str(r["seed"]): float(r.get(metric, math.nan)) for r in rows if r["method"] == method and float(r["label_fraction"]) == fraction}
 
     left, right = by_seed(method_a), by_seed(method_b)
     seeds = sorted(set(left) & set(right), key=lambda s: (len(s), s))
@@ -72,7 +72,9 @@ def pairs(rows: Iterable[Mapping[str, Any]], method_a: str, method_b: str, fract
 
 
 def compare_methods(
-    rows: Sequence[Mapping[str, Any]], comparisons: Sequence[tuple[str, str]], metrics: Sequence[str] = tuple(HIGHER_IS_BETTER),
+    rows: Sequence[Mapping[str, Any]],
+    comparisons: Sequence[tuple[str, str]],
+    metrics: Sequence[str] = tuple(HIGHER_IS_BETTER),
 ) -> list[dict[str, Any]]:
     """One record per (comparison, fraction, metric) that has paired seeds: the seeds, both means,
     the mean difference, its interval and the verdict."""
@@ -85,7 +87,20 @@ def compare_methods(
                 if not seeds:
                     continue
                 diff = paired_difference(a, b, HIGHER_IS_BETTER[metric])
-                out.append({"a": method_a, "b": method_b, "label_fraction": fraction, "metric": metric, "n": diff.n,
-                            "seeds": " ".join(seeds), "a_mean": float(np.nanmean(a)), "b_mean": float(np.nanmean(b)),
-                            "diff_mean": diff.mean, "ci_low": diff.low, "ci_high": diff.high, "verdict": diff.verdict})
+                out.append(
+                    {
+                        "a": method_a,
+                        "b": method_b,
+                        "label_fraction": fraction,
+                        "metric": metric,
+                        "n": diff.n,
+                        "seeds": " ".join(seeds),
+                        "a_mean": float(np.nanmean(a)),
+                        "b_mean": float(np.nanmean(b)),
+                        "diff_mean": diff.mean,
+                        "ci_low": diff.low,
+                        "ci_high": diff.high,
+                        "verdict": diff.verdict,
+                    }
+                )
     return out

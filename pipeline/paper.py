@@ -20,21 +20,29 @@ from pipeline.render import Table, best_on_validation, fmt, interval_text, markd
 from pipeline.results import label_efficiency_figure
 from pipeline.writeup import PROMPT, checklist_lines, dataset_text, environment_lines, fetch, findings_lines, methods_text, prompt
 
-QUESTION = ("Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training images "
-            "help a classifier when only 1%, 5% or 10% of the labels are available, and how well calibrated are the resulting models?")
+QUESTION = (
+    "Question: does contrastive self-supervised pretraining (SimCLR-lite, MoCo-lite) on the unlabeled training images "
+    "help a classifier when only 1%, 5% or 10% of the labels are available, and how well calibrated are the resulting models?"
+)
 INTRO_PROMPT = "Why does this question matter clinically for this dataset? What did you expect, and why?"
-DISCUSSION_PROMPT = ("When does SSL help on this dataset, and when not? Why might that be (dataset size, image content, budget)? "
-                     "What do the calibration and threshold results mean for a screening use?")
-LIMITATIONS_PROMPT = ("What else limits these conclusions (label noise, duplicates, shift between sites)? What would you run next?")
+DISCUSSION_PROMPT = (
+    "When does SSL help on this dataset, and when not? Why might that be (dataset size, image content, budget)? "
+    "What do the calibration and threshold results mean for a screening use?"
+)
+LIMITATIONS_PROMPT = "What else limits these conclusions (label noise, duplicates, shift between sites)? What would you run next?"
 VERDICT_NOTE = "Each verdict is read from its 95% interval, not from which mean is larger:"
-LATEX_ENGINES = (("latexmk", ["latexmk", "-norc", "-pdf", "-interaction=nonstopmode", "-halt-on-error"]),
-                 ("pdflatex", ["pdflatex", "-interaction=nonstopmode", "-halt-on-error"]),
-                 ("tectonic", ["tectonic", "--keep-logs"]))
+LATEX_ENGINES = (
+    ("latexmk", ["latexmk", "-norc", "-pdf", "-interaction=nonstopmode", "-halt-on-error"]),
+    ("pdflatex", ["pdflatex", "-interaction=nonstopmode", "-halt-on-error"]),
+    ("tectonic", ["tectonic", "--keep-logs"]),
+)
 LATEX_SECONDS = 180  # per engine call; a stuck engine (and its children) is killed, compare goes on
 BUILD_LEFTOVERS = (".aux", ".log", ".fls", ".fdb_latexmk", ".nav", ".snm", ".toc", ".out", ".vrb")  # kept only when a build fails
-INSTALL_LATEX = ("no LaTeX engine found (latexmk, pdflatex or tectonic): install one to build the PDFs, e.g. "
-                 "`sudo apt install texlive-latex-recommended texlive-fonts-recommended texlive-pictures latexmk` (Debian/Ubuntu), "
-                 "MacTeX (macOS) or tectonic; the .tex files are written either way")
+INSTALL_LATEX = (
+    "no LaTeX engine found (latexmk, pdflatex or tectonic): install one to build the PDFs, e.g. "
+    "`sudo apt install texlive-latex-recommended texlive-fonts-recommended texlive-pictures latexmk` (Debian/Ubuntu), "
+    "MacTeX (macOS) or tectonic; the .tex files are written either way"
+)
 
 
 @dataclass
@@ -57,15 +65,18 @@ def first_record(table: Table | None) -> dict[str, Any] | None:
 
 
 # (table, artifact of the run its first record cites, figure file, caption, week)
-RUN_FIGURES = (("week1_class_balance", "eda/samples_per_class.png", "samples_per_class.png", "Seeded training images per class", 1),
-               ("week6_calibration", "plots/reliability_side_by_side.png", "reliability_before_after.png",
-                "Reliability before and after temperature scaling (test)", 6),
-               ("week7_thresholds", "plots/roc.png", "roc.png", "ROC curve on test with the validation-chosen operating points", 7),
-               ("week7_thresholds", "plots/pr.png", "pr.png", "Precision-recall curve on test with the operating points", 7),
-               ("week8_robustness", "plots/robustness.png", "robustness.png", "AUROC, accuracy and ECE under corruptions", 8))
-TABLE_FIGURES = {"week3_augment_ablation": ("Augmentation ablation: test AUROC per variant", 3),
-                 "week5_label_efficiency": ("Label efficiency: test AUROC against the label fraction", 5),
-                 "week6_paired_differences": ("Paired differences with 95% intervals against the label fraction", 6)}
+RUN_FIGURES = (
+    ("week1_class_balance", "eda/samples_per_class.png", "samples_per_class.png", "Seeded training images per class", 1),
+    ("week6_calibration", "plots/reliability_side_by_side.png", "reliability_before_after.png", "Reliability before and after temperature scaling (test)", 6),
+    ("week7_thresholds", "plots/roc.png", "roc.png", "ROC curve on test with the validation-chosen operating points", 7),
+    ("week7_thresholds", "plots/pr.png", "pr.png", "Precision-recall curve on test with the operating points", 7),
+    ("week8_robustness", "plots/robustness.png", "robustness.png", "AUROC, accuracy and ECE under corruptions", 8),
+)
+TABLE_FIGURES = {
+    "week3_augment_ablation": ("Augmentation ablation: test AUROC per variant", 3),
+    "week5_label_efficiency": ("Label efficiency: test AUROC against the label fraction", 5),
+    "week6_paired_differences": ("Paired differences with 95% intervals against the label fraction", 6),
+}
 
 
 def collect_figures(built: list[Table], out_dir: Path, dataset: str) -> list[PaperFigure]:
@@ -92,8 +103,9 @@ def collect_figures(built: list[Table], out_dir: Path, dataset: str) -> list[Pap
     ssl = tables_by_name.get("week4_ssl_pretraining")
     for method, record in {r["method"]: r for r in reversed(ssl.records)}.items() if ssl else ():
         if fetch(record["run_id"], "plots/ssl_loss.png", folder / f"ssl_curves_{method}.png"):
-            found.append(PaperFigure(f"ssl_curves_{method}.png", f"{method}: contrastive loss and kNN validation AUROC "
-                                     f"against optimizer steps (seed {record['seed']})", 4))
+            found.append(
+                PaperFigure(f"ssl_curves_{method}.png", f"{method}: contrastive loss and kNN validation AUROC against optimizer steps (seed {record['seed']})", 4)
+            )
     for table_name, artifact, file, caption, week in RUN_FIGURES:
         record = first_record(tables_by_name.get(table_name))
         if record and fetch(record["run_id"], artifact, folder / file):
@@ -114,8 +126,7 @@ def experiments_lines(built: list[Table]) -> list[str]:
         if base.records:
             kinds = sorted({r["key"] for r in base.records})
             fractions = sorted({float(r["label_fraction"]) for r in base.records})
-            lines.append(f"Supervised baselines on {', '.join(f'{f:.0%}' for f in fractions)} of the labels: {', '.join(kinds)} "
-                         f"({len(base.records)} runs).")
+            lines.append(f"Supervised baselines on {', '.join(f'{f:.0%}' for f in fractions)} of the labels: {', '.join(kinds)} ({len(base.records)} runs).")
     if (ablation := t.get("week3_augment_ablation")) and ablation.records:
         lines.append(f"Augmentation ablation: {', '.join(r['variant'] for r in ablation.records)}.")
     if (ssl := t.get("week4_ssl_pretraining")) and ssl.records:
@@ -123,12 +134,10 @@ def experiments_lines(built: list[Table]) -> list[str]:
         lines.append(f"Contrastive pretraining: {', '.join(methods)} ({len(ssl.records)} pretraining runs).")
     if (eff := t.get("week5_label_efficiency")) and eff.records:
         fractions = sorted({r["label_fraction"] for r in eff.records})
-        lines.append(f"Label efficiency at {', '.join(f'{f:.0%}' for f in fractions)} of the labels: "
-                     f"{', '.join(dict.fromkeys(r['method'] for r in eff.records))}.")
+        lines.append(f"Label efficiency at {', '.join(f'{f:.0%}' for f in fractions)} of the labels: {', '.join(dict.fromkeys(r['method'] for r in eff.records))}.")
     if (paired := t.get("week6_paired_differences")) and paired.records:
         lines.append(f"Paired comparisons (same label subset per seed): {', '.join(dict.fromkeys(r['comparison'] for r in paired.records))}.")
-    for name, what in (("week6_calibration", "Calibration"), ("week7_thresholds", "Decision thresholds"),
-                       ("week8_robustness", "Robustness")):
+    for name, what in (("week6_calibration", "Calibration"), ("week7_thresholds", "Decision thresholds"), ("week8_robustness", "Robustness")):
         if (table := t.get(name)) and table.records:
             analysed = dict.fromkeys(f"{r.get('analysed', 'the')} classifier (run {r['source_run_id'][:8]})" for r in table.records)
             lines.append(f"{what} of the {' and the '.join(analysed)}.")
@@ -151,12 +160,13 @@ def limitations_lines(built: list[Table], dataset: str) -> list[str]:
     if paired and paired.records:
         counts = sorted({r["n"] for r in paired.records})
         seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-        lines.append(f"The paired intervals rest on {seeds} seeds per cell; "
-                     "no correction for multiple comparisons is applied, so read single verdicts with care.")
+        lines.append(f"The paired intervals rest on {seeds} seeds per cell; no correction for multiple comparisons is applied, so read single verdicts with care.")
     train, test = prevalence(t.get("week1_class_balance"), "train"), prevalence(t.get("week1_class_balance"), "test")
     if train is not None and test is not None and abs(train - test) > 0.05:
-        lines.append(f"The test split's prevalence of label 1 ({test:.1%}) differs from training ({train:.1%}): accuracy, "
-                     "PPV and NPV at validation-chosen thresholds shift with it.")
+        lines.append(
+            f"The test split's prevalence of label 1 ({test:.1%}) differs from training ({train:.1%}): accuracy, "
+            "PPV and NPV at validation-chosen thresholds shift with it."
+        )
     lines += [f"Not run: {line}" for line in skipped_lines(built)]
     return lines
 
@@ -165,24 +175,43 @@ def draft_markdown(dataset: str, built: list[Table], figures: list[PaperFigure])
     """The write-up: introduction, methods, experiments, results with every table and figure,
     discussion from the paired intervals, limitations, reproducibility checklist."""
     lines, commands = checklist_lines(built)
-    sections = [f"# {dataset}: when does self-supervised pretraining help? — draft\n",
-                "_Generated by `medmnist-ssl compare` from the tracked runs; every result below comes from a cited run. "
-                f"Replace each **{PROMPT}** prompt with your own text._\n",
-                "## Introduction\n", f"Dataset: {dataset_text(dataset)}",
-                QUESTION + "\n", prompt(INTRO_PROMPT),
-                "## Methods\n", methods_text(dataset, built) + "\n",
-                "## Experiments\n", *[f"- {line}" for line in experiments_lines(built)], "",
-                "## Results\n"]
+    sections = [
+        f"# {dataset}: when does self-supervised pretraining help? — draft\n",
+        f"_Generated by `medmnist-ssl compare` from the tracked runs; every result below comes from a cited run. Replace each **{PROMPT}** prompt with your own text._\n",
+        "## Introduction\n",
+        f"Dataset: {dataset_text(dataset)}",
+        QUESTION + "\n",
+        prompt(INTRO_PROMPT),
+        "## Methods\n",
+        methods_text(dataset, built) + "\n",
+        "## Experiments\n",
+        *[f"- {line}" for line in experiments_lines(built)],
+        "",
+        "## Results\n",
+    ]
     for table in built:
         sections.append(markdown(table, level=3))
     sections += [f"![{f.caption}](figures/{f.name})\n" for f in figures]
-    sections += ["## Discussion\n", VERDICT_NOTE + "\n", *[f"- {line}" for line in findings_lines(built)], "",
-                 prompt(DISCUSSION_PROMPT),
-                 "## Limitations\n", *[f"- {line}" for line in limitations_lines(built, dataset)], "",
-                 prompt(LIMITATIONS_PROMPT),
-                 "## Reproducibility checklist\n", *[f"- {line}" for line in lines + environment_lines()],
-                 "- Test split: used once per run, with the checkpoint selected on validation.", "",
-                 "Commands (one per top-level run the tables cite, oldest first):", "```", *commands, "```", ""]
+    sections += [
+        "## Discussion\n",
+        VERDICT_NOTE + "\n",
+        *[f"- {line}" for line in findings_lines(built)],
+        "",
+        prompt(DISCUSSION_PROMPT),
+        "## Limitations\n",
+        *[f"- {line}" for line in limitations_lines(built, dataset)],
+        "",
+        prompt(LIMITATIONS_PROMPT),
+        "## Reproducibility checklist\n",
+        *[f"- {line}" for line in lines + environment_lines()],
+        "- Test split: used once per run, with the checkpoint selected on validation.",
+        "",
+        "Commands (one per top-level run the tables cite, oldest first):",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
     return "\n".join(sections)
 
 
@@ -203,38 +232,55 @@ def latex_items(lines: list[str]) -> str:
 
 def latex_figure(figure: PaperFigure, width: str = "0.7\\linewidth") -> str:
     """A floating figure from `figures/`."""
-    return ("\\begin{figure}[tbp]\n\\centering\n"
-            f"\\includegraphics[width={width}]{{figures/{figure.name}}}\n"
-            f"\\caption{{{tables.latex_escape(figure.caption)}}}\n\\end{{figure}}")
+    return (
+        "\\begin{figure}[tbp]\n\\centering\n"
+        f"\\includegraphics[width={width}]{{figures/{figure.name}}}\n"
+        f"\\caption{{{tables.latex_escape(figure.caption)}}}\n\\end{{figure}}"
+    )
 
 
-LATEX_PREAMBLE = ("\\documentclass[10pt]{article}\n\\usepackage[margin=2cm]{geometry}\n"
-                  "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{listings}\n"
-                  "\\lstset{basicstyle=\\ttfamily\\small,breaklines=true,columns=fullflexible}\n")  # long commands wrap
+LATEX_PREAMBLE = (
+    "\\documentclass[10pt]{article}\n\\usepackage[margin=2cm]{geometry}\n"
+    "\\usepackage{booktabs}\n\\usepackage{graphicx}\n\\usepackage{listings}\n"
+    "\\lstset{basicstyle=\\ttfamily\\small,breaklines=true,columns=fullflexible}\n"
+)  # long commands wrap
 
 
 def draft_latex(dataset: str, built: list[Table], figures: list[PaperFigure]) -> str:
     """The same write-up as a LaTeX article (booktabs tables, the figures), ASCII only."""
     escape = tables.latex_escape
     lines, commands = checklist_lines(built)
-    body = ["\\section{Introduction}", f"Dataset: {escape(dataset_text(dataset))}", escape(QUESTION) + "\n",
-            latex_prompt(INTRO_PROMPT),
-            f"\\section{{Methods}}\n{escape(methods_text(dataset, built).replace('`', ''))}",
-            "\\section{Experiments}", latex_items(experiments_lines(built)), "\\section{Results}"]
+    body = [
+        "\\section{Introduction}",
+        f"Dataset: {escape(dataset_text(dataset))}",
+        escape(QUESTION) + "\n",
+        latex_prompt(INTRO_PROMPT),
+        f"\\section{{Methods}}\n{escape(methods_text(dataset, built).replace('`', ''))}",
+        "\\section{Experiments}",
+        latex_items(experiments_lines(built)),
+        "\\section{Results}",
+    ]
     for table in built:
-        body.append(tables.to_latex(table.rows, table.header, table.title) if table.rows else
-                    f"\\paragraph{{{escape(table.title)}.}} {escape(table.missing)}")
+        body.append(tables.to_latex(table.rows, table.header, table.title) if table.rows else f"\\paragraph{{{escape(table.title)}.}} {escape(table.missing)}")
         body += [f"\\paragraph{{Not run.}} {escape(line.replace('`', ''))}" for line in table.not_run]
     body += [latex_figure(f) for f in figures]
-    body += ["\\clearpage\\section{Discussion}", escape(VERDICT_NOTE), latex_items(findings_lines(built)),
-             latex_prompt(DISCUSSION_PROMPT),
-             "\\section{Limitations}", latex_items(limitations_lines(built, dataset)), latex_prompt(LIMITATIONS_PROMPT),
-             "\\section{Reproducibility checklist}", latex_items([*lines, *environment_lines()]),
-             "Commands (one per top-level run the tables cite, oldest first):",
-             "\\begin{lstlisting}\n" + "\n".join(ascii_only(c) for c in commands) + "\n\\end{lstlisting}"]
-    return (LATEX_PREAMBLE + "\\begin{document}\n"
-            f"\\title{{{escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n\\maketitle\n"
-            + "\n\n".join(body) + "\n\\end{document}\n")
+    body += [
+        "\\clearpage\\section{Discussion}",
+        escape(VERDICT_NOTE),
+        latex_items(findings_lines(built)),
+        latex_prompt(DISCUSSION_PROMPT),
+        "\\section{Limitations}",
+        latex_items(limitations_lines(built, dataset)),
+        latex_prompt(LIMITATIONS_PROMPT),
+        "\\section{Reproducibility checklist}",
+        latex_items([*lines, *environment_lines()]),
+        "Commands (one per top-level run the tables cite, oldest first):",
+        "\\begin{lstlisting}\n" + "\n".join(ascii_only(c) for c in commands) + "\n\\end{lstlisting}",
+    ]
+    return (
+        LATEX_PREAMBLE + "\\begin{document}\n"
+        f"\\title{{{escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n\\maketitle\n" + "\n\n".join(body) + "\n\\end{document}\n"
+    )
 
 
 def slide(title: str, body: str, notes: str) -> tuple[str, str]:
@@ -250,14 +296,13 @@ def figure_slide(figures: list[PaperFigure], title: str, *names: str, notes: str
     if not shown:
         return None
     width = f"{0.95 / len(shown):.2f}\\linewidth"
-    body = "\\centering\n" + "\n".join(f"\\includegraphics[width={width},height=0.72\\textheight,keepaspectratio]"
-                                       f"{{figures/{f.name}}}" for f in shown)
+    body = "\\centering\n" + "\n".join(f"\\includegraphics[width={width},height=0.72\\textheight,keepaspectratio]{{figures/{f.name}}}" for f in shown)
     return slide(title, body, notes)
 
 
 def bullet_body(lines: list[str], size: str = "small", most: int = 8, width: int = 150) -> str:
     """An itemize that fits a slide: at most `most` lines, each cut to `width` characters."""
-    shown = [line if len(line) <= width else line[:width - 3].rstrip() + "..." for line in lines[:most]]
+    shown = [line if len(line) <= width else line[: width - 3].rstrip() + "..." for line in lines[:most]]
     return f"\\{size}\n" + latex_items(shown)
 
 
@@ -266,8 +311,7 @@ def verdict_lines(built: list[Table]) -> list[str]:
     paired = by_name(built).get("week6_paired_differences")
     if paired is None or not paired.records:
         return ["No paired comparison yet."]
-    return [f"{r['comparison']}, {r['label_fraction']:.0%}: {r['verdict']} ({interval_text(r)})"
-            for r in paired.records if r["metric"] == "test_auroc"]
+    return [f"{r['comparison']}, {r['label_fraction']:.0%}: {r['verdict']} ({interval_text(r)})" for r in paired.records if r["metric"] == "test_auroc"]
 
 
 def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tuple[str, str]:
@@ -277,42 +321,87 @@ def slides(dataset: str, built: list[Table], figures: list[PaperFigure]) -> tupl
     base = t.get("week2_baselines")
     best = best_on_validation(base.records) if base and base.records else None
     ssl = t.get("week4_ssl_pretraining")
-    knn = "; ".join(f"{r['method']} seed {r['seed']}: kNN validation AUROC {fmt(r['knn_val_auroc_init'])} at initialisation, "
-                    f"{fmt(r['knn_val_auroc'])} at the end" for r in (ssl.records if ssl else []))
+    knn = "; ".join(
+        f"{r['method']} seed {r['seed']}: kNN validation AUROC {fmt(r['knn_val_auroc_init'])} at initialisation, {fmt(r['knn_val_auroc'])} at the end"
+        for r in (ssl.records if ssl else [])
+    )
     frames = [
-        slide("The question", bullet_body([QUESTION.removeprefix("Question: ").capitalize()]),
-              f"Open with why label scarcity matters for {dataset}. {PROMPT}: your motivation in one sentence."),
-        slide("Data", bullet_body([dataset_text(dataset)]) + "".join(
-            "\n\\centering\\includegraphics[width=0.9\\linewidth,height=0.55\\textheight,keepaspectratio]{figures/samples_per_class.png}"
-            for f in figures if f.name == "samples_per_class.png"),
-              "Say what the classes look like, how many images each split has, and how unbalanced they are."),
-        slide("What was compared", bullet_body(experiments_lines(built)),
-              "Summarise: supervised baselines, SimCLR/MoCo pretraining, linear probes and fine-tuning on label subsets, "
-              "paired seeds, calibration and thresholds. Keep it under a minute."),
-        slide("Supervised baselines", bullet_body([f"{r['key']} (seed {r['seed']}): test AUROC {fmt(r['test_auroc'])}, "
-                                                   f"ECE {fmt(r['test_ece'])}" for r in (base.records[:6] if base else [])]
-                                                  or ["no baseline run"]),
-              f"The reference point. Best on validation: {best['key'] if best else 'none'}. {PROMPT}: what the error gallery showed."),
-        figure_slide(figures, "SSL pretraining", "ssl_curves_simclr.png", "ssl_curves_moco.png",
-                     notes=f"{knn}. Say whether the loss and the kNN curve levelled off within the budget."),
-        figure_slide(figures, "Label efficiency", "week5_label_efficiency.png", "label_efficiency_acc.png",
-                     notes="AUROC and accuracy against the label fraction, mean and spread over seeds; controls included."),
-        figure_slide(figures, "Paired differences", "week6_paired_differences.png",
-                     notes="Each point is a paired difference over seeds with its 95% interval; the zero line is no difference."),
-        slide("Verdicts (AUROC, 95% intervals)", bullet_body(verdict_lines(built), size="scriptsize", most=7),
-              "Read each verdict from its interval. Say plainly where SSL did not help."),
-        figure_slide(figures, "Calibration", "reliability_before_after.png",
-                     notes="Reliability before and after temperature scaling; the test ECE change has a bootstrap interval (week 6 table)."),
-        figure_slide(figures, "Thresholds for screening", "roc.png", "pr.png",
-                     notes="Operating points chosen on validation, applied to test. Say which class is positive."),
+        slide(
+            "The question",
+            bullet_body([QUESTION.removeprefix("Question: ").capitalize()]),
+            f"Open with why label scarcity matters for {dataset}. {PROMPT}: your motivation in one sentence.",
+        ),
+        slide(
+            "Data",
+            bullet_body([dataset_text(dataset)])
+            + "".join(
+                "\n\\centering\\includegraphics[width=0.9\\linewidth,height=0.55\\textheight,keepaspectratio]{figures/samples_per_class.png}"
+                for f in figures
+                if f.name == "samples_per_class.png"
+            ),
+            "Say what the classes look like, how many images each split has, and how unbalanced they are.",
+        ),
+        slide(
+            "What was compared",
+            bullet_body(experiments_lines(built)),
+            "Summarise: supervised baselines, SimCLR/MoCo pretraining, linear probes and fine-tuning on label subsets, "
+            "paired seeds, calibration and thresholds. Keep it under a minute.",
+        ),
+        slide(
+            "Supervised baselines",
+            bullet_body(
+                [f"{r['key']} (seed {r['seed']}): test AUROC {fmt(r['test_auroc'])}, ECE {fmt(r['test_ece'])}" for r in (base.records[:6] if base else [])]
+                or ["no baseline run"]
+            ),
+            f"The reference point. Best on validation: {best['key'] if best else 'none'}. {PROMPT}: what the error gallery showed.",
+        ),
+        figure_slide(
+            figures,
+            "SSL pretraining",
+            "ssl_curves_simclr.png",
+            "ssl_curves_moco.png",
+            notes=f"{knn}. Say whether the loss and the kNN curve levelled off within the budget.",
+        ),
+        figure_slide(
+            figures,
+            "Label efficiency",
+            "week5_label_efficiency.png",
+            "label_efficiency_acc.png",
+            notes="AUROC and accuracy against the label fraction, mean and spread over seeds; controls included.",
+        ),
+        figure_slide(
+            figures,
+            "Paired differences",
+            "week6_paired_differences.png",
+            notes="Each point is a paired difference over seeds with its 95% interval; the zero line is no difference.",
+        ),
+        slide(
+            "Verdicts (AUROC, 95% intervals)",
+            bullet_body(verdict_lines(built), size="scriptsize", most=7),
+            "Read each verdict from its interval. Say plainly where SSL did not help.",
+        ),
+        figure_slide(
+            figures,
+            "Calibration",
+            "reliability_before_after.png",
+            notes="Reliability before and after temperature scaling; the test ECE change has a bootstrap interval (week 6 table).",
+        ),
+        figure_slide(
+            figures, "Thresholds for screening", "roc.png", "pr.png", notes="Operating points chosen on validation, applied to test. Say which class is positive."
+        ),
         figure_slide(figures, "Robustness", "robustness.png", notes="How AUROC, accuracy and ECE change with each corruption's severity."),
-        slide("Limitations and take-aways", bullet_body(limitations_lines(built, dataset), most=5, width=110),
-              f"{PROMPT}: your one-sentence answer to the question, and what you would run next."),
+        slide(
+            "Limitations and take-aways",
+            bullet_body(limitations_lines(built, dataset), most=5, width=110),
+            f"{PROMPT}: your one-sentence answer to the question, and what you would run next.",
+        ),
     ]
     shown = [f for f in frames if f is not None]
-    latex = ("\\documentclass[aspectratio=169]{beamer}\n\\usepackage{booktabs}\n"
-             f"\\title{{{tables.latex_escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n"
-             "\\begin{document}\n\\frame{\\titlepage}\n" + "\n\n".join(f for f, _ in shown) + "\n\\end{document}\n")
+    latex = (
+        "\\documentclass[aspectratio=169]{beamer}\n\\usepackage{booktabs}\n"
+        f"\\title{{{tables.latex_escape(dataset)}: when does self-supervised pretraining help?}}\n\\author{{DRAFT}}\n"
+        "\\begin{document}\n\\frame{\\titlepage}\n" + "\n\n".join(f for f, _ in shown) + "\n\\end{document}\n"
+    )
     notes = f"# Speaker notes: {dataset} ({len(shown) + 1} slides, 10–12 minutes)\n\n" + "\n".join(n for _, n in shown)
     return latex, notes
 
@@ -325,8 +414,9 @@ def latex_engine() -> tuple[str, list[str]] | None:
 def run_engine(command: list[str], cwd: Path) -> tuple[int | None, str]:
     """Run a LaTeX engine with no input in its own process group, killing the group after
     LATEX_SECONDS; returns (its exit code, None on timeout; its output)."""
-    with subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", start_new_session=True) as process:
+    with subprocess.Popen(
+        command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True
+    ) as process:
         try:
             output, _ = process.communicate(timeout=LATEX_SECONDS)
         except subprocess.TimeoutExpired:
@@ -360,8 +450,12 @@ def write_paper(dataset: str, built: list[Table], out_dir: Path) -> tuple[list[P
     build the PDFs when a LaTeX engine is installed; returns (files written, status lines)."""
     figures = collect_figures(built, out_dir, dataset)
     talk, notes = slides(dataset, built, figures)
-    texts: Mapping[str, str] = {"draft.md": draft_markdown(dataset, built, figures), "draft.tex": draft_latex(dataset, built, figures),
-                                "slides.tex": talk, "speaker_notes.md": notes}
+    texts: Mapping[str, str] = {
+        "draft.md": draft_markdown(dataset, built, figures),
+        "draft.tex": draft_latex(dataset, built, figures),
+        "slides.tex": talk,
+        "speaker_notes.md": notes,
+    }
     paths = [out_dir / "figures" / f.name for f in figures]
     for name, text in texts.items():
         write_atomic(out_dir / name, text)

@@ -15,13 +15,17 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pipeline.metrics import calibration_bins, ece  # noqa: E402
 
 
-RELIABILITY_AXES = {"top_label": ("confidence (top label)", "accuracy"),
-                    "class1": ("mean predicted p(class 1)", "fraction of class 1")}
+RELIABILITY_AXES = {"top_label": ("confidence (top label)", "accuracy"), "class1": ("mean predicted p(class 1)", "fraction of class 1")}
 
 
 def reliability_diagram(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 10, title: str = "Reliability", ax_pair=None,
-    confidence: str = "top_label", strategy: str = "uniform",
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_bins: int = 10,
+    title: str = "Reliability",
+    ax_pair=None,
+    confidence: str = "top_label",
+    strategy: str = "uniform",
 ) -> Figure:
     """Observed outcome vs. mean predicted value per bin, with a bin-count histogram below.
 
@@ -33,9 +37,7 @@ def reliability_diagram(
     bins = calibration_bins(probs, labels, n_bins, strategy, confidence)
     value = ece(probs, labels, n_bins, strategy, confidence)
     if ax_pair is None:
-        fig, (top, bottom) = plt.subplots(
-            2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-        )
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True)
     else:
         top, bottom = ax_pair
         fig = top.figure
@@ -46,12 +48,18 @@ def reliability_diagram(
         centers, widths = (bins.lower + bins.upper) / 2, np.maximum(bins.upper - bins.lower, 0.01)
     x_label, y_label = RELIABILITY_AXES[confidence]
     top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    top.bar(centers[filled], bins.accuracy[filled], width=widths[filled], color="tab:blue", edgecolor="black",
-            label=f"{y_label} per bin")
-    top.bar(centers[filled], bins.confidence[filled] - bins.accuracy[filled], bottom=bins.accuracy[filled],
-            width=widths[filled], facecolor="none", edgecolor="tab:red", hatch="//", label="gap to the mean prediction")
-    top.plot(centers[filled], bins.confidence[filled], "_", color="black", markersize=18, markeredgewidth=2,
-             label="mean prediction")
+    top.bar(centers[filled], bins.accuracy[filled], width=widths[filled], color="tab:blue", edgecolor="black", label=f"{y_label} per bin")
+    top.bar(
+        centers[filled],
+        bins.confidence[filled] - bins.accuracy[filled],
+        bottom=bins.accuracy[filled],
+        width=widths[filled],
+        facecolor="none",
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to the mean prediction",
+    )
+    top.plot(centers[filled], bins.confidence[filled], "_", color="black", markersize=18, markeredgewidth=2, label="mean prediction")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel(y_label)
@@ -64,9 +72,7 @@ def reliability_diagram(
     return fig
 
 
-def confusion_matrix_plot(
-    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix"
-) -> Figure:
+def confusion_matrix_plot(labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix") -> Figure:
     """2×2 counts with row-normalised rates; rows are true labels, columns predictions."""
     labels = np.asarray(labels).astype(int)
     predicted = np.asarray(predicted).astype(int)
@@ -142,8 +148,7 @@ def roc_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappi
     ax.plot(fpr, tpr, color="black", label=f"ROC (test), AUROC = {auroc(scores, labels):.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     for i, (marker, row) in enumerate(zip("osD^v<>ph*", _ok_points(rows))):
-        ax.plot(row["fpr"], row["tpr"], marker, markersize=14 - 1.2 * i, markerfacecolor="none", markeredgewidth=1.8,
-                label=_point_label(row))
+        ax.plot(row["fpr"], row["tpr"], marker, markersize=14 - 1.2 * i, markerfacecolor="none", markeredgewidth=1.8, label=_point_label(row))
     ax.set_xlabel("false positive rate (1 − specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(f"ROC on test (n = {len(labels)}), positive class: {positive}\nthresholds chosen on validation")
@@ -159,12 +164,16 @@ def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappin
     precision, recall, _ = precision_recall_curve(labels, scores)
     prevalence = float(np.mean(labels))
     fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
-    ax.step(recall, precision, where="post", color="black",
-            label=f"PR (test), AP = {average_precision_score(labels, scores):.3f}")
+    ax.step(recall, precision, where="post", color="black", label=f"PR (test), AP = {average_precision_score(labels, scores):.3f}")
     ax.axhline(prevalence, linestyle=":", color="grey", label=f"prevalence = {prevalence:.3f}")
     for marker, row in zip("osD^v<>ph*", _ok_points(rows)):
-        ax.plot(row["tpr"], row["precision"], marker, markersize=8,
-                label=f"{row['rule']} (t={row['threshold']:.3f}): recall {row['tpr']:.2f}, precision {row['precision']:.2f}")
+        ax.plot(
+            row["tpr"],
+            row["precision"],
+            marker,
+            markersize=8,
+            label=f"{row['rule']} (t={row['threshold']:.3f}): recall {row['tpr']:.2f}, precision {row['precision']:.2f}",
+        )
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall (sensitivity)")
@@ -174,9 +183,7 @@ def pr_with_points(scores: np.ndarray, labels: np.ndarray, rows: Sequence[Mappin
     return fig
 
 
-def error_gallery(
-    images: np.ndarray, errors: Sequence[Mapping], names: Mapping[str, str], confidence: float, limit: int
-) -> Figure:
+def error_gallery(images: np.ndarray, errors: Sequence[Mapping], names: Mapping[str, str], confidence: float, limit: int) -> Figure:
     """The most confident test errors (image, true/predicted label, p of class 1), most confident first."""
     shown = list(errors[:limit])
     columns = max(1, min(6, len(shown)))
@@ -186,12 +193,14 @@ def error_gallery(
         ax.axis("off")
     for ax, error in zip(axes.flat, shown):
         ax.imshow(images[error["position"]], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"#{error['index']}  p(1) = {error['prob']:.3f}\ntrue {error['true']}: {names[str(error['true'])][:16]}\n"
-                     f"pred {error['predicted']}: {names[str(error['predicted'])][:16]}", fontsize=7)
+        ax.set_title(
+            f"#{error['index']}  p(1) = {error['prob']:.3f}\ntrue {error['true']}: {names[str(error['true'])][:16]}\n"
+            f"pred {error['predicted']}: {names[str(error['predicted'])][:16]}",
+            fontsize=7,
+        )
     if not shown:
         axes[0, 0].text(0.5, 0.5, f"no test errors with\nconfidence >= {confidence:g}", ha="center", va="center")
-    fig.suptitle(f"{len(errors)} test errors with top-label confidence >= {confidence:g} at threshold 0.5 "
-                 f"(showing {len(shown)})", fontsize=9)
+    fig.suptitle(f"{len(errors)} test errors with top-label confidence >= {confidence:g} at threshold 0.5 (showing {len(shown)})", fontsize=9)
     return fig
 
 
@@ -204,8 +213,7 @@ def robustness_curves(rows: Sequence[Mapping]) -> Figure:
         ax.axhline(clean[key], color="black", linestyle="--", label=f"clean = {clean[key]:.3f}")
         for name in names:
             points = [r for r in rows if r["corruption"] == name]
-            ax.plot([r["severity"] for r in points], [r[key] for r in points], "o-",
-                    label=f"{name} (sev {points[-1]['severity']}: {points[-1][key]:.3f})")
+            ax.plot([r["severity"] for r in points], [r[key] for r in points], "o-", label=f"{name} (sev {points[-1]['severity']}: {points[-1][key]:.3f})")
         ax.set_xlabel("severity")
         ax.set_ylabel(label)
         ax.set_xticks(sorted({r["severity"] for r in rows[1:]}))
@@ -222,12 +230,10 @@ def entropy_histogram(entropy: np.ndarray, errors: np.ndarray, mc: Mapping[str, 
     bins = np.linspace(0, np.log(2), 21)
     for mask, color, name in ((~errors, "tab:blue", "correct"), (errors, "tab:red", "errors")):
         if mask.any():
-            ax.hist(entropy[mask], bins=bins, weights=np.full(int(mask.sum()), 1 / mask.sum()), alpha=0.6, color=color,
-                    label=f"{name} (n = {int(mask.sum())})")
+            ax.hist(entropy[mask], bins=bins, weights=np.full(int(mask.sum()), 1 / mask.sum()), alpha=0.6, color=color, label=f"{name} (n = {int(mask.sum())})")
     ax.set_xlabel("predictive entropy (nats; max ln 2)")
     ax.set_ylabel("share of the group's test images")
-    ax.set_title(f"MC dropout ({int(mc['mc_passes'])} passes, p = {mc['mc_dropout_p']:g}): "
-                 f"error-detection AUROC = {mc['mc_error_auroc_entropy']:.3f}")
+    ax.set_title(f"MC dropout ({int(mc['mc_passes'])} passes, p = {mc['mc_dropout_p']:g}): error-detection AUROC = {mc['mc_error_auroc_entropy']:.3f}")
     ax.legend()
     return fig
 
@@ -236,8 +242,7 @@ def corruption_examples(clean: np.ndarray, examples: Mapping[tuple[str, int], np
     """One test image clean and under every corruption (rows) and severity (columns)."""
     names = list(dict.fromkeys(n for n, _ in examples))
     severities = sorted({s for _, s in examples})
-    fig, axes = plt.subplots(len(names), len(severities) + 1, figsize=(1.8 * (len(severities) + 1), 1.9 * len(names)),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(len(names), len(severities) + 1, figsize=(1.8 * (len(severities) + 1), 1.9 * len(names)), squeeze=False, constrained_layout=True)
     for row, name in enumerate(names):
         axes[row, 0].imshow(clean, cmap="gray", vmin=0, vmax=1)
         axes[row, 0].set_title("clean", fontsize=8)
@@ -262,8 +267,7 @@ def _show(ax, image: np.ndarray) -> None:
 def sample_grid(images: np.ndarray, picks: Mapping[int, np.ndarray], label_names: Mapping[str, str], title: str) -> Figure:
     """One row of sample images per class; each row is labelled with the class and each tile with its index."""
     columns = max(len(v) for v in picks.values())
-    fig, axes = plt.subplots(len(picks), columns, figsize=(1.3 * columns + 1.2, 1.5 * len(picks) + 0.6),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(len(picks), columns, figsize=(1.3 * columns + 1.2, 1.5 * len(picks) + 0.6), squeeze=False, constrained_layout=True)
     for row, (label, indices) in enumerate(picks.items()):
         for col, ax in enumerate(axes[row]):
             if col < len(indices):
@@ -283,8 +287,15 @@ def intensity_histograms(splits: Mapping[str, object], label_names: Mapping[str,
     for ax, (name, split) in zip(np.atleast_1d(axes), splits.items()):
         for label, colour in ((0, "tab:blue"), (1, "tab:orange")):
             pixels = split.images[split.labels == label].reshape(-1)
-            ax.hist(pixels, bins=edges, density=True, histtype="step", linewidth=1.6, color=colour,
-                    label=f"{label}: {label_names[str(label)]} (n={int(np.sum(split.labels == label))})")
+            ax.hist(
+                pixels,
+                bins=edges,
+                density=True,
+                histtype="step",
+                linewidth=1.6,
+                color=colour,
+                label=f"{label}: {label_names[str(label)]} (n={int(np.sum(split.labels == label))})",
+            )
         ax.set_title(name)
         ax.set_xlabel("pixel intensity (0-255)")
         ax.legend(fontsize=7)
@@ -318,8 +329,7 @@ def ablation_errorbars(summary: Sequence[Mapping[str, float]], metric: str, titl
     positions = np.arange(len(summary))
     means = [row[f"{metric}_mean"] for row in summary]
     stds = [np.nan_to_num(row[f"{metric}_std"]) for row in summary]
-    ax.errorbar(positions, means, yerr=stds, fmt="s", markersize=8, capsize=8, color="tab:blue",
-                label="mean ± sample std over seeds")
+    ax.errorbar(positions, means, yerr=stds, fmt="s", markersize=8, capsize=8, color="tab:blue", label="mean ± sample std over seeds")
     for x, row in zip(positions, summary):
         values = row[f"{metric}_values"]
         ax.plot([x + 0.12] * len(values), values, "o", color="black", markersize=4, label="one seed" if x == 0 else None)
@@ -378,23 +388,27 @@ def paired_differences(records: Sequence[Mapping], metrics: Sequence[str], title
     """Mean paired difference (a − b) with its 95% interval against the label fraction: one row of
     panels per SSL method, one panel per metric, one line per comparison, around a zero line."""
     methods = list(dict.fromkeys(r.get("ssl_method", "") for r in records))
-    fig, axes = plt.subplots(len(methods), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(methods)), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(len(methods), len(metrics), figsize=(4.6 * len(metrics), 3.8 * len(methods)), squeeze=False, constrained_layout=True)
     fractions = sorted({r["label_fraction"] for r in records})
     for row, method in enumerate(methods):
         mine = [r for r in records if r.get("ssl_method", "") == method]
         comparisons = list(dict.fromkeys(r["comparison"] for r in mine))
         for ax, metric in zip(axes[row], metrics):
             for k, comparison in enumerate(comparisons):
-                points = sorted((r for r in mine if r["comparison"] == comparison and r["metric"] == metric),
-                                key=lambda r: r["label_fraction"])
+                points = sorted((r for r in mine if r["comparison"] == comparison and r["metric"] == metric), key=lambda r: r["label_fraction"])
                 if not points:
                     continue
                 nudge = 1 + 0.07 * (k - (len(comparisons) - 1) / 2)
                 mean = np.array([r["diff_mean"] for r in points])
                 low, high = np.array([r["ci_low"] for r in points]), np.array([r["ci_high"] for r in points])
-                ax.errorbar([r["label_fraction"] * nudge for r in points], mean, yerr=np.nan_to_num([mean - low, high - mean]),
-                            marker="o", capsize=3, label=comparison.replace(f" ({method})", ""))
+                ax.errorbar(
+                    [r["label_fraction"] * nudge for r in points],
+                    mean,
+                    yerr=np.nan_to_num([mean - low, high - mean]),
+                    marker="o",
+                    capsize=3,
+                    label=comparison.replace(f" ({method})", ""),
+                )
             ax.axhline(0, color="black", linewidth=0.8)
             ax.set_xscale("log")
             ax.set_xticks(fractions, [f"{f:g}" for f in fractions])

@@ -119,8 +119,12 @@ class StepTrainer:
         return loss.detach().float()
 
     def state(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
@@ -138,8 +142,7 @@ def check_resume_state(module: nn.Module, settings: PretrainSettings, n_images: 
         trainer.load(state)
         int(state["step"]), list(state["history"])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        raise UserError(f"{source} holds a training state this run cannot continue from "
-                        f"({type(exc).__name__}: {str(exc)[:120]}); start a new run instead") from None
+        raise UserError(f"{source} holds a training state this run cannot continue from ({type(exc).__name__}: {str(exc)[:120]}); start a new run instead") from None
 
 
 def pretrain(
@@ -193,8 +196,7 @@ def pretrain(
                 if not math.isfinite(loss):
                     raise DivergenceError(f"SSL loss became {loss} by step {step}; lower lr or raise temperature")
                 row = {"step": step, "epoch": epoch, "ssl_loss": loss, "lr": lr, **monitor(module, data, settings)}
-                tqdm.write(f"ssl step {step:>5}/{steps}  loss {loss:.4f}  kNN val AUROC {row['knn_val_auroc']:.3f}  "
-                           f"acc {row['knn_val_acc']:.3f}")
+                tqdm.write(f"ssl step {step:>5}/{steps}  loss {loss:.4f}  kNN val AUROC {row['knn_val_auroc']:.3f}  acc {row['knn_val_acc']:.3f}")
                 report(row)
                 module.train()
             if step >= steps:

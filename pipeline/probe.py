@@ -26,9 +26,7 @@ class LinearHead:
         return features @ self.weight + self.bias
 
 
-def fit_linear_head(
-    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, cs: Sequence[float], seed: int
-) -> LinearHead:
+def fit_linear_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, cs: Sequence[float], seed: int) -> LinearHead:
     """Standardise on the training subset, fit L2 logistic regression for each C, keep the best on
     validation AUROC (ties: the stronger regularisation), and fold the standardisation into w, b."""
     mean = train_x.mean(axis=0)

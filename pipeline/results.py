@@ -13,9 +13,14 @@ from pipeline.config import config_hash
 from pipeline.records import RunRecord, final_metrics
 
 
-METHOD_LABELS = {"ssl_probe": "SSL linear probe", "supervised": "supervised only", "imagenet_probe": "ImageNet probe",
-                 "ssl_finetune": "SSL fine-tune", "random_probe": "random-encoder probe (control)",
-                 "majority_class": "majority class (control)"}
+METHOD_LABELS = {
+    "ssl_probe": "SSL linear probe",
+    "supervised": "supervised only",
+    "imagenet_probe": "ImageNet probe",
+    "ssl_finetune": "SSL fine-tune",
+    "random_probe": "random-encoder probe (control)",
+    "majority_class": "majority class (control)",
+}
 
 
 RESULT_KEYS = ("test_acc", "test_balanced_acc", "test_auroc", "test_ece", "val_auroc")
@@ -34,8 +39,20 @@ OPTIONAL_KEYS = ("test_balanced_acc", "val_auroc")  # absent from runs logged be
 
 
 # Config keys that do not change what a baseline learns (or are columns of the table themselves).
-NOT_RECIPE = {"seed", "label_fraction", "dataset", "device", "amp", "channels_last", "compile", "checkpoint_every",
-              "checkpoint_min_seconds", "eval_batch_size", "bootstrap", "ece_bins"}
+NOT_RECIPE = {
+    "seed",
+    "label_fraction",
+    "dataset",
+    "device",
+    "amp",
+    "channels_last",
+    "compile",
+    "checkpoint_every",
+    "checkpoint_min_seconds",
+    "eval_batch_size",
+    "bootstrap",
+    "ece_bins",
+}
 
 
 ABLATION_METRICS = ("val_auroc", "val_acc", "test_auroc", "test_acc", "test_ece")
@@ -48,9 +65,14 @@ def label_efficiency_figure(summary: list[dict[str, Any]], metric: str, title: s
     for k, method in enumerate(methods):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["label_fraction"])
         nudge = 1 + 0.06 * (k - (len(methods) - 1) / 2)  # side by side on the log axis, so error bars do not hide each other
-        ax.errorbar([r["label_fraction"] * nudge for r in rows], [r[f"{metric}_mean"] for r in rows],
-                    yerr=np.nan_to_num([r[f"{metric}_std"] for r in rows]), marker="o", capsize=3,
-                    label=METHOD_LABELS.get(method, method))
+        ax.errorbar(
+            [r["label_fraction"] * nudge for r in rows],
+            [r[f"{metric}_mean"] for r in rows],
+            yerr=np.nan_to_num([r[f"{metric}_std"] for r in rows]),
+            marker="o",
+            capsize=3,
+            label=METHOD_LABELS.get(method, method),
+        )
     fractions = sorted({r["label_fraction"] for r in summary})
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
@@ -79,8 +101,16 @@ def run_rows(runs: list[RunRecord], label: Callable[[RunRecord], str] = lambda r
         if not all(k in values for k in TABLE_KEYS) or key in seen:
             continue
         seen.add(key)
-        rows.append({"method": key[0], "label_fraction": key[1], "seed": key[2], **{k: values[k] for k in TABLE_KEYS},
-                     **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS}, "run_id": run.id})
+        rows.append(
+            {
+                "method": key[0],
+                "label_fraction": key[1],
+                "seed": key[2],
+                **{k: values[k] for k in TABLE_KEYS},
+                **{k: values.get(k, math.nan) for k in OPTIONAL_KEYS},
+                "run_id": run.id,
+            }
+        )
     return rows
 
 

@@ -54,8 +54,7 @@ class SourceRun:
     def tags(self) -> dict[str, str]:
         """Tags the consuming run copies: model, seed, label fraction, and where they came from."""
         source = self.run.tags
-        copied = {"model": source.get("model", "-"), "seed": source.get("seed", "-"), "source_run_id": self.run_id,
-                  "source_stage": source.get("stage", "")}
+        copied = {"model": source.get("model", "-"), "seed": source.get("seed", "-"), "source_run_id": self.run_id, "source_stage": source.get("stage", "")}
         if "label_fraction" in source:
             copied["label_fraction"] = source["label_fraction"]
         return copied
@@ -70,8 +69,7 @@ class SourceRun:
         index = self.test.index
         if len(arrays.labels) != len(index) or not np.array_equal(arrays.labels[index], self.test.labels):
             raise UserError(
-                f"the test split under {resolve_root(data_root)} does not match run {self.run_id}'s test "
-                f"predictions; point data_root at the data the run was trained on"
+                f"the test split under {resolve_root(data_root)} does not match run {self.run_id}'s test predictions; point data_root at the data the run was trained on"
             )
         return ArraySplit(arrays.images[index], arrays.labels[index])
 
@@ -99,14 +97,12 @@ def load_source(stages: Sequence[str], dataset: str, run_id: str = "latest", ext
     run = tracking.find_run(",".join(stages), dataset, run_id, require=PREDICTIONS + extra)
     with tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
         splits = {
-            split: read_predictions(tracking.download_artifact(run.id, path, Path(tmp)), f"run {run.id} {path}")
-            for split, path in zip(("val", "test"), PREDICTIONS)
+            split: read_predictions(tracking.download_artifact(run.id, path, Path(tmp)), f"run {run.id} {path}") for split, path in zip(("val", "test"), PREDICTIONS)
         }
     for split, predictions in splits.items():
         if len(np.unique(predictions.labels)) < 2:
             raise UserError(f"run {run.id} {split} predictions hold a single class; both classes are needed")
     return SourceRun(run, splits["val"], splits["test"])
-
 
 
 def best_selected_run(grid_run_ids: Sequence[str]) -> str:
@@ -120,6 +116,5 @@ def best_selected_run(grid_run_ids: Sequence[str]) -> str:
         if "selected_run_id" in run.tags and not math.isnan(auroc):
             scored.append((auroc, run.tags["selected_run_id"]))
     if not scored:
-        raise UserError(f"none of the grid runs {', '.join(grid_run_ids)} selected a child with a validation AUROC "
-                        "(tag selected_run_id, metric selected_best_val_auroc)")
+        raise UserError(f"none of the grid runs {', '.join(grid_run_ids)} selected a child with a validation AUROC (tag selected_run_id, metric selected_best_val_auroc)")
     return max(scored, key=lambda entry: entry[0])[1]

@@ -19,7 +19,9 @@ from pipeline.models import Classifier
 def projection_head(in_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> nn.Sequential:
     """The 2-layer MLP projector (Linear-BN-ReLU-Linear) used by SimCLR and MoCo v2."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
 
@@ -56,10 +58,7 @@ class SplitBatchNorm:
 
 def chunkwise_batch_norm(x, splits, means, variances, weight, bias, factor: float, eps: float) -> torch.Tensor:
     """Training-mode batch norm of each of `splits` chunks; chunk k updates row k of `means`/`variances`."""
-    return torch.cat([
-        F.batch_norm(chunk, means[k], variances[k], weight, bias, True, factor, eps)
-        for k, chunk in enumerate(x.chunk(splits))
-    ])
+    return torch.cat([F.batch_norm(chunk, means[k], variances[k], weight, bias, True, factor, eps) for k, chunk in enumerate(x.chunk(splits))])
 
 
 def folded_batch_norm(x, splits, means, variances, weight, bias, factor: float, eps: float) -> torch.Tensor:
@@ -114,9 +113,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(similarity, targets)
 
 
-def info_nce(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float, own: torch.Tensor | None = None
-) -> torch.Tensor:
+def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float, own: torch.Tensor | None = None) -> torch.Tensor:
     """MoCo's InfoNCE: the positive is the key of the same image, negatives are the queue (K×D).
 
     `query`, `key` and `queue` rows are L2-normalised; the positive logit sits at index 0. `own`
@@ -225,5 +222,4 @@ def build_ssl(method: str, backbone: Classifier, cfg) -> nn.Module:
     """The SSL module a config names (`simclr` or `moco`)."""
     if method == "simclr":
         return SimCLR(backbone, cfg["temperature"], cfg["proj_hidden_dim"], cfg["proj_dim"])
-    return MoCo(backbone, cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"], cfg["proj_hidden_dim"], cfg["proj_dim"],
-                cfg["bn_splits"])
+    return MoCo(backbone, cfg["temperature"], cfg["moco_momentum"], cfg["queue_size"], cfg["proj_hidden_dim"], cfg["proj_dim"], cfg["bn_splits"])

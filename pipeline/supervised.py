@@ -55,9 +55,7 @@ def final_metrics(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], 
     """`val_*` and `test_*` metric sets from each split's logits."""
     out: dict[str, float] = {}
     for split in ("val", "test"):
-        values = metrics.classification_metrics(
-            logits[split], labels[split], n_bins=cfg["ece_bins"], n_bootstrap=cfg["bootstrap"], seed=cfg["seed"]
-        )
+        values = metrics.classification_metrics(logits[split], labels[split], n_bins=cfg["ece_bins"], n_bootstrap=cfg["bootstrap"], seed=cfg["seed"])
         out.update({f"{split}_{k}": v for k, v in values.items()})
     return out
 
@@ -103,14 +101,24 @@ def fit_and_log(
         else:
             (workdir / "val_log.jsonl").write_text(history_lines(resume["history"]))
         result = train_classifier(
-            model, train, data.val, TrainSettings.of(cfg), augment=build_augment(cfg["augment"]),
-            on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through), resume=resume,
+            model,
+            train,
+            data.val,
+            TrainSettings.of(cfg),
+            augment=build_augment(cfg["augment"]),
+            on_epoch=_epoch_logger(cfg, spec, model, workdir, logged_through),
+            resume=resume,
         )
         return log_selected(model, spec, data, train, cfg, result, workdir, with_model)
 
 
 def log_trained(
-    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any], result: TrainResult,
+    model: Classifier,
+    spec: ModelSpec,
+    data: DatasetSplits,
+    train: Split,
+    cfg: Mapping[str, Any],
+    result: TrainResult,
     with_model: bool = False,
 ) -> ClassifierOutcome:
     """Log a classifier trained elsewhere (a grid member trained in its group) as `fit_and_log` logs
@@ -136,8 +144,14 @@ def history_lines(history: list[dict[str, float]]) -> str:
 
 
 def log_selected(
-    model: Classifier, spec: ModelSpec, data: DatasetSplits, train: Split, cfg: Mapping[str, Any], result: TrainResult,
-    workdir: Path, with_model: bool,
+    model: Classifier,
+    spec: ModelSpec,
+    data: DatasetSplits,
+    train: Split,
+    cfg: Mapping[str, Any],
+    result: TrainResult,
+    workdir: Path,
+    with_model: bool,
 ) -> ClassifierOutcome:
     """Load the selected epoch's weights into `model`, evaluate them once and log the artifact
     contract, `val_log.jsonl` (from `workdir`) and the learning curves."""
@@ -194,7 +208,11 @@ class Evaluation:
 
 
 def evaluate(
-    model: Classifier, data: DatasetSplits, cfg: Mapping[str, Any], train: Split, best_epoch: int | None = None,
+    model: Classifier,
+    data: DatasetSplits,
+    cfg: Mapping[str, Any],
+    train: Split,
+    best_epoch: int | None = None,
     logits: Mapping[str, np.ndarray] | None = None,
 ) -> Evaluation:
     """Evaluate val and test once (or take precomputed `logits`): the metrics, with `n_train` (the
@@ -208,8 +226,14 @@ def evaluate(
 
 
 def log_classifier(
-    evaluation: Evaluation, model: Classifier, spec: ModelSpec, data: DatasetSplits, cfg: Mapping[str, Any], train: Split,
-    step: int = 0, with_model: bool = False,
+    evaluation: Evaluation,
+    model: Classifier,
+    spec: ModelSpec,
+    data: DatasetSplits,
+    cfg: Mapping[str, Any],
+    train: Split,
+    step: int = 0,
+    with_model: bool = False,
 ) -> dict[str, float]:
     """Log a classifier run's artifact contract from its evaluation: inputs, metrics, predictions,
     `best.pt`, reliability and confusion plots, the mistake gallery, and with `with_model` an MLflow
@@ -254,9 +278,11 @@ def log_selected_model(rows: list[Mapping[str, Any]], data: DatasetSplits, datas
 def log_reliability_views(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> None:
     """The test reliability diagrams: top-label confidence (the tables' ECE), p(class 1) against the
     fraction of class 1 (the plan's view, `ece_class1`), and the class-1 view with equal-count bins."""
-    views = {"plots/reliability.png": ("top_label", "uniform", "Reliability, top label (test)"),
-             "plots/reliability_class1.png": ("class1", "uniform", "Reliability, class 1 (test)"),
-             "plots/reliability_class1_eqfreq.png": ("class1", "quantile", "Reliability, class 1 (test)")}
+    views = {
+        "plots/reliability.png": ("top_label", "uniform", "Reliability, top label (test)"),
+        "plots/reliability_class1.png": ("class1", "uniform", "Reliability, class 1 (test)"),
+        "plots/reliability_class1_eqfreq.png": ("class1", "quantile", "Reliability, class 1 (test)"),
+    }
     for path, (confidence, strategy, title) in views.items():
         tracking.log_figure(plots.reliability_diagram(probs, labels, n_bins, title, confidence=confidence, strategy=strategy), path)
     tracking.log_params({"mce_min_count": metrics.MCE_MIN_COUNT})
@@ -272,9 +298,7 @@ def log_test_gallery(test_logits: np.ndarray, test_labels: np.ndarray, data: Dat
 
 def model_spec(cfg: Mapping[str, Any], in_channels: int) -> ModelSpec:
     """The architecture a config asks for."""
-    return ModelSpec(
-        model=cfg["model"], in_channels=in_channels, stem=cfg["stem"], weights=cfg["weights"], dropout=cfg["dropout"]
-    )
+    return ModelSpec(model=cfg["model"], in_channels=in_channels, stem=cfg["stem"], weights=cfg["weights"], dropout=cfg["dropout"])
 
 
 @dataclass
@@ -311,9 +335,7 @@ def build_job(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device,
     return Prepared(data, spec, model, train, supervised_tags(cfg), name)
 
 
-def train_supervised(
-    cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False
-) -> dict[str, float]:
+def train_supervised(cfg: Mapping[str, Any], data: DatasetSplits, device: torch.device, stage: str, name: str, nested: bool = False) -> dict[str, float]:
     """Train one classifier on already loaded data and log it as a run of `stage`; returns its metrics
     and `run_id`."""
     job = build_job(cfg, data, device, name)

@@ -72,11 +72,31 @@ def latex_escape(value: Any) -> str:
     """Text safe inside LaTeX, in ASCII: its special characters escaped, the Unicode symbols our
     tables and methods text use (±, τ, ×, →, —, −, Δ, ≥, ≤, –) written as LaTeX, accents dropped and
     any other non-ASCII character (from a run's tag or a path) written as `?`."""
-    replacements = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$",
-                    "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-                    "<": "\\textless{}", ">": "\\textgreater{}", "|": "\\textbar{}",
-                    "±": "$\\pm$", "τ": "$\\tau$", "—": "--", "×": "$\\times$", "→": "$\\to$",
-                    "−": "$-$", "Δ": "$\\Delta$", "≥": "$\\geq$", "≤": "$\\leq$", "–": "--"}
+    replacements = {
+        "\\": "\\textbackslash{}",
+        "_": "\\_",
+        "%": "\\%",
+        "&": "\\&",
+        "#": "\\#",
+        "$": "\\$",
+        "{": "\\{",
+        "}": "\\}",
+        "~": "\\textasciitilde{}",
+        "^": "\\textasciicircum{}",
+        "<": "\\textless{}",
+        ">": "\\textgreater{}",
+        "|": "\\textbar{}",
+        "±": "$\\pm$",
+        "τ": "$\\tau$",
+        "—": "--",
+        "×": "$\\times$",
+        "→": "$\\to$",
+        "−": "$-$",
+        "Δ": "$\\Delta$",
+        "≥": "$\\geq$",
+        "≤": "$\\leq$",
+        "–": "--",
+    }
     text = "".join(replacements.get(ch, ch) for ch in str(value))
     plain = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))  # é → e
     return plain.encode("ascii", "replace").decode("ascii")  # any other symbol: `?`
@@ -87,9 +107,15 @@ def to_latex(rows: Sequence[Sequence[Any]], header: Sequence[str], caption: str 
     cell = latex_escape
 
     wide = len(header) > 7  # scaled to the text width (needs graphicx), so it never runs off the page
-    lines = ["\\begin{table}[t]", "\\centering", *(["\\resizebox{\\linewidth}{!}{%"] if wide else []),
-             f"\\begin{{tabular}}{{{'l' * len(header)}}}", "\\toprule",
-             " & ".join(cell(h) for h in header) + " \\\\", "\\midrule"]
+    lines = [
+        "\\begin{table}[t]",
+        "\\centering",
+        *(["\\resizebox{\\linewidth}{!}{%"] if wide else []),
+        f"\\begin{{tabular}}{{{'l' * len(header)}}}",
+        "\\toprule",
+        " & ".join(cell(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
     lines += [" & ".join(cell(c) for c in row) + " \\\\" for row in rows]
     lines += ["\\bottomrule", "\\end{tabular}" + ("}" if wide else "")]
     if caption:

@@ -126,8 +126,9 @@ def check_resume_state(model: nn.Module, settings: TrainSettings, state: Mapping
         optimizer.load_state_dict(state["optimizer"])
         make_scheduler(optimizer, settings).load_state_dict(state["scheduler"])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        raise UserError(f"{source} holds an optimizer or scheduler state this run cannot continue from "
-                        f"({type(exc).__name__}: {str(exc)[:120]}); start a new run instead") from None
+        raise UserError(
+            f"{source} holds an optimizer or scheduler state this run cannot continue from ({type(exc).__name__}: {str(exc)[:120]}); start a new run instead"
+        ) from None
 
 
 @torch.inference_mode()
@@ -161,8 +162,13 @@ def selection_score(row: Mapping[str, float]) -> float:
 
 
 def train_step(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, amp: bool, loss_fn: nn.Module,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: bool,
+    loss_fn: nn.Module,
 ) -> torch.Tensor:
     """One optimizer step on a batch of (augmented) images with the mean loss; returns the batch's
     summed loss (`loss_fn` sums), detached and left on the device so the step waits on nothing."""
@@ -242,8 +248,15 @@ def train_classifier(
     for epoch in range(start, settings.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_epoch(
-            model, train, optimizer, augment, settings.batch_size, epoch_seed(settings.seed, epoch), amp,
-            f"epoch {epoch}/{settings.epochs}", scaler,
+            model,
+            train,
+            optimizer,
+            augment,
+            settings.batch_size,
+            epoch_seed(settings.seed, epoch),
+            amp,
+            f"epoch {epoch}/{settings.epochs}",
+            scaler,
         )
         scheduler.step()
         if epoch % settings.eval_every and epoch < settings.epochs:
@@ -258,10 +271,10 @@ def train_classifier(
             best_state = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
         tqdm.write(
             f"epoch {epoch:>3}/{settings.epochs}  train_loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
-            f"val_acc {row['val_acc']:.3f}  val_auroc {row['val_auroc']:.3f}"
-            + ("  *" if best_epoch == epoch else "")
+            f"val_acc {row['val_acc']:.3f}  val_auroc {row['val_auroc']:.3f}" + ("  *" if best_epoch == epoch else "")
         )
         if on_epoch is not None:
+
             def state(epoch: int = epoch) -> dict[str, Any]:
                 return {
                     "epoch": epoch,

@@ -25,8 +25,10 @@ def environment_lines() -> list[str]:
 
     import torch
 
-    return [f"compare ran with Python {platform.python_version()} on {platform.platform()}, torch {torch.__version__}, "
-            f"mlflow {tracking.MLFLOW_VERSION}, code version {tracking.code_version()}"]
+    return [
+        f"compare ran with Python {platform.python_version()} on {platform.platform()}, torch {torch.__version__}, "
+        f"mlflow {tracking.MLFLOW_VERSION}, code version {tracking.code_version()}"
+    ]
 
 
 def cited_run_ids(built: list[Table]) -> list[str]:
@@ -79,13 +81,14 @@ def checklist_lines(built: list[Table]) -> tuple[list[str], list[str]]:
     tags = [run.tags for run in runs]
     roots = {root.id: root for root in (root_of(run, known) for run in runs)}
     seeds = {seed for t in tags for seed in t.get("seed", "-").split(",") if seed not in ("-", "")}
-    lines = [f"Runs cited by the tables: {len(runs)}, from {plural(len(roots), 'top-level run')}.",
-             f"Code version (hash of pipeline/, configs/ and mlruns_template/): {counted([t.get('code_version', 'unknown') for t in tags])}.",
-             f"Git commit: {counted([t.get('mlflow.source.git.commit', 'not recorded')[:12] for t in tags])}.",
-             f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded.",
-             *([f"Cited runs no longer in the store (purged): {', '.join(i[:8] for i in gone)}."] if gone else [])]
-    commands = [f"{run_command(root)}   # run {run_id[:8]}"
-                for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].start)]
+    lines = [
+        f"Runs cited by the tables: {len(runs)}, from {plural(len(roots), 'top-level run')}.",
+        f"Code version (hash of pipeline/, configs/ and mlruns_template/): {counted([t.get('code_version', 'unknown') for t in tags])}.",
+        f"Git commit: {counted([t.get('mlflow.source.git.commit', 'not recorded')[:12] for t in tags])}.",
+        f"Seeds: {seed_list({'seed': s} for s in seeds) or 'none'}; label subsets are stratified and seeded.",
+        *([f"Cited runs no longer in the store (purged): {', '.join(i[:8] for i in gone)}."] if gone else []),
+    ]
+    commands = [f"{run_command(root)}   # run {run_id[:8]}" for run_id, root in sorted(roots.items(), key=lambda kv: kv[1].start)]
     return lines, commands
 
 
@@ -116,41 +119,59 @@ def methods_text(dataset: str, built: list[Table]) -> str:
     base = by_name.get("week2_baselines")
     if base and base.records:
         recipes = {r["recipe"]: r for r in base.records}
-        models = [f"{r['model']} ({r['finetune']}{', ImageNet weights' if r['weights'] == 'imagenet' else ''}, "
-                  f"{plural(r['epochs'], 'epoch')}, lr {r['lr']}, batch {r['batch_size']}, augmentation {r['augment']}, "
-                  f"{seeds_text(seed_list((x for x in base.records if x['recipe'] == recipe), ','))}; recipe {recipe})"
-                  for recipe, r in sorted(recipes.items(), key=lambda kv: (kv[1]["model"], kv[0]))]
+        models = [
+            f"{r['model']} ({r['finetune']}{', ImageNet weights' if r['weights'] == 'imagenet' else ''}, "
+            f"{plural(r['epochs'], 'epoch')}, lr {r['lr']}, batch {r['batch_size']}, augmentation {r['augment']}, "
+            f"{seeds_text(seed_list((x for x in base.records if x['recipe'] == recipe), ','))}; recipe {recipe})"
+            for recipe, r in sorted(recipes.items(), key=lambda kv: (kv[1]["model"], kv[0]))
+        ]
         parts.append(f"Supervised baselines: {', '.join(models)}; the checkpoint with the best validation AUROC is evaluated once on test.")
     ablation = by_name.get("week3_augment_ablation")
     if ablation and ablation.records:
         a = ablation.settings
-        parts.append(f"Augmentation ablation: {a['model']} trained for {plural(a['epochs'], 'epoch')} with each preset of "
-                     f"{listed(a['variants'])} (`none` is the control), {seeds_text(a['seeds'])}.")
+        parts.append(
+            f"Augmentation ablation: {a['model']} trained for {plural(a['epochs'], 'epoch')} with each preset of "
+            f"{listed(a['variants'])} (`none` is the control), {seeds_text(a['seeds'])}."
+        )
     ssl = by_name.get("week4_ssl_pretraining")
     if ssl and ssl.records:
-        runs = sorted({f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, "
-                       f"{plural(r['steps'], 'optimizer step')}, seed {r['seed']})" for r in ssl.records})
+        runs = sorted(
+            {
+                f"{r['method']} ({r['model']}, τ={r['temperature']}, batch {r['batch_size']}{moco_text(r)}, {plural(r['steps'], 'optimizer step')}, seed {r['seed']})"
+                for r in ssl.records
+            }
+        )
         parts.append(f"Self-supervised pretraining: {', '.join(runs)}; each view: {SSL_VIEW_DESCRIPTION}.")
     eff = by_name.get("week5_label_efficiency")
     if eff and eff.records:
         e = eff.settings
         fractions = sorted({r["label_fraction"] for r in eff.records})
-        supervised = (f" and supervised-only models (the encoder's architecture from scratch, {budget_text(e, 'supervised_')}, "
-                      f"augmentation {e['supervised_augment']})" if "supervised_augment" in e else "")
-        parts.append("Label efficiency: linear probes (L2 logistic regression on frozen, standardised features, C chosen "
-                     f"on validation AUROC from {listed(e['probe_cs'])}){supervised} at "
-                     f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels "
-                     f"(stratified subsets, {seeds_text(e['seeds'])}; pretraining runs per SSL method: {e.get('pretraining_runs', '1')}, "
-                     "subset seed i using pretraining run i mod their number). Controls: a linear probe on the randomly "
-                     "initialised encoder (batch-norm statistics recomputed on the training images) and the majority class.")
+        supervised = (
+            f" and supervised-only models (the encoder's architecture from scratch, {budget_text(e, 'supervised_')}, augmentation {e['supervised_augment']})"
+            if "supervised_augment" in e
+            else ""
+        )
+        parts.append(
+            "Label efficiency: linear probes (L2 logistic regression on frozen, standardised features, C chosen "
+            f"on validation AUROC from {listed(e['probe_cs'])}){supervised} at "
+            f"{', '.join(f'{f:.0%}' for f in fractions)} of the training labels "
+            f"(stratified subsets, {seeds_text(e['seeds'])}; pretraining runs per SSL method: {e.get('pretraining_runs', '1')}, "
+            "subset seed i using pretraining run i mod their number). Controls: a linear probe on the randomly "
+            "initialised encoder (batch-norm statistics recomputed on the training images) and the majority class."
+        )
     week6 = by_name.get("week6_probe_vs_finetune")
     if week6 and week6.records and week6.settings:
         f = week6.settings
         scales = listed(f["encoder_lr_scale"])
-        scale = (f"encoder lr × {scales}" if "," not in f["encoder_lr_scale"] else
-                 f"encoder lr × one of {scales}, chosen per label fraction on the first seed's validation AUROC")
-        parts.append(f"SSL fine-tuning: the pretrained encoder with a new linear head, {budget_text(f)}, "
-                     f"head lr {f['lr']}, {scale}, augmentation {f['augment']}, {seeds_text(f['seeds'])}.")
+        scale = (
+            f"encoder lr × {scales}"
+            if "," not in f["encoder_lr_scale"]
+            else f"encoder lr × one of {scales}, chosen per label fraction on the first seed's validation AUROC"
+        )
+        parts.append(
+            f"SSL fine-tuning: the pretrained encoder with a new linear head, {budget_text(f)}, "
+            f"head lr {f['lr']}, {scale}, augmentation {f['augment']}, {seeds_text(f['seeds'])}."
+        )
     return " ".join(parts + posthoc_text(by_name))
 
 
@@ -171,20 +192,26 @@ def posthoc_text(by_name: Mapping[str, Table]) -> list[str]:
     cal, thr, rob = (by_name.get(n) for n in ("week6_calibration", "week7_thresholds", "week8_robustness"))
     if cal and cal.records:
         methods = ", ".join(CALIBRATOR_NAMES.get(m, m) for m in listed(cal.settings.get("methods", "")).split(", "))
-        parts.append(f"Calibration of classifier run {cal.settings['source_run_id'][:8]}: {methods} "
-                     f"fitted on the validation predictions and applied to test; ECE over {cal.settings.get('ece_bins')} "
-                     "equal-width bins of the top-label confidence.")
+        parts.append(
+            f"Calibration of classifier run {cal.settings['source_run_id'][:8]}: {methods} "
+            f"fitted on the validation predictions and applied to test; ECE over {cal.settings.get('ece_bins')} "
+            "equal-width bins of the top-label confidence."
+        )
     if thr and thr.records:
         positive = thr.settings.get("positive_class", "1")  # runs logged before the setting took label 1
-        parts.append(f"Decision thresholds for run {thr.settings['source_run_id'][:8]} (positive class: label {positive}, "
-                     f"{INFO[thr.settings['dataset']]['label'][positive]}; TPR and FPR refer to it): default 0.5, Youden's J, max F1, "
-                     f"target TPR {listed(thr.settings.get('target_tprs', ''))} and target FPR "
-                     f"{listed(thr.settings.get('target_fprs', ''))}, each chosen on validation and applied unchanged to test "
-                     f"(bootstrap 95% CIs, {thr.settings.get('bootstrap')} resamples).")
+        parts.append(
+            f"Decision thresholds for run {thr.settings['source_run_id'][:8]} (positive class: label {positive}, "
+            f"{INFO[thr.settings['dataset']]['label'][positive]}; TPR and FPR refer to it): default 0.5, Youden's J, max F1, "
+            f"target TPR {listed(thr.settings.get('target_tprs', ''))} and target FPR "
+            f"{listed(thr.settings.get('target_fprs', ''))}, each chosen on validation and applied unchanged to test "
+            f"(bootstrap 95% CIs, {thr.settings.get('bootstrap')} resamples)."
+        )
     if rob and rob.records:
-        parts.append(f"Robustness of run {rob.settings['source_run_id'][:8]}: test images under "
-                     f"{listed(rob.settings.get('corruptions', ''))} at severities {listed(rob.settings.get('severities', ''))}; "
-                     f"MC dropout with {rob.settings.get('mc_passes')} passes.")
+        parts.append(
+            f"Robustness of run {rob.settings['source_run_id'][:8]}: test images under "
+            f"{listed(rob.settings.get('corruptions', ''))} at severities {listed(rob.settings.get('severities', ''))}; "
+            f"MC dropout with {rob.settings.get('mc_passes')} passes."
+        )
     return parts
 
 
@@ -201,8 +228,10 @@ def findings_lines(built: list[Table]) -> list[str]:
         lines.append(f"{comparison}, {fraction:.0%} of the labels (n = {min(r['n'] for r in cells.values())}): {said}.")
     fewest = min(r["n"] for r in table.records)
     if fewest < 5:
-        lines.append(f"Only {fewest} paired seed(s) in some cells: intervals that wide cannot show small effects; "
-                     "these numbers are a wiring check, not evidence (use the paper profile, ≥ 5 seeds).")
+        lines.append(
+            f"Only {fewest} paired seed(s) in some cells: intervals that wide cannot show small effects; "
+            "these numbers are a wiring check, not evidence (use the paper profile, ≥ 5 seeds)."
+        )
     return lines
 
 

@@ -32,13 +32,11 @@ class AdminError(Exception):
     """A refused or failed request, already worded for the admin."""
 
 
-def call(url: str, auth: str, method: str, path: str, body: dict[str, Any] | None = None,
-         query: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+def call(url: str, auth: str, method: str, path: str, body: dict[str, Any] | None = None, query: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """One REST call as the admin: (HTTP status, decoded JSON body or {"message": text})."""
     target = f"{url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(target, data=data, method=method,
-                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
+    request = urllib.request.Request(target, data=data, method=method, headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, text = response.status, response.read().decode()

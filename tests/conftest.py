@@ -73,8 +73,7 @@ OFFLINE_ENV = {"https_proxy": "http://127.0.0.1:9"}  # ImageNet weights unreacha
 def use_store(patch: pytest.MonkeyPatch, uri: str, data_root: Path, folder: Path) -> None:
     """Point tracking, data, the torch cache (no ImageNet weights, offline) and cwd at a test store."""
     patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(data_root),
-                       "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "MEDMNIST_ROOT": str(data_root), "TORCH_HOME": str(folder / "no-weights"), **OFFLINE_ENV}.items():
         patch.setenv(key, value)
     patch.chdir(folder)
     mlflow.set_tracking_uri(uri)
@@ -94,8 +93,21 @@ def smoke_study(synthetic_root, empty_store, tmp_path_factory) -> tuple[str, Pat
     with pytest.MonkeyPatch.context() as patch:
         use_store(patch, uri, synthetic_root, folder)
         try:
-            main(study.command, ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(folder / "reports"),
-                                 "--export-results", "smoke", "--results-root", str(folder / "results")])
+            main(
+                study.command,
+                [
+                    "--dataset",
+                    "breastmnist",
+                    "--profile",
+                    "smoke",
+                    "--out",
+                    str(folder / "reports"),
+                    "--export-results",
+                    "smoke",
+                    "--results-root",
+                    str(folder / "results"),
+                ],
+            )
         finally:
             mlflow.set_tracking_uri(None)
     return uri, folder
@@ -131,13 +143,15 @@ def run_step(step: str, args: list[str], env: dict[str, str], cwd: Path, timeout
     """`python -m entrypoints.<step> ARGS` run in `cwd` (the test's tmp dir), capturing output."""
     return subprocess.run(
         [sys.executable, "-m", f"entrypoints.{step}", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def mlflow_run(
-    step: str, params: dict[str, str], env: dict[str, str], cwd: Path, timeout: int = 900
-) -> subprocess.CompletedProcess:
+def mlflow_run(step: str, params: dict[str, str], env: dict[str, str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """`mlflow run REPO -e STEP -P k=v ... --env-manager local`, as a user types it."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", step, "--env-manager", "local"]
     for key, value in params.items():

@@ -59,8 +59,7 @@ def test_ablation_parent_and_children(synthetic_root, tracking_uri, monkeypatch,
         tags = child.data.tags
         assert (tags["stage"], tags["method"], tags["model"], tags["seed"]) == ("augment_ablation", "supervised", "smallcnn", "4")
         assert child.data.params["cfg.augment"] == tags["augment"]
-    assert {"ablation.csv", "ablation.md", "ablation_runs.json", "plots/ablation_test_auroc.png"} <= artifact_paths(
-        tracking_uri, parent.info.run_id)
+    assert {"ablation.csv", "ablation.md", "ablation_runs.json", "plots/ablation_test_auroc.png"} <= artifact_paths(tracking_uri, parent.info.run_id)
     table = pd.read_csv(download(tracking_uri, parent.info.run_id, "ablation.csv", tmp_path))
     assert table.variant.tolist() == ["none", "geometric+intensity"] and table.n.tolist() == [1, 1]
     by_variant = {c.data.tags["augment"]: c.data.metrics for c in children}
@@ -86,10 +85,13 @@ def test_a_failed_child_fails_the_parent_and_keeps_finished_children(synthetic_r
     assert "ablation.csv" in artifact_paths(tracking_uri, parent.info.run_id)  # the finished variant's table
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--variants", "none,mixup"], "variants=['none', 'mixup'] must be a non-empty list of distinct augmentation presets"),
-    (["--seed", "1", "--seeds", "1,2"], "give either --seed (one seed) or --seeds (a list), not both"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--variants", "none,mixup"], "variants=['none', 'mixup'] must be a non-empty list of distinct augmentation presets"),
+        (["--seed", "1", "--seeds", "1,2"], "give either --seed (one seed) or --seeds (a list), not both"),
+    ],
+)
 def test_ablation_bad_input_is_one_line(args, fragment, synthetic_root, tracking_uri, monkeypatch, capsys):
     monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     with pytest.raises(SystemExit) as exit_info:
@@ -99,8 +101,7 @@ def test_ablation_bad_input_is_one_line(args, fragment, synthetic_root, tracking
     assert all_runs(tracking_uri) == []
 
 
-def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracking_uri, monkeypatch, capsys, fast_config, tmp_path,
-                                                          local_imagenet_weights):
+def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracking_uri, monkeypatch, capsys, fast_config, tmp_path, local_imagenet_weights):
     monkeypatch.setenv("MEDMNIST_ROOT", str(synthetic_root))
     with pytest.raises(SystemExit) as exit_info:
         main(cli, ["finetune-table", "--dataset", "breastmnist"])
@@ -111,8 +112,9 @@ def test_finetune_table_from_the_newest_head_and_all_runs(synthetic_root, tracki
     out = capsys.readouterr().out
     assert "head-only vs. full fine-tuning" in out and "| head |" in out and "| all |" in out
     # weights=auto: ImageNet weights for head-only, random ones for full fine-tuning, and the table says so
-    assert ("Different starts: head-only from resnet18 with ImageNet weights and the imagenet stem, "
-            "full fine-tuning from resnet18 with random weights and the imagenet stem") in out
+    assert (
+        "Different starts: head-only from resnet18 with ImageNet weights and the imagenet stem, full fine-tuning from resnet18 with random weights and the imagenet stem"
+    ) in out
     table_run = all_runs(tracking_uri)[0]
     assert table_run.info.status == "FINISHED"
     assert_contract(tracking_uri, table_run, classifier=False)

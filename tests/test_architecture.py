@@ -26,8 +26,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def modules(folder: str) -> dict[str, Path]:
     """The modules under a folder of the repository, by dotted name."""
-    return {".".join(path.relative_to(REPO).with_suffix("").parts): path for path in (REPO / folder).rglob("*.py")
-            if path.name != "__init__.py"}
+    return {".".join(path.relative_to(REPO).with_suffix("").parts): path for path in (REPO / folder).rglob("*.py") if path.name != "__init__.py"}
 
 
 def step_modules() -> dict[str, Path]:
@@ -40,23 +39,29 @@ def test_there_is_one_step_module_per_entry_point_named_as_it():
 
 
 def test_steps_never_import_each_other():
-    crossings = {f"{name} imports {other}" for name, path in step_modules().items()
-                 for other in set(step_modules()) - {name} if f"pipeline.steps.{other}" in imported_modules(path)}
+    crossings = {
+        f"{name} imports {other}"
+        for name, path in step_modules().items()
+        for other in set(step_modules()) - {name}
+        if f"pipeline.steps.{other}" in imported_modules(path)
+    }
     assert not crossings, sorted(crossings)
 
 
 def test_the_library_imports_no_step_and_no_entry_point():
     library = {name: path for name, path in modules("pipeline").items() if not name.startswith("pipeline.steps.")}
-    offenders = {name for name, path in library.items()
-                 if any(m.split(".")[0] == "entrypoints" or m.startswith("pipeline.steps") for m in imported_modules(path))}
+    offenders = {name for name, path in library.items() if any(m.split(".")[0] == "entrypoints" or m.startswith("pipeline.steps") for m in imported_modules(path))}
     assert library and not offenders, offenders
 
 
 def test_only_tracking_imports_mlflow():
     """Every other module reads runs as `RunRecord`s and calls `tracking`; none names MLflow."""
     files = {**modules("pipeline"), **modules("entrypoints")}
-    importers = {name for name, path in files.items() if not name.startswith("pipeline.tracking.")
-                 and any(m == "mlflow" or m.startswith("mlflow.") for m in imported_modules(path))}
+    importers = {
+        name
+        for name, path in files.items()
+        if not name.startswith("pipeline.tracking.") and any(m == "mlflow" or m.startswith("mlflow.") for m in imported_modules(path))
+    }
     assert "pipeline.tracking.lookup" in files and not importers, importers
 
 
@@ -65,16 +70,17 @@ STEP_FLOORS = 8  # a step and the chain of internal modules below it, down to `e
 
 def internal_imports() -> dict[str, set[str]]:
     """pipeline module → the pipeline modules it imports (a package counts as its `__init__`)."""
-    files = {name.removesuffix(".__init__"): path for name, path in
-             ((".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in (REPO / "pipeline").rglob("*.py"))}
+    files = {name.removesuffix(".__init__"): path for name, path in ((".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in (REPO / "pipeline").rglob("*.py"))}
     return {name: {m for m in imported_modules(path) if m in files and m != name} for name, path in files.items()}
 
 
 def longest_chain(graph: dict[str, set[str]], start: str) -> list[str]:
     """The longest import chain from `start` (the graph has no cycles at module level)."""
+
     @functools.cache
     def chain(name: str) -> tuple[str, ...]:
         return (name, *max((chain(d) for d in graph[name]), key=len, default=()))
+
     return list(chain(start))
 
 

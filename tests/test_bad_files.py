@@ -103,12 +103,16 @@ def test_malformed_data_files(tracking_uri, tmp_path, monkeypatch, capsys):
     assert all_runs(tracking_uri) == []
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ({"model": "smallcnn", "in_channels": 10**8}, "in_channels must be one of 1, 3"),
-    ({"model": 5}, "model must be one of smallcnn, resnet18"),
-    ({"model": "smallcnn", "dropout": "0.5"}, "dropout must be a number"),
-    (["smallcnn"], "not a mapping"),
-], ids=["huge-channels", "model-number", "dropout-text", "list"])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ({"model": "smallcnn", "in_channels": 10**8}, "in_channels must be one of 1, 3"),
+        ({"model": 5}, "model must be one of smallcnn, resnet18"),
+        ({"model": "smallcnn", "dropout": "0.5"}, "dropout must be a number"),
+        (["smallcnn"], "not a mapping"),
+    ],
+    ids=["huge-channels", "model-number", "dropout-text", "list"],
+)
 def test_malformed_checkpoint_spec_is_refused_before_building(spec, fragment, tmp_path):
     path = save_checkpoint(tmp_path / "best.pt", build_classifier(ModelSpec()), ModelSpec(), {})
     data = torch.load(path, weights_only=True)

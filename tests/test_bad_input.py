@@ -86,7 +86,11 @@ def test_mistake_under_mlflow_run_marks_its_run_failed(synthetic_root, tracking_
     (run,) = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and "epochs=0" in run.data.tags["failure_reason"]
     assert {k: run.data.tags.get(k) for k in ("stage", "week", "dataset", "seed")} == {
-        "stage": "baseline", "week": "2", "dataset": "breastmnist", "seed": "-"}  # DESIGN's tags, failed or not
+        "stage": "baseline",
+        "week": "2",
+        "dataset": "breastmnist",
+        "seed": "-",
+    }  # DESIGN's tags, failed or not
 
 
 def wait_for_running_run(tracking_uri, proc, timeout=120):
@@ -104,7 +108,11 @@ def wait_for_running_run(tracking_uri, proc, timeout=120):
 def test_interrupted_run_ends_killed(sig, synthetic_root, tracking_uri, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.baseline", "--epochs", "500", "--batch-size", "16"],
-        cwd=tmp_path, env=cli_env(synthetic_root, tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=cli_env(synthetic_root, tracking_uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for_running_run(tracking_uri, proc)

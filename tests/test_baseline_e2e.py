@@ -27,8 +27,7 @@ def test_standalone_run_logs_the_contract_and_consistent_metrics(synthetic_root,
     assert run.info.status == "FINISHED"
     assert_contract(tracking_uri, run)
     tags, params = run.data.tags, run.data.params
-    assert (tags["stage"], tags["dataset"], tags["model"], tags["seed"], tags["method"]) == (
-        "baseline", "breastmnist", "smallcnn", "0", "supervised")
+    assert (tags["stage"], tags["dataset"], tags["model"], tags["seed"], tags["method"]) == ("baseline", "breastmnist", "smallcnn", "0", "supervised")
     assert params["cfg.epochs"] == "2" and len(tags["config_hash"]) == 12
     assert tags["deterministic"] == "false" and int(tags["torch_threads"]) >= 1  # how it computed, for a rerun
     assert mlflow.get_experiment(run.info.experiment_id).name == "breastmnist"
@@ -45,10 +44,8 @@ def test_standalone_run_logs_the_contract_and_consistent_metrics(synthetic_root,
     which = np.minimum((test.prob * 10).astype(int), 9)  # the plan's diagram: p(class 1) in 10 equal-width bins of [0, 1]
     gaps = [abs(test.label[which == b].mean() - test.prob[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
     assert m["test_ece_class1"] == pytest.approx(sum(gaps), abs=1e-6)
-    assert m["test_balanced_acc"] == pytest.approx(
-        (np.mean(test.prob[test.label == 1] >= 0.5) + np.mean(test.prob[test.label == 0] < 0.5)) / 2, abs=1e-6)
-    assert {"plots/reliability.png", "plots/reliability_class1.png", "plots/reliability_class1_eqfreq.png"} <= artifact_paths(
-        tracking_uri, run.info.run_id)
+    assert m["test_balanced_acc"] == pytest.approx((np.mean(test.prob[test.label == 1] >= 0.5) + np.mean(test.prob[test.label == 0] < 0.5)) / 2, abs=1e-6)
+    assert {"plots/reliability.png", "plots/reliability_class1.png", "plots/reliability_class1_eqfreq.png"} <= artifact_paths(tracking_uri, run.info.run_id)
     assert params["mce_min_count"] == "5"
     summary = json.loads(open(download(tracking_uri, run.info.run_id, "test_metrics.json", tmp_path)).read())
     assert summary["auroc"] == pytest.approx(m["test_auroc"])

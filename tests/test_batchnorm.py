@@ -99,8 +99,7 @@ def test_supervised_training_evaluates_with_the_training_images_statistics(split
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_pretraining_monitors_and_saves_the_encoder_with_the_training_images_statistics(method, splits):
-    cfg = {**config.resolve("ssl_pretrain", "breastmnist", {}), "method": method, "steps": 6, "knn_every": 3,
-           "batch_size": 32, "warmup_steps": 1, "queue_size": 64}
+    cfg = {**config.resolve("ssl_pretrain", "breastmnist", {}), "method": method, "steps": 6, "knn_every": 3, "batch_size": 32, "warmup_steps": 1, "queue_size": 64}
     seed_everything(0)
     module = build_ssl(method, build_classifier(ModelSpec("smallcnn")), cfg)
     pretrain(module, splits, PretrainSettings.of(cfg))

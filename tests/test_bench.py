@@ -19,10 +19,36 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
     root.mkdir()
     write_synthetic(root, "breastmnist", counts={"train": 546, "val": 32, "test": 32})
     out = tmp_path / "perf.json"
-    command = [sys.executable, "bench/perf.py", "--dataset", "breastmnist", "--data-root", str(root),
-               "--models", "smallcnn", "--workloads", "supervised,simclr,moco,features,probe", "--min-time", "0.05",
-               "--batch", "32", "--ssl-batch", "32", "--probe-epochs", "1",
-               "--warmup", "1", "--repeats", "2", "--matmul-seconds", "0.05", "--workers", "0", "--out", str(out)]
+    command = [
+        sys.executable,
+        "bench/perf.py",
+        "--dataset",
+        "breastmnist",
+        "--data-root",
+        str(root),
+        "--models",
+        "smallcnn",
+        "--workloads",
+        "supervised,simclr,moco,features,probe",
+        "--min-time",
+        "0.05",
+        "--batch",
+        "32",
+        "--ssl-batch",
+        "32",
+        "--probe-epochs",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--matmul-seconds",
+        "0.05",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -45,10 +71,11 @@ def test_perf_suite_writes_every_path_with_rates_memory_and_flop_fractions(tmp_p
         rates, references = row["extra"]["rates"], row["extra"]["references"]
         assert all(worst <= reference <= best for reference in references)
         # the kept measurement's reference (rates are rounded: a tie may hide which one was kept)
-        expected = [row["extra"]["flops_per_image"] * row["images_per_s"] / (reference * 1e12)
-                    for rate, reference in zip(rates, references) if rate == row["images_per_s"]]
+        expected = [
+            row["extra"]["flops_per_image"] * row["images_per_s"] / (reference * 1e12) for rate, reference in zip(rates, references) if rate == row["images_per_s"]
+        ]
         assert any(row["flop_fraction"] == pytest.approx(value, rel=0.01) for value in expected)
-    table = done.stdout[done.stdout.index("\nworkload "):]
+    table = done.stdout[done.stdout.index("\nworkload ") :]
     assert len([line for line in table.splitlines() if line.startswith(("supervised", "simclr", "moco", "features", "probe"))]) == len(report["rows"])
 
 
@@ -60,8 +87,23 @@ def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_pat
     (tmp_path / "data").mkdir()
     write_synthetic(tmp_path / "data", "breastmnist")
     out = tmp_path / "study.json"
-    command = [sys.executable, str(REPO / "bench/perf.py"), "--dataset", "breastmnist", "--data-root", "data", "--workloads", "none",
-               "--study", "--study-profile", "smoke", "--study-store", "store", "--out", "study.json"]
+    command = [
+        sys.executable,
+        str(REPO / "bench/perf.py"),
+        "--dataset",
+        "breastmnist",
+        "--data-root",
+        "data",
+        "--workloads",
+        "none",
+        "--study",
+        "--study-profile",
+        "smoke",
+        "--study-store",
+        "store",
+        "--out",
+        "study.json",
+    ]
     log = tmp_path / "study-breastmnist.log"
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -75,15 +117,31 @@ def test_study_timing_continues_in_a_kept_store_and_appends_its_step_log(tmp_pat
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     lines = log.read_text().splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("[study]") and ": ran " in line][:len(ran)] == ran
+    assert [line.split(":")[0] for line in lines if line.startswith("[study]") and ": ran " in line][: len(ran)] == ran
     reused = {line.split(":")[0] for line in lines if line.startswith("[study]") and ": reused " in line}
     assert set(ran) - {"[study] compare"} <= reused
 
 
 def test_split_bn_cost_times_both_modules_on_the_same_batch(tmp_path):
     out = tmp_path / "split.json"
-    command = [sys.executable, "bench/split_bn_cost.py", "--models", "smallcnn", "--batch", "16", "--splits", "4",
-               "--rounds", "2", "--warmup", "0", "--device", "cpu", "--out", str(out)]
+    command = [
+        sys.executable,
+        "bench/split_bn_cost.py",
+        "--models",
+        "smallcnn",
+        "--batch",
+        "16",
+        "--splits",
+        "4",
+        "--rounds",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
@@ -97,8 +155,21 @@ def test_classic_vs_run_times_both_in_turns_and_profiles_our_run(tmp_path):
     # medmnist's Dataset and Evaluator insist on the official split sizes
     write_synthetic(tmp_path, "breastmnist", counts={"train": 546, "val": 78, "test": 156})
     out = tmp_path / "classic.json"
-    command = [sys.executable, "bench/classic_vs_run.py", "--dataset", "breastmnist", "--data-root", str(tmp_path),
-               "--epochs", "1", "--rounds", "1", "--profile", "--out", str(out)]
+    command = [
+        sys.executable,
+        "bench/classic_vs_run.py",
+        "--dataset",
+        "breastmnist",
+        "--data-root",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--rounds",
+        "1",
+        "--profile",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -112,8 +183,7 @@ def test_classic_vs_run_times_both_in_turns_and_profiles_our_run(tmp_path):
 
 def test_cpu_bf16_measures_speed_and_metrics_in_both_precisions(tmp_path, synthetic_root):
     out = tmp_path / "bf16.json"
-    command = [sys.executable, "bench/cpu_bf16.py", "--data-root", str(synthetic_root), "--batch", "16", "--rounds", "1",
-               "--epochs", "1", "--out", str(out)]
+    command = [sys.executable, "bench/cpu_bf16.py", "--data-root", str(synthetic_root), "--batch", "16", "--rounds", "1", "--epochs", "1", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())

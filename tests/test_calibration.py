@@ -47,8 +47,7 @@ def test_temperature_stays_positive_and_flags_a_bound_for_useless_logits():
 
 def test_nll_at_temperature_matches_sklearn():
     logits, labels = overconfident(2.0, n=300)
-    assert calibration.nll_at_temperature(logits, labels, 1.7) == pytest.approx(
-        log_loss(labels, 1 / (1 + np.exp(-logits / 1.7))), rel=1e-9)
+    assert calibration.nll_at_temperature(logits, labels, 1.7) == pytest.approx(log_loss(labels, 1 / (1 + np.exp(-logits / 1.7))), rel=1e-9)
 
 
 @pytest.mark.parametrize("method", calibration.METHODS)
@@ -70,8 +69,7 @@ def test_unknown_method_is_a_user_error():
 
 
 def test_metric_keys_name_before_and_after():
-    rows = [{"method": m, "split": s, **{k: 0.0 for k in calibration.METRICS}}
-            for m in ("uncalibrated", "temperature") for s in ("val", "test")]
+    rows = [{"method": m, "split": s, **{k: 0.0 for k in calibration.METRICS}} for m in ("uncalibrated", "temperature") for s in ("val", "test")]
     keys = set(calibration.metric_values(rows))
     assert {"val_nll_before", "val_nll_after", "test_ece_before", "test_ece_after", "test_auroc_after"} <= keys
 

@@ -37,16 +37,13 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     main(baseline.command, ["--dataset", "breastmnist", *TINY, "--lr", "1e-7", "--seed", "1"])
     main(augment_ablation.command, ["--dataset", "breastmnist", "--variants", "none,flip", "--seeds", "0,1", *TINY])
     main(ssl_pretrain.command, ["--dataset", "breastmnist", *TINY])
-    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", "--label-fractions", "0.5,1",
-                                "--seeds", "0,1", *TINY])
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe,supervised", "--label-fractions", "0.5,1", "--seeds", "0,1", *TINY])
     main(ssl_finetune.command, ["--dataset", "breastmnist", "--label-fractions", "1", "--seeds", "0", *TINY])
     # a newer SSL run with its own probes: week 6 must keep to the fine-tuned encoder's probes
     main(ssl_pretrain.command, ["--dataset", "breastmnist", "--method", "moco", "--queue-size", "64", *TINY])
-    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe", "--label-fractions", "0.5,1",
-                                "--seeds", "0,1", *TINY])
+    main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "ssl_probe", "--label-fractions", "0.5,1", "--seeds", "0,1", *TINY])
     out_root, results_root = tmp_path / "reports", tmp_path / "results"
-    main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1",
-                           "--results-root", str(results_root)])
+    main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1", "--results-root", str(results_root)])
     out = out_root / "breastmnist"
     runs = {r.info.run_id: r for r in all_runs(tracking_uri)}
 
@@ -82,7 +79,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
         for key in ("val_auroc", "test_acc", "test_auroc", "test_ece"):
             values = [c.data.metrics[key] for c in cited]
             assert row[f"{key}_mean"] == pytest.approx(sum(values) / 2)
-            assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+            assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     ssl = pd.read_csv(out / "week4_ssl_pretraining.csv")
     assert ssl.final_ssl_loss[0] == pytest.approx(runs[ssl.run_id[0]].data.metrics["ssl_loss"])
     assert dict(zip(ssl.method, ssl.bn_splits.astype(str))) == {"moco": "8", "simclr": "—"}
@@ -107,10 +104,9 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     assert set(probe_rows.a) == {"SSL linear probe (simclr)", "SSL linear probe (moco)"} and len(probe_rows) == 2 * 2 * 3
     for _, row in probe_rows.iterrows():
         cited = [runs[i] for i in row.run_ids.split()]
-        side = {m: {c.data.tags["seed"]: c.data.metrics[row.metric] for c in cited if c.data.tags["method"] == m}
-                for m in ("ssl_probe", "supervised")}
+        side = {m: {c.data.tags["seed"]: c.data.metrics[row.metric] for c in cited if c.data.tags["method"] == m} for m in ("ssl_probe", "supervised")}
         diffs = [side["ssl_probe"][seed] - side["supervised"][seed] for seed in ("0", "1")]
-        mean, half = sum(diffs) / 2, stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5
+        mean, half = sum(diffs) / 2, stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5
         assert row.n == 2 and row.diff_mean == pytest.approx(mean)
         assert (row.ci_low, row.ci_high) == pytest.approx((mean - half, mean + half))
         assert row.verdict == paired.verdict(row.ci_low, row.ci_high, row.metric != "test_ece", row.n) == "too few seeds for a verdict (n = 2 < 3)"
@@ -123,8 +119,7 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     compare_run = next(r for r in all_runs(tracking_uri) if r.data.tags["stage"] == "compare")
     assert {"reports/week2_baselines.md", "reports/draft.md"} <= artifact_paths(tracking_uri, compare_run.info.run_id)
     week2 = results_root / "week2" / "breastmnist" / "v1"
-    assert {"README_week2.md", "week2_baselines.csv", "reliability_smallcnn.png", "metrics_smallcnn.json"} <= {
-        p.name for p in week2.iterdir()}
+    assert {"README_week2.md", "week2_baselines.csv", "reliability_smallcnn.png", "metrics_smallcnn.json"} <= {p.name for p in week2.iterdir()}
     readme = (week2 / "README_week2.md").read_text()
     assert f"{base.test_auroc[1]:.3f}" in readme
     assert f"| smallcnn | {older[:8]} |" in readme  # the smallcnn files came from the run best on validation
@@ -146,15 +141,18 @@ def test_tables_agree_with_the_runs_they_cite(synthetic_root, tracking_uri, tmp_
     # exporting under a used name again is refused before anything is written or logged
     before = {p: p.read_bytes() for p in results_root.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
-        main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1",
-                               "--results-root", str(results_root)])
+        main(compare.command, ["--dataset", "breastmnist", "--out", str(out_root), "--export-results", "v1", "--results-root", str(results_root)])
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in results_root.rglob("*") if p.is_file()}
 
 
 def test_exported_best_baseline_is_chosen_on_validation_not_test():
-    newest_first = [{"run_id": "a", "val_auroc": 0.70, "test_auroc": 0.95}, {"run_id": "b", "val_auroc": 0.80, "test_auroc": 0.60},
-                    {"run_id": "c", "val_auroc": None, "test_auroc": 0.99}, {"run_id": "d", "val_auroc": 0.80, "test_auroc": 0.70}]
+    newest_first = [
+        {"run_id": "a", "val_auroc": 0.70, "test_auroc": 0.95},
+        {"run_id": "b", "val_auroc": 0.80, "test_auroc": 0.60},
+        {"run_id": "c", "val_auroc": None, "test_auroc": 0.99},
+        {"run_id": "d", "val_auroc": 0.80, "test_auroc": 0.70},
+    ]
     assert render.best_on_validation(newest_first)["run_id"] == "b"  # the newer of the two best on validation
     one_class = [{"run_id": "n", "val_auroc": float("nan")}, {"run_id": "o", "val_auroc": 0.6}]
     assert render.best_on_validation(one_class)["run_id"] == "o"  # NaN (a one-class split) ranks last
@@ -186,7 +184,6 @@ def test_a_grid_without_results_is_missing_and_its_stale_figure_goes(tracking_ur
 def test_an_export_name_must_be_a_plain_folder_name(tracking_uri, tmp_path, capsys, name):
     results = tmp_path / "results"
     with pytest.raises(SystemExit) as exit_info:
-        main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "reports"), "--export-results", name,
-                               "--results-root", str(results)])
+        main(compare.command, ["--dataset", "breastmnist", "--out", str(tmp_path / "reports"), "--export-results", name, "--results-root", str(results)])
     assert exit_info.value.code != 0 and "must be a plain name" in capsys.readouterr().err
     assert not results.exists() and not (tmp_path / "x").exists()

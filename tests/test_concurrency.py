@@ -78,8 +78,9 @@ def test_a_store_locked_for_30_seconds_mid_training_delays_the_run_but_does_not_
     config = tmp_path / "long.yaml"
     config.write_text("epochs: 40\nbatch_size: 32\nbootstrap: 20\n")
     env = cli_env(synthetic_root, tracking_uri)
-    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.baseline", "--config", str(config)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.baseline", "--config", str(config)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         while not (all_runs(tracking_uri) and "train_loss" in all_runs(tracking_uri)[0].data.metrics):
             assert proc.poll() is None, proc.stderr.read()

@@ -115,10 +115,13 @@ def test_real_files_match_medmnist_split_sizes(name):
     assert {s: len(a.labels) for s, a in arrays.items()} == INFO[name]["n_samples"]
 
 
-@pytest.mark.parametrize("labels, message", [
-    (lambda y: y.astype(np.float32) * 0.9 + 0.05, "train_labels must hold one 0/1 label per image"),  # 0.05 / 0.95: cast would make all 0
-    (lambda y: np.zeros_like(y), "the train split holds only class 0; a binary classifier needs both classes"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (lambda y: y.astype(np.float32) * 0.9 + 0.05, "train_labels must hold one 0/1 label per image"),  # 0.05 / 0.95: cast would make all 0
+        (lambda y: np.zeros_like(y), "the train split holds only class 0; a binary classifier needs both classes"),
+    ],
+)
 def test_float_or_one_class_training_labels_are_refused(tmp_path, labels, message):
     path = write_synthetic(tmp_path, "breastmnist")
     arrays = dict(np.load(path))

@@ -26,12 +26,12 @@ def planted_splits():
     rng = np.random.default_rng(0)
     images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 40), ("val", 10), ("test", 12))}
     labels = {s: np.array([0, 1] * (len(images[s]) // 2)) for s in images}
-    images["train"][5] = images["train"][0]           # within train (labels alternate 0, 1, ...: #0 is 0, #5 is 1)
-    images["train"][9] = images["train"][0]           # a third copy (#9 is 1): 3 pairs, 2 with conflicting labels
-    images["train"][7] = images["train"][2]           # within train, labels 0 vs 1: a conflict
-    images["test"][3] = images["train"][11]           # train/test
-    images["test"][4] = images["val"][6]              # val/test
-    images["val"][1] = images["train"][20]            # train/val
+    images["train"][5] = images["train"][0]  # within train (labels alternate 0, 1, ...: #0 is 0, #5 is 1)
+    images["train"][9] = images["train"][0]  # a third copy (#9 is 1): 3 pairs, 2 with conflicting labels
+    images["train"][7] = images["train"][2]  # within train, labels 0 vs 1: a conflict
+    images["test"][3] = images["train"][11]  # train/test
+    images["test"][4] = images["val"][6]  # val/test
+    images["val"][1] = images["train"][20]  # train/val
     return {s: ArraySplit(images[s], labels[s]) for s in images}
 
 
@@ -60,11 +60,13 @@ def test_class_counts_and_balance_rows():
 
 
 def test_most_confident_mistakes_selects_by_probability_of_the_predicted_class():
-    predictions = pd.DataFrame({
-        "index": [0, 1, 2, 3, 4, 5],
-        "label": [1, 0, 1, 0, 1, 0],
-        "prob": [0.9, 0.95, 0.02, 0.3, 0.4, 0.6],  # mistakes: 1 (p(1)=.95), 2 (p(0)=.98), 4 (p(0)=.6), 5 (p(1)=.6)
-    })
+    predictions = pd.DataFrame(
+        {
+            "index": [0, 1, 2, 3, 4, 5],
+            "label": [1, 0, 1, 0, 1, 0],
+            "prob": [0.9, 0.95, 0.02, 0.3, 0.4, 0.6],  # mistakes: 1 (p(1)=.95), 2 (p(0)=.98), 4 (p(0)=.6), 5 (p(1)=.6)
+        }
+    )
     top = most_confident_mistakes(predictions, n=3)
     assert top["index"].tolist() == [2, 1, 4]  # ties (4 and 5 at 0.6) go to the lower index
     assert top["predicted"].tolist() == [0, 1, 0]
@@ -88,8 +90,13 @@ def test_eda_logs_one_run_with_counts_tables_figures(synthetic_root, tracking_ur
             assert run.data.metrics[f"{split}_class{label}_count"] == np.sum(data.labels == label)
         assert f"  {split:<5} n={len(data.labels):<5}" in out
     assert {
-        "eda/class_balance.json", "eda/class_balance.md", "eda/summary.json", "eda/summary.txt",
-        "eda/samples_per_class.png", "eda/intensity_histograms.png", "eda/duplicate_examples.png",
+        "eda/class_balance.json",
+        "eda/class_balance.md",
+        "eda/summary.json",
+        "eda/summary.txt",
+        "eda/samples_per_class.png",
+        "eda/intensity_histograms.png",
+        "eda/duplicate_examples.png",
     } <= artifact_paths(tracking_uri, run.info.run_id)
     table = json.loads(open(download(tracking_uri, run.info.run_id, "eda/class_balance.json", tmp_path)).read())
     assert table["columns"] == ["split", "label", "class", "count", "fraction"] and len(table["data"]) == 6

@@ -61,8 +61,7 @@ def float64(monkeypatch) -> torch.dtype:
 
 
 def cfg(**overrides):
-    return {**config.resolve("baseline", "breastmnist", {}), "epochs": 6, "eval_every": 2, "batch_size": 32,
-            "augment": "flip", "bootstrap": 0, **overrides}
+    return {**config.resolve("baseline", "breastmnist", {}), "epochs": 6, "eval_every": 2, "batch_size": 32, "augment": "flip", "bootstrap": 0, **overrides}
 
 
 def members(splits, fraction: float, dtype: torch.dtype = torch.float32) -> list[Member]:
@@ -78,8 +77,16 @@ def members(splits, fraction: float, dtype: torch.dtype = torch.float32) -> list
 
 def solo_results(group: list[Member], splits, settings):
     """Each member trained alone by the solo path, its model prepared as a grid child's is."""
-    return [train_classifier(prepare_model(copy.deepcopy(m.model), torch.device("cpu"), settings), m.train, splits.val,
-                             TrainSettings.of({**settings, "seed": m.seed}), build_augment(settings["augment"])) for m in group]
+    return [
+        train_classifier(
+            prepare_model(copy.deepcopy(m.model), torch.device("cpu"), settings),
+            m.train,
+            splits.val,
+            TrainSettings.of({**settings, "seed": m.seed}),
+            build_augment(settings["augment"]),
+        )
+        for m in group
+    ]
 
 
 def mismatches(grouped, solo, tolerance: float = FLOAT64_TOLERANCE) -> list[str]:
@@ -89,8 +96,7 @@ def mismatches(grouped, solo, tolerance: float = FLOAT64_TOLERANCE) -> list[str]
         if len(mine.history) != len(theirs.history) or mine.best_epoch != theirs.best_epoch:
             found.append(f"member {k}: epochs evaluated or selected differ")
         for a, b in zip(mine.history, theirs.history):
-            found += [f"member {k} epoch {a['epoch']} {key}: {a[key]} vs {b[key]}" for key in a
-                      if not math.isclose(a[key], b[key], rel_tol=tolerance, abs_tol=tolerance)]
+            found += [f"member {k} epoch {a['epoch']} {key}: {a[key]} vs {b[key]}" for key in a if not math.isclose(a[key], b[key], rel_tol=tolerance, abs_tol=tolerance)]
         for key, value in theirs.best_state.items():
             if not torch.allclose(mine.best_state[key].double(), value.double(), rtol=tolerance, atol=tolerance):
                 found.append(f"member {k} selected {key} differs")
@@ -105,11 +111,14 @@ def run_both(splits, fraction: float, settings, dtype: torch.dtype = torch.float
     return train_members(group, splits.val, TrainSettings.of(settings), build_augment(settings["augment"])), solo
 
 
-@pytest.mark.parametrize("fraction, overrides", [
-    (0.25, {"eval_every": 1}),                                       # one step an epoch: the history is per step
-    (0.3, {"batch_size": 7}),                                        # four steps an epoch, a one-image batch folded
-    (0.25, {"encoder_lr_scale": 0.1, "optimizer": "adamw", "weight_decay": 0.05, "augment": "geometric"}),
-])
+@pytest.mark.parametrize(
+    "fraction, overrides",
+    [
+        (0.25, {"eval_every": 1}),  # one step an epoch: the history is per step
+        (0.3, {"batch_size": 7}),  # four steps an epoch, a one-image batch folded
+        (0.25, {"encoder_lr_scale": 0.1, "optimizer": "adamw", "weight_decay": 0.05, "augment": "geometric"}),
+    ],
+)
 def test_each_member_equals_its_solo_run_in_float64(splits, float64, fraction, overrides):
     grouped, solo = run_both(splits, fraction, cfg(**overrides), float64)
     assert not mismatches(grouped, solo), mismatches(grouped, solo)[:5]
@@ -144,10 +153,13 @@ class SharedBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        shared = nn.functional.batch_norm(x.reshape(n, self.members, c // self.members, h, w).transpose(0, 1)
-                                          .reshape(n * self.members, c // self.members, h, w), None, None, training=True)
-        return shared.reshape(self.members, n, c // self.members, h, w).transpose(0, 1).reshape(n, c, h, w) \
-            * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        shared = nn.functional.batch_norm(
+            x.reshape(n, self.members, c // self.members, h, w).transpose(0, 1).reshape(n * self.members, c // self.members, h, w), None, None, training=True
+        )
+        return (
+            shared.reshape(self.members, n, c // self.members, h, w).transpose(0, 1).reshape(n, c, h, w) * self.weight[None, :, None, None]
+            + self.bias[None, :, None, None]
+        )
 
 
 def test_the_comparison_catches_shared_batch_norm_statistics(splits, float64, monkeypatch):

@@ -25,8 +25,7 @@ FINETUNE_GRID = ["--label-fractions", "0.25", "--seeds", "0,1,2", "--epochs", "3
 CURVE_TOLERANCE = 1e-3  # train_loss, val_loss and val_auroc at every evaluated epoch
 RANKING_TOLERANCE = 1e-3  # final AUROC and accuracies: one swapped pair of 32 validation images would move AUROC by ≥ 0.004
 FINAL_TOLERANCE = 2e-3  # final losses and calibration errors (ECE, MCE, Brier, NLL)
-VOLATILE_TAGS = {"mlflow.parentRunId", "mlflow.source.name", "mlflow.user", "pid", "host", "command", "grouped",
-                 "mlflow.runName", "mlflow.note.content"}
+VOLATILE_TAGS = {"mlflow.parentRunId", "mlflow.source.name", "mlflow.user", "pid", "host", "command", "grouped", "mlflow.runName", "mlflow.note.content"}
 
 
 @pytest.fixture()
@@ -62,8 +61,7 @@ def assert_same_children(tracking_uri: str, grouped: dict, solo: dict) -> None:
         assert run.info.status == twin.info.status == "FINISHED"
         assert (run.data.tags["grouped"], twin.data.tags["grouped"]) == ("true", "false")
         assert run.info.run_name == twin.info.run_name
-        assert {k: v for k, v in run.data.tags.items() if k not in VOLATILE_TAGS} == \
-            {k: v for k, v in twin.data.tags.items() if k not in VOLATILE_TAGS}
+        assert {k: v for k, v in run.data.tags.items() if k not in VOLATILE_TAGS} == {k: v for k, v in twin.data.tags.items() if k not in VOLATILE_TAGS}
         assert artifact_paths(tracking_uri, run.info.run_id) == artifact_paths(tracking_uri, twin.info.run_id)
         assert set(run.data.metrics) == set(twin.data.metrics)
         assert_contract(tracking_uri, run)
@@ -78,8 +76,7 @@ def assert_same_children(tracking_uri: str, grouped: dict, solo: dict) -> None:
 
 def test_grouped_supervised_children_equal_solo_ones(ssl_run_id, tracking_uri, tmp_path):
     for group in (False, True):
-        main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "supervised", *GRID,
-                                    "--config", settings(tmp_path, group)])
+        main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "supervised", *GRID, "--config", settings(tmp_path, group)])
         if not group:
             solo = grid_children(tracking_uri, "linear_probe")
     assert_same_children(tracking_uri, grid_children(tracking_uri, "linear_probe"), solo)
@@ -94,8 +91,25 @@ def test_grouped_finetune_children_equal_solo_ones(ssl_run_id, tracking_uri, tmp
 
 
 def test_dropout_trains_the_finetune_seeds_one_by_one(ssl_run_id, tracking_uri, tmp_path, capsys):
-    main(ssl_finetune.command, ["--dataset", "breastmnist", "--label-fractions", "1", "--seeds", "0,1", "--epochs", "1",
-                                "--batch-size", "32", "--encoder-lr-scale", "0.1", "--config", settings(tmp_path, True, dropout=0.2)])
+    main(
+        ssl_finetune.command,
+        [
+            "--dataset",
+            "breastmnist",
+            "--label-fractions",
+            "1",
+            "--seeds",
+            "0,1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--encoder-lr-scale",
+            "0.1",
+            "--config",
+            settings(tmp_path, True, dropout=0.2),
+        ],
+    )
     assert "ssl_finetune: the seeds at 1 train one by one (grouped training needs trainable encoders without dropout)" in capsys.readouterr().out
     children = grid_children(tracking_uri, "ssl_finetune").values()
     assert [(c.info.status, c.data.tags["grouped"]) for c in children] == [("FINISHED", "false")] * 2
@@ -114,8 +128,7 @@ def test_a_diverging_member_fails_alone(ssl_run_id, tracking_uri, tmp_path, monk
 
     monkeypatch.setattr(pipeline_linear_probe, "supervised_member", diverge_on_seed_1)
     with pytest.raises(SystemExit):
-        main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "supervised", *GRID,
-                                    "--config", settings(tmp_path, group)])
+        main(linear_probe.command, ["--dataset", "breastmnist", "--methods", "supervised", *GRID, "--config", settings(tmp_path, group)])
     children = grid_children(tracking_uri, "linear_probe")
     failed = children.pop(("1.0", "1"))
     assert failed.info.status == "FAILED" and "DivergenceError: training loss became nan" in failed.data.tags["failure_reason"]

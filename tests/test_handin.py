@@ -39,18 +39,29 @@ def week(out, n):
 
 def test_every_week_has_its_folder_readme_and_the_plans_file_names(handin):
     _, out = handin
-    expected = {1: ["environment.md", "eda_summary.json", "week1_class_balance.md", "samples_per_class.png", "intensity_histograms.png"],
-                2: ["metrics_smallcnn.json", "cm_smallcnn.png", "reliability_smallcnn.png", "learning_curves_smallcnn.png",
-                    "reliability_class1_smallcnn.png", "reliability_class1_eqfreq_smallcnn.png",
-                    "misclassified_gallery.png", "misclassified_gallery.csv", "week2_baselines.md", "week2_baselines.csv"],
-                3: ["week3_augment_ablation.md", "week3_augment_ablation.png"],
-                4: ["week4_ssl_pretraining.md", "ssl_loss_simclr_s0.png", "ssl_config_simclr_s1.json"],
-                5: ["week5_label_efficiency.md", "auroc_vs_fraction.png", "acc_vs_fraction.png"],
-                6: ["week6_paired_differences.csv", "week6_calibration.md", "reliability_before.png", "reliability_after.png"],
-                7: ["week7_thresholds.md", "roc.png", "pr.png", "high_confidence_errors.csv"],
-                8: ["week8_robustness.md", "robustness.png", "mc_dropout_entropy.png", "ethics_limits_note.md"],
-                9: ["draft.md", "draft.tex", "figures/roc.png", "figures/label_efficiency_acc.png"],
-                10: ["slides.tex", "speaker_notes.md"]}
+    expected = {
+        1: ["environment.md", "eda_summary.json", "week1_class_balance.md", "samples_per_class.png", "intensity_histograms.png"],
+        2: [
+            "metrics_smallcnn.json",
+            "cm_smallcnn.png",
+            "reliability_smallcnn.png",
+            "learning_curves_smallcnn.png",
+            "reliability_class1_smallcnn.png",
+            "reliability_class1_eqfreq_smallcnn.png",
+            "misclassified_gallery.png",
+            "misclassified_gallery.csv",
+            "week2_baselines.md",
+            "week2_baselines.csv",
+        ],
+        3: ["week3_augment_ablation.md", "week3_augment_ablation.png"],
+        4: ["week4_ssl_pretraining.md", "ssl_loss_simclr_s0.png", "ssl_config_simclr_s1.json"],
+        5: ["week5_label_efficiency.md", "auroc_vs_fraction.png", "acc_vs_fraction.png"],
+        6: ["week6_paired_differences.csv", "week6_calibration.md", "reliability_before.png", "reliability_after.png"],
+        7: ["week7_thresholds.md", "roc.png", "pr.png", "high_confidence_errors.csv"],
+        8: ["week8_robustness.md", "robustness.png", "mc_dropout_entropy.png", "ethics_limits_note.md"],
+        9: ["draft.md", "draft.tex", "figures/roc.png", "figures/label_efficiency_acc.png"],
+        10: ["slides.tex", "speaker_notes.md"],
+    }
     for n, names in expected.items():
         folder = week(out, n)
         assert (folder / f"README_week{n}.md").is_file(), n
@@ -102,8 +113,7 @@ def test_a_used_export_name_is_refused(handin, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(SystemExit) as exit_:
-            main(compare.command, ["--dataset", "breastmnist", "--out", str(out / "again"), "--export-results", "smoke",
-                                   "--results-root", str(out / "results")])
+            main(compare.command, ["--dataset", "breastmnist", "--out", str(out / "again"), "--export-results", "smoke", "--results-root", str(out / "results")])
     assert exit_.value.code != 0 and "already exists" in capsys.readouterr().err
     assert not (out / "again").exists()
 
@@ -112,12 +122,17 @@ def test_results_are_committable_and_raw_runs_are_not(tmp_path):
     repo = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # the working tree's rules, committed or not
-    for path in ("results/week2/breastmnist/alice/README_week2.md", "mlruns/0/meta.yaml", "mlflow.db", "runs/x/checkpoints/last.pt",
-                 "reports/breastmnist/draft.md", ".venv/bin/python"):
+    for path in (
+        "results/week2/breastmnist/alice/README_week2.md",
+        "mlruns/0/meta.yaml",
+        "mlflow.db",
+        "runs/x/checkpoints/last.pt",
+        "reports/breastmnist/draft.md",
+        ".venv/bin/python",
+    ):
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text("x")
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True, text=True, check=True).stdout
     assert "results/week2/breastmnist/alice/README_week2.md" in status
     for raw in ("mlruns/", "mlflow.db", "runs/", "reports/", ".venv/"):
         assert raw not in status, raw
@@ -182,6 +197,15 @@ def test_baselines_are_named_by_how_they_start():
     assert baseline_key("resnet18", "head", "imagenet") == "resnet18_head"
     assert baseline_key("resnet18", "all", "imagenet") == "resnet18_full"
     assert baseline_key("resnet18", "all", "none") == "resnet18_scratch"  # never merged with the ImageNet start
-    table = Table("t", "t", [], records=[{"analysed_kind": "baseline", "run_id": "a"}, {"analysed_kind": "baseline", "run_id": "a"},
-                                         {"analysed_kind": "ssl_finetune", "run_id": "b"}, {"analysed_kind": "linear_probe", "run_id": "c"}])
+    table = Table(
+        "t",
+        "t",
+        [],
+        records=[
+            {"analysed_kind": "baseline", "run_id": "a"},
+            {"analysed_kind": "baseline", "run_id": "a"},
+            {"analysed_kind": "ssl_finetune", "run_id": "b"},
+            {"analysed_kind": "linear_probe", "run_id": "c"},
+        ],
+    )
     assert analysed_runs(table) == [("", "a"), ("_ssl_finetune", "b"), ("_linear_probe", "c")]

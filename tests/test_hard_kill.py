@@ -27,8 +27,7 @@ TAGS = {"model": "-", "seed": "-"}
 
 def kill_after_checkpoint(tracking_uri, env, args, cwd, timeout=300):
     """Start a baseline, SIGKILL it once `checkpoints/last.pt` is in the store; return its run."""
-    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.baseline", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.baseline", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
@@ -94,8 +93,7 @@ def test_sigkilled_run_is_cleaned_then_resumed_exactly(synthetic_root, tracking_
     assert straight.info.status == "FINISHED"
     finals = {k: v for k, v in straight.data.metrics.items() if k.startswith(("test_", "val_")) or k == "best_epoch"}
     assert finals == {k: resumed.data.metrics[k] for k in finals}
-    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [
-        m.value for m in client.get_metric_history(straight.info.run_id, "val_loss")]
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [m.value for m in client.get_metric_history(straight.info.run_id, "val_loss")]
 
 
 def dead_pid() -> int:
@@ -191,14 +189,13 @@ def test_two_simultaneous_resumes_of_one_run_train_it_once(synthetic_root, track
     run_id = killed.info.run_id
     clean_stale(capsys)
     command = [sys.executable, "-m", "entrypoints.baseline", "--dataset", "breastmnist", "--resume", run_id]
-    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     loser = next(err for code, err in results if code)
     # the later one is refused in one line: by the claim, or (when it starts after the winner reopened the run) as RUNNING
-    assert (f"run {run_id} is being resumed by another process" in loser or f"run {run_id} is RUNNING" in loser), loser
+    assert f"run {run_id} is being resumed by another process" in loser or f"run {run_id} is RUNNING" in loser, loser
     assert "Traceback" not in loser
     client = mlflow.MlflowClient(tracking_uri)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -264,8 +261,14 @@ def test_a_run_mlflow_run_opened_but_could_not_start_is_stale_by_default(trackin
     tracking.ensure_store()
     env = cli_env(tmp_path, tracking_uri, HOME=str(tmp_path))
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "pyenv" not in p and Path(p, "pyenv").exists() is False)
-    result = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "ssl_pretrain", "-P", "dataset=breastmnist"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "ssl_pretrain", "-P", "dataset=breastmnist"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     (opened,) = all_runs(tracking_uri)
     assert opened.info.status == "RUNNING" and "stage" not in opened.data.tags  # MLflow's, left behind

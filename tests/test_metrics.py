@@ -19,7 +19,7 @@ def scored():
 def reference_gaps(probs, labels, n_bins):
     """Guo et al.'s top-label bins written out one by one: (share of samples, |accuracy − confidence|)."""
     conf = np.maximum(probs, 1 - probs)
-    correct = ((probs >= 0.5).astype(int) == labels)
+    correct = (probs >= 0.5).astype(int) == labels
     gaps = []
     for b in range(n_bins):
         low, high = b / n_bins, (b + 1) / n_bins

@@ -118,8 +118,12 @@ CHROMIUM = Path("/usr/bin/chromium")
 def mlflow_ui(uri: str, port: int):
     """`mlflow ui` on this store, as `make ui` starts it, until the block ends."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port), "--workers", "1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(240):
             try:
@@ -139,14 +143,21 @@ def test_the_ui_opens_on_the_study_with_datasets_models_and_a_metric_column(smok
 
     uri, folder = smoke_store
     with mlflow_ui(uri, free_tcp_port) as url:
-        printed = subprocess.run([sys.executable, "-m", "entrypoints.runs", "address", "--dataset", "breastmnist", "--url", url],
-                                 env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}, cwd=folder,
-                                 capture_output=True, text=True, timeout=120)
+        printed = subprocess.run(
+            [sys.executable, "-m", "entrypoints.runs", "address", "--dataset", "breastmnist", "--url", url],
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)},
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         address = printed.stdout.split()[1]
         assert address.startswith(url) and "workflowType=machine_learning" in address and "Group by" in printed.stdout
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM),
+                args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            )
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(address)
             page.get_by_text("study-breastmnist-smoke").first.wait_for(timeout=60_000)
@@ -171,8 +182,9 @@ def test_grid_parents_carry_curves_over_label_fractions_and_a_description(smoke_
     client = MlflowClient()
     runs = all_runs(uri)
     (probe,) = [r for r in runs if r.data.tags.get("stage") == "linear_probe" and "kind" not in r.data.tags]
-    fractions = sorted({float(r.data.tags["label_fraction"]) for r in runs
-                        if r.data.tags.get("mlflow.parentRunId") == probe.info.run_id and r.data.tags.get("method") == "ssl_probe"})
+    fractions = sorted(
+        {float(r.data.tags["label_fraction"]) for r in runs if r.data.tags.get("mlflow.parentRunId") == probe.info.run_id and r.data.tags.get("method") == "ssl_probe"}
+    )
     history = client.get_metric_history(probe.info.run_id, "label_efficiency/ssl_probe_test_auroc_mean")
     assert [h.step for h in history] == [round(f * 100) for f in fractions]
     assert not [k for k in probe.data.metrics if "/f0" in k]

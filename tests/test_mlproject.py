@@ -8,8 +8,20 @@ import yaml
 from entrypoints.cli import cli
 from tests.conftest import REPO
 
-ENTRY_POINTS = {"eda", "baseline", "augment_ablation", "ssl_pretrain", "linear_probe", "ssl_finetune", "calibrate",
-                "thresholds", "robustness", "compare", "study", "finetune_table"}
+ENTRY_POINTS = {
+    "eda",
+    "baseline",
+    "augment_ablation",
+    "ssl_pretrain",
+    "linear_probe",
+    "ssl_finetune",
+    "calibrate",
+    "thresholds",
+    "robustness",
+    "compare",
+    "study",
+    "finetune_table",
+}
 
 
 def test_every_entry_point_is_declared_and_wired_to_its_command():

@@ -19,11 +19,17 @@ def test_the_interval_is_the_student_t_interval_of_the_mean_difference():
     assert (result.low, result.high) == pytest.approx((low, high))
 
 
-@pytest.mark.parametrize("low, high, higher_is_better, expected", [
-    (0.01, 0.05, True, "helps"), (-0.05, -0.01, True, "hurts"), (-0.01, 0.05, True, "no detectable difference"),
-    (-0.05, -0.01, False, "helps"), (0.01, 0.05, False, "hurts"),  # ECE: lower is better
-    (math.nan, math.nan, True, "too few seeds for an interval"),
-])
+@pytest.mark.parametrize(
+    "low, high, higher_is_better, expected",
+    [
+        (0.01, 0.05, True, "helps"),
+        (-0.05, -0.01, True, "hurts"),
+        (-0.01, 0.05, True, "no detectable difference"),
+        (-0.05, -0.01, False, "helps"),
+        (0.01, 0.05, False, "hurts"),  # ECE: lower is better
+        (math.nan, math.nan, True, "too few seeds for an interval"),
+    ],
+)
 def test_the_verdict_reads_the_interval_only(low, high, higher_is_better, expected):
     assert paired.verdict(low, high, higher_is_better, n=5) == expected
 

@@ -34,8 +34,7 @@ def test_c_is_chosen_on_validation_auroc():
     train_x, train_y = features(40, rng, 1)
     val_x, val_y = features(200, rng, 1)
     cs = [1e-4, 1e-2, 1.0, 100.0]
-    scores = {c: metrics.auroc(metrics.sigmoid(fit_linear_head(train_x, train_y, val_x, val_y, [c], 0).logits(val_x)), val_y)
-              for c in cs}
+    scores = {c: metrics.auroc(metrics.sigmoid(fit_linear_head(train_x, train_y, val_x, val_y, [c], 0).logits(val_x)), val_y) for c in cs}
     best = max(cs, key=lambda c: (scores[c], -c))  # ties: the smaller C (stronger regularisation)
     assert len(set(scores.values())) > 1
     assert fit_linear_head(train_x, train_y, val_x, val_y, cs, 0).C == best

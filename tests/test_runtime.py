@@ -86,8 +86,7 @@ def test_batch_indices_land_on_the_device_with_the_cpu_permutation():
     assert [b.device.type for b in on_device] == ["meta"] * 3 and [len(b) for b in on_device] == [4, 4, 2]
 
 
-@pytest.mark.parametrize(("capability", "dtype"), [((7, 0), torch.float16), ((7, 5), torch.float16),
-                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_autocast_dtype_is_fp16_before_ampere_and_bf16_from_it(capability, dtype):
     assert runtime.amp_dtype(capability) == dtype
 

@@ -76,8 +76,7 @@ def killed_run_with(client, cfg, checkpoint: Path) -> str:
 
 
 def train_state(model):
-    return {"epoch": 1, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "best_state": {},
-            "best_epoch": 1, "best_auroc": 0.5, "history": []}
+    return {"epoch": 1, "model": model.state_dict(), "optimizer": {}, "scheduler": {}, "best_state": {}, "best_epoch": 1, "best_auroc": 0.5, "history": []}
 
 
 def test_resume_from_bad_checkpoints_writes_nothing(synthetic_root, tracking_uri, tmp_path, monkeypatch, capsys):
@@ -120,10 +119,8 @@ def torch_load_calls(path: Path):
     """(line, has weights_only=True) for every `torch.load(...)` call in a Python file."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         func = getattr(node, "func", None)
-        if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load" \
-                and isinstance(func.value, ast.Name) and func.value.id == "torch":
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+        if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name) and func.value.id == "torch":
+            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords)
             yield node.lineno, safe
 
 
@@ -141,10 +138,12 @@ def test_steps_that_download_artifacts_leave_nothing_in_the_temp_folder(syntheti
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = cli_env(synthetic_root, tracking_uri, TMPDIR=str(scratch))
-    steps = [("ssl_pretrain", ["--steps", "2", "--knn-every", "1", "--batch-size", "32"]),
-             ("linear_probe", ["--label-fractions", "1", "--seeds", "0", "--methods", "ssl_probe"]),  # downloads the encoder
-             ("ssl_finetune", ["--label-fractions", "1", "--seeds", "0", "--epochs", "1", "--encoder-lr-scale", "0.1"]),
-             ("compare", ["--out", str(tmp_path / "reports")])]  # downloads the probe grid's table
+    steps = [
+        ("ssl_pretrain", ["--steps", "2", "--knn-every", "1", "--batch-size", "32"]),
+        ("linear_probe", ["--label-fractions", "1", "--seeds", "0", "--methods", "ssl_probe"]),  # downloads the encoder
+        ("ssl_finetune", ["--label-fractions", "1", "--seeds", "0", "--epochs", "1", "--encoder-lr-scale", "0.1"]),
+        ("compare", ["--out", str(tmp_path / "reports")]),
+    ]  # downloads the probe grid's table
     for step, args in steps:
         result = run_step(step, ["--dataset", "breastmnist", *args], env, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -17,8 +17,7 @@ from pipeline.features import knn_monitor, knn_predict
 from pipeline.models import ModelSpec, build_classifier
 from pipeline.pretrain import PretrainSettings, monitor, pretrain, warmup_cosine
 from pipeline.runtime import seed_everything
-from pipeline.ssl import (MoCo, SimCLR, SplitBatchNorm, build_ssl, chunkwise_batch_norm, folded_batch_norm, info_nce, key_order,
-                          nt_xent, split_batch_norm)
+from pipeline.ssl import MoCo, SimCLR, SplitBatchNorm, build_ssl, chunkwise_batch_norm, folded_batch_norm, info_nce, key_order, nt_xent, split_batch_norm
 
 
 def reference_nt_xent(z1, z2, t):
@@ -62,14 +61,13 @@ def test_info_nce_leaves_each_querys_own_keys_out_of_its_negatives():
     queue = F.normalize(torch.randn(6, 8), dim=1)
     own = torch.zeros(3, 6, dtype=torch.bool)
     own[0, [1, 4]] = own[2, 0] = True
-    losses = [reference_info_nce(q[i:i + 1], k[i:i + 1], queue[~own[i]], 0.2) for i in range(3)]
+    losses = [reference_info_nce(q[i : i + 1], k[i : i + 1], queue[~own[i]], 0.2) for i in range(3)]
     assert info_nce(q, k, queue, 0.2, own).item() == pytest.approx(sum(losses) / 3, rel=1e-5)
 
 
 def small_moco(queue_size=10, momentum=0.9):
     seed_everything(0)
-    return MoCo(build_classifier(ModelSpec("smallcnn")), temperature=0.2, momentum=momentum, queue_size=queue_size,
-                hidden_dim=16, out_dim=8)
+    return MoCo(build_classifier(ModelSpec("smallcnn")), temperature=0.2, momentum=momentum, queue_size=queue_size, hidden_dim=16, out_dim=8)
 
 
 def test_queue_is_fifo_and_wraps_around():
@@ -98,7 +96,7 @@ def test_moco_masks_earlier_keys_of_the_same_images():
         key = F.normalize(reference.key_projector(reference.key_backbone.features(x)), dim=1)
 
     def mean_loss(negatives):
-        return sum(reference_info_nce(query[i:i + 1], key[i:i + 1], negatives(i), 0.2) for i in range(4)) / 4
+        return sum(reference_info_nce(query[i : i + 1], key[i : i + 1], negatives(i), 0.2) for i in range(4)) / 4
 
     assert loss == pytest.approx(mean_loss(lambda i: reference.queue[reference.queue_ids != ids[i]]), rel=1e-4)
     assert loss != pytest.approx(mean_loss(lambda i: reference.queue), rel=1e-3)  # images 3 and 7 were queued
@@ -150,7 +148,7 @@ def test_split_batch_norm_normalises_each_group_on_its_own(shape):
     out = split(x)
     groups = [copy.deepcopy(plain) for _ in range(4)]
     for g, bn in enumerate(groups):  # four consecutive chunks of four samples
-        assert torch.allclose(out[4 * g:4 * g + 4], bn(x[4 * g:4 * g + 4]), atol=1e-5)
+        assert torch.allclose(out[4 * g : 4 * g + 4], bn(x[4 * g : 4 * g + 4]), atol=1e-5)
     assert not torch.allclose(out, copy.deepcopy(plain)(x), atol=1e-3)  # whole-batch statistics differ
     assert torch.allclose(split.running_mean, sum(bn.running_mean for bn in groups) / 4, atol=1e-6)
     assert torch.allclose(split.running_var, sum(bn.running_var for bn in groups) / 4, atol=1e-6)
@@ -187,7 +185,7 @@ def test_split_batch_norm_without_momentum_keeps_a_cumulative_average():
     batches = [torch.randn(8, 3) + i for i in range(3)]
     for batch in batches:
         bn(batch)
-    chunk_means = [batch[k * 4:k * 4 + 4].mean(dim=0) for batch in batches for k in range(2)]
+    chunk_means = [batch[k * 4 : k * 4 + 4].mean(dim=0) for batch in batches for k in range(2)]
     assert torch.allclose(bn.running_mean, torch.stack(chunk_means).mean(dim=0), atol=1e-5)
     untracked = split_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False)), 2)[0]
     assert not isinstance(untracked, SplitBatchNorm)  # nothing to average: left as it is
@@ -228,11 +226,11 @@ def test_moco_with_split_bn_matches_groupwise_reference():
         key = torch.empty(8, 8)
         order = key_order(8, 2)
         for g in range(2):  # queries in two chunks of four; keys chunked by their reordered position
-            query[4 * g:4 * g + 4] = reference.projector(reference.backbone.features(x1[4 * g:4 * g + 4]))
-            chunk = order[4 * g:4 * g + 4]
+            query[4 * g : 4 * g + 4] = reference.projector(reference.backbone.features(x1[4 * g : 4 * g + 4]))
+            chunk = order[4 * g : 4 * g + 4]
             key[chunk] = reference.key_projector(reference.key_backbone.features(x2[chunk]))
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    expected = sum(reference_info_nce(query[i:i + 1], key[i:i + 1], reference.queue, 0.2) for i in range(8)) / 8
+    expected = sum(reference_info_nce(query[i : i + 1], key[i : i + 1], reference.queue, 0.2) for i in range(8)) / 8
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     assert torch.allclose(moco.queue[:8], key, atol=1e-5)  # keys enqueued in the batch's own order
 

@@ -107,20 +107,38 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
 
     dropout = tmp_path / "dropout.yaml"
     dropout.write_text("dropout: 0.25\n")
-    main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "1",
-                                "--seeds", "0", "--epochs", "1", "--batch-size", "32", "--encoder-lr-scale", "0.1",
-                                "--config", str(dropout)])
+    main(
+        ssl_finetune.command,
+        [
+            "--dataset",
+            "breastmnist",
+            "--ssl-run-id",
+            ssl.info.run_id,
+            "--label-fractions",
+            "1",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--encoder-lr-scale",
+            "0.1",
+            "--config",
+            str(dropout),
+        ],
+    )
     (ft_parent,) = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)
     (ft_child,) = [r for r in stage_runs(tracking_uri, "ssl_finetune") if "mlflow.parentRunId" in r.data.tags]
     assert ft_parent.info.status == ft_child.info.status == "FINISHED"
     assert ft_child.data.params["cfg.size"] == "28" and ft_child.data.params["cfg.dropout"] == "0.25"
-    local = mlflow.artifacts.download_artifacts(run_id=ft_child.info.run_id, artifact_path="checkpoints/best.pt",
-                                                dst_path=str(tmp_path), tracking_uri=tracking_uri)
+    local = mlflow.artifacts.download_artifacts(run_id=ft_child.info.run_id, artifact_path="checkpoints/best.pt", dst_path=str(tmp_path), tracking_uri=tracking_uri)
     tuned = torch.load(local, weights_only=True)
     assert tuned["spec"]["dropout"] == 0.25  # the encoder came without dropout
-    pretrained = torch.load(mlflow.artifacts.download_artifacts(
-        run_id=ssl.info.run_id, artifact_path="checkpoints/encoder.pt", dst_path=str(tmp_path / "ssl"),
-        tracking_uri=tracking_uri), weights_only=True)["state_dict"]
+    pretrained = torch.load(
+        mlflow.artifacts.download_artifacts(run_id=ssl.info.run_id, artifact_path="checkpoints/encoder.pt", dst_path=str(tmp_path / "ssl"), tracking_uri=tracking_uri),
+        weights_only=True,
+    )["state_dict"]
     fresh = build_classifier(ModelSpec("smallcnn")).state_dict()
     convs = [k for k in pretrained if k.startswith("encoder.") and k.endswith(".weight") and pretrained[k].dim() == 4]
 
@@ -134,8 +152,25 @@ def test_pretrain_probe_finetune_chain(data_env, synthetic_root, tracking_uri, o
     assert "SSL fine-tune" in week6 and "SSL linear probe" in week6 and "supervised only" in week6
 
     # a grid of encoder lr scales: each fraction's scale is chosen on validation, then used for every seed
-    main(ssl_finetune.command, ["--dataset", "breastmnist", "--ssl-run-id", ssl.info.run_id, "--label-fractions", "0.5",
-                                "--seeds", "0,1", "--epochs", "2", "--batch-size", "32", "--encoder-lr-scale", "0.1,1"])
+    main(
+        ssl_finetune.command,
+        [
+            "--dataset",
+            "breastmnist",
+            "--ssl-run-id",
+            ssl.info.run_id,
+            "--label-fractions",
+            "0.5",
+            "--seeds",
+            "0,1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--encoder-lr-scale",
+            "0.1,1",
+        ],
+    )
     grid = stage_runs(tracking_uri, "ssl_finetune", parents_only=True)[0]
     (selection,) = json.loads(read_artifact(tracking_uri, grid.info.run_id, "encoder_lr_scale_selection.json", tmp_path / "sel"))
     scores = {scale: selection[f"val_auroc_scale_{scale:g}"] for scale in (0.1, 1.0)}
@@ -211,8 +246,7 @@ def interrupted_pretraining(monkeypatch, args, step):
 
 def test_interrupted_pretraining_resumes_mid_epoch_to_the_same_result(data_env, tracking_uri, monkeypatch, tmp_path):
     config = tmp_path / "short.yaml"  # 96 images at batch 32: 3 steps an epoch, so step 4 is mid-epoch
-    config.write_text("steps: 8\nknn_every: 2\ncheckpoint_every: 4\ncheckpoint_min_seconds: 0\nbatch_size: 32\n"
-                      "method: moco\nqueue_size: 64\n")
+    config.write_text("steps: 8\nknn_every: 2\ncheckpoint_every: 4\ncheckpoint_min_seconds: 0\nbatch_size: 32\nmethod: moco\nqueue_size: 64\n")
     args = ["--dataset", "breastmnist", "--config", str(config)]
     main(ssl_pretrain.command, args)
     (reference,) = all_runs(tracking_uri)
@@ -243,8 +277,10 @@ def test_a_damaged_training_state_is_refused_before_the_run_reopens(data_env, tr
     saved = torch.load(local, weights_only=True)
     stepless = {**saved, "train_state": {k: v for k, v in saved["train_state"].items() if k != "step"}}  # an epoch-budgeted version's
     no_optimizer = {**saved, "train_state": {**saved["train_state"], "optimizer": {}}}
-    for damaged, fragment in [(stepless, "holds no step-budgeted training state; start a new run instead"),
-                              (no_optimizer, "holds a training state this run cannot continue from")]:
+    for damaged, fragment in [
+        (stepless, "holds no step-budgeted training state; start a new run instead"),
+        (no_optimizer, "holds a training state this run cannot continue from"),
+    ]:
         torch.save(damaged, local)
         client.log_artifact(run.info.run_id, local, "checkpoints")
         with pytest.raises(SystemExit) as exit_info:
@@ -261,11 +297,12 @@ def test_week6_baseline_rows_keep_recipes_apart_and_count_each_seed_once(trackin
 
     def baseline_run(seed: str, auroc: float, **settings: str) -> str:
         started.append(1_700_000_000_000 + 1000 * len(started))  # distinct start times: a definite newest
-        run = client.create_run(experiment, start_time=started[-1], tags={
-            "dataset": "breastmnist", "stage": "baseline", "kind": "classifier", "model": "resnet18", "finetune": "all",
-            "seed": seed})
-        recipe = {"stem": "cifar", "weights": "none", "epochs": "50", "augment": "none", "lr": "0.001", "size": "28",
-                  "seed": seed, "device": "cpu", **settings}
+        run = client.create_run(
+            experiment,
+            start_time=started[-1],
+            tags={"dataset": "breastmnist", "stage": "baseline", "kind": "classifier", "model": "resnet18", "finetune": "all", "seed": seed},
+        )
+        recipe = {"stem": "cifar", "weights": "none", "epochs": "50", "augment": "none", "lr": "0.001", "size": "28", "seed": seed, "device": "cpu", **settings}
         for key, value in recipe.items():
             client.log_param(run.info.run_id, f"cfg.{key}", value)
         for key in ("test_acc", "test_auroc", "test_ece"):

@@ -22,9 +22,24 @@ from pipeline.steps.study import Step, plan, run_step, run_study, starting_point
 from pipeline.synthetic import write_synthetic
 from tests.conftest import all_runs
 
-STEPS = ["eda", "baseline_0_smallcnn_all", "baseline_1_resnet18_head", "baseline_2_resnet18_all", "finetune_table", "augment_ablation",
-         "ssl_pretrain_simclr_s0", "ssl_pretrain_simclr_s1", "linear_probe_simclr", "ssl_finetune_simclr", "calibrate_ssl", "thresholds_ssl",
-         "calibrate", "thresholds", "robustness", "compare"]
+STEPS = [
+    "eda",
+    "baseline_0_smallcnn_all",
+    "baseline_1_resnet18_head",
+    "baseline_2_resnet18_all",
+    "finetune_table",
+    "augment_ablation",
+    "ssl_pretrain_simclr_s0",
+    "ssl_pretrain_simclr_s1",
+    "linear_probe_simclr",
+    "ssl_finetune_simclr",
+    "calibrate_ssl",
+    "thresholds_ssl",
+    "calibrate",
+    "thresholds",
+    "robustness",
+    "compare",
+]
 SKIPPED = {"baseline_1_resnet18_head", "baseline_2_resnet18_all", "finetune_table"}  # offline: no ImageNet weights
 OFFLINE = "ImageNet weights for resnet18 are not available offline"
 
@@ -57,12 +72,15 @@ def test_plans_follow_the_profiles():
         assert len(config.resolve(stage, "breastmnist", {}, profile="paper")["seeds"]) >= 5
 
 
-@pytest.mark.parametrize("profile, head, full", [
-    ("smoke", "baseline_1_resnet18_head", "baseline_2_resnet18_all"),
-    ("quick", "baseline_2_resnet18_head", "baseline_3_resnet18_all"),  # not baseline_1: it starts from random weights
-    ("paper", "baseline_1_resnet18_head", "baseline_2_resnet18_all"),
-    ("full", "baseline_2_resnet18_head", "baseline_3_resnet18_all"),  # not baseline_1: random weights, cifar stem
-])
+@pytest.mark.parametrize(
+    "profile, head, full",
+    [
+        ("smoke", "baseline_1_resnet18_head", "baseline_2_resnet18_all"),
+        ("quick", "baseline_2_resnet18_head", "baseline_3_resnet18_all"),  # not baseline_1: it starts from random weights
+        ("paper", "baseline_1_resnet18_head", "baseline_2_resnet18_all"),
+        ("full", "baseline_2_resnet18_head", "baseline_3_resnet18_all"),  # not baseline_1: random weights, cifar stem
+    ],
+)
 def test_every_profile_tabulates_head_only_against_full_fine_tuning_from_the_same_start(profile, head, full):
     steps = {s.name: s for s in plan(config.load_profile(profile))}
     names = list(steps)
@@ -141,15 +159,31 @@ def test_study_runs_every_step_nested_then_reuses_them(smoke_store, synthetic_ro
     for text in ((reports / "week2_baselines.md").read_text(), (reports / "draft.md").read_text()):
         assert "**not run**: study step `baseline_1_resnet18_head`: ImageNet weights for resnet18 are not available offline" in text
         assert weights_file in text
-    for name in ("week2_baselines", "week3_augment_ablation", "week4_ssl_pretraining", "week5_label_efficiency", "week6_probe_vs_finetune",
-                 "week6_paired_differences", "week6_calibration", "week6_calibration_change", "week7_thresholds", "week8_robustness"):
+    for name in (
+        "week2_baselines",
+        "week3_augment_ablation",
+        "week4_ssl_pretraining",
+        "week5_label_efficiency",
+        "week6_probe_vs_finetune",
+        "week6_paired_differences",
+        "week6_calibration",
+        "week6_calibration_change",
+        "week7_thresholds",
+        "week8_robustness",
+    ):
         assert "missing" not in (reports / f"{name}.md").read_text(), name
     for tex in reports.glob("*.tex"):  # ASCII, so any LaTeX engine and input encoding compiles it
         assert tex.read_text().isascii(), tex.name
     methods = (reports / "draft.md").read_text().split("## Results")[0]
-    for fragment in ("Augmentation ablation:", "Self-supervised pretraining:", "Label efficiency:", "SSL fine-tuning:",
-                     "temperature scaling fitted on the validation predictions", "Decision thresholds for run",
-                     "Robustness of run"):
+    for fragment in (
+        "Augmentation ablation:",
+        "Self-supervised pretraining:",
+        "Label efficiency:",
+        "SSL fine-tuning:",
+        "temperature scaling fitted on the validation predictions",
+        "Decision thresholds for run",
+        "Robustness of run",
+    ):
         assert fragment in methods, fragment
 
     # the study again in a copy of that store (runs added to the copy only), after a student's own
@@ -212,6 +246,7 @@ def test_a_step_is_reused_only_with_the_same_config_inputs_data_and_code(synthet
     client = MlflowClient()
     a, b = (client.create_run("0", tags={"dataset": "breastmnist", "stage": "baseline"}).info.run_id for _ in "ab")
     with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
+
         def status(cfg, inputs, root=str(synthetic_root)):
             inputs = {k: {"a": a, "b": b}[v] for k, v in inputs.items()}
             return run_step(step, cfg, inputs, root, runner, "breastmnist", parent_id).status
@@ -247,6 +282,7 @@ def test_a_probe_step_without_imagenet_weights_reruns_once_they_are_there(synthe
     step = Step("linear_probe_simclr", "linear_probe")
     cfg = {"methods": ["ssl_probe", "imagenet_probe"]}
     with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
+
         def status():
             return run_step(step, cfg, {}, str(synthetic_root), runner, "breastmnist", parent_id).status
 
@@ -278,20 +314,23 @@ def test_a_step_that_reads_an_encoders_size_fingerprints_that_file(tracking_uri,
 
     step = Step("linear_probe_simclr", "linear_probe")
     with tracking.tracked_run("study", "breastmnist", {"model": "-", "seed": "-"}) as parent_id:
-        outcome = run_step(step, {"ssl_run_id": encoder.info.run_id, "methods": ["ssl_probe"]}, {}, str(root), runner,
-                           "breastmnist", parent_id)
+        outcome = run_step(step, {"ssl_run_id": encoder.info.run_id, "methods": ["ssl_probe"]}, {}, str(root), runner, "breastmnist", parent_id)
     assert outcome.status == "ran"
     assert mlflow.get_run(outcome.run_id).data.tags["data_md5"] == fingerprint("breastmnist", 64, str(root))
 
 
-FAKE_BASELINES = [{"model": "smallcnn"}, {"model": "resnet18", "stem": "imagenet", "finetune": "head"},
-                  {"model": "resnet18", "stem": "imagenet", "finetune": "all", "weights": "imagenet"}]
+FAKE_BASELINES = [
+    {"model": "smallcnn"},
+    {"model": "resnet18", "stem": "imagenet", "finetune": "head"},
+    {"model": "resnet18", "stem": "imagenet", "finetune": "all", "weights": "imagenet"},
+]
 # per SSL method, the best_val_auroc and test_auroc of each child: moco's best validation AUROC wins, simclr's test would
 GRID_AUROCS = {"simclr": [(0.70, 0.99), (0.80, 0.95)], "moco": [(0.90, 0.60), (0.85, 0.70)]}
 
 
 def fake_runners(weights: bool, calls: dict):
     """Stand-ins for every stage that log just what the study and the real finetune_table read."""
+
     def stage_run(stage, tags=None):
         return tracking.tracked_run(stage, "breastmnist", {"model": "-", "seed": "-", **(tags or {})})
 
@@ -300,6 +339,7 @@ def fake_runners(weights: bool, calls: dict):
             calls.setdefault(stage, []).append((cfg, ids))
             with stage_run(stage, {"source_run_id": ids["run_id"]} if "run_id" in ids else {}):
                 tracking.log_config({k: v for k, v in cfg.items() if k != "not_run"})
+
         return runner
 
     def baseline(cfg, root, ids):
@@ -324,8 +364,7 @@ def fake_runners(weights: bool, calls: dict):
             tracking.log_metrics({"selected_best_val_auroc": val, "selected_test_auroc": test})
         calls.setdefault("grid_children", {})[method] = children
 
-    runners = {stage: plain(stage) for stage in ("eda", "augment_ablation", "ssl_pretrain", "linear_probe", "calibrate", "thresholds",
-                                                 "robustness", "compare")}
+    runners = {stage: plain(stage) for stage in ("eda", "augment_ablation", "ssl_pretrain", "linear_probe", "calibrate", "thresholds", "robustness", "compare")}
     return {**runners, "baseline": baseline, "ssl_finetune": ssl_finetune, "finetune_table": lambda cfg, root, ids: run_finetune_table(cfg)}
 
 
@@ -338,8 +377,7 @@ def fake_study(synthetic_root, tracking_uri, tmp_path, monkeypatch):
         profile = {**smoke, "study": {"baselines": baselines, "ssl_methods": ["simclr", "moco"], "pretraining_seeds": [0]}}
         monkeypatch.setattr(config, "load_profile", lambda name: profile)
         calls = {}
-        outcomes = run_study("breastmnist", "smoke", fake_runners(weights, calls), str(synthetic_root), str(tmp_path / "reports"),
-                             echo=lambda line: None)
+        outcomes = run_study("breastmnist", "smoke", fake_runners(weights, calls), str(synthetic_root), str(tmp_path / "reports"), echo=lambda line: None)
         return {o.step: o for o in outcomes}, calls
 
     return run

@@ -68,8 +68,7 @@ def running_postgres() -> Iterator[str]:
     home = Path(tempfile.mkdtemp(prefix="medmnist-ssl-pg-"))  # in /tmp: traversable by the postgres account
     prefix = as_postgres_user(home)
     data, port = home / "data", free_port()
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=180)
     ctl = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "120"]
     options = f"-h 127.0.0.1 -p {port} -k {home}"
     try:
@@ -110,11 +109,27 @@ def serve(extra: list[str], backend: str, folder: Path, env: dict[str, str] | No
     port, log = free_port(), folder / "mlflow-server.log"
     artifacts = folder / "artifacts"
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    command = [sys.executable, "-m", "mlflow", "server", *extra, "--backend-store-uri", backend,
-               "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        *extra,
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifacts.as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log.open("w") as handle:
-        proc = subprocess.Popen(command, cwd=folder, env={**base, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})},
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=folder, env={**base, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
@@ -139,8 +154,7 @@ def team_server(postgres, tmp_path):
 
 def test_baseline_lands_on_a_postgres_backed_server(team_server, synthetic_root, tmp_path, monkeypatch):
     url, artifacts = team_server
-    result = run_step("baseline", ["--dataset", "breastmnist", "--epochs", "2", "--batch-size", "32"],
-                      cli_env(synthetic_root, url), tmp_path)
+    result = run_step("baseline", ["--dataset", "breastmnist", "--epochs", "2", "--batch-size", "32"], cli_env(synthetic_root, url), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # This test process is the second client: it finds the run and fetches artifacts over HTTP.

@@ -76,8 +76,7 @@ def sql(uri: str, statement: str, autocommit: bool = False) -> list[tuple]:
 def add_student(url: str, admin_password: str, name: str, password: str) -> str:
     """Run the documented admin script for one student; the id of the experiment it granted."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": admin_password}
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "add_student.py"), name], input=f"{password}\n",
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "add_student.py"), name], input=f"{password}\n", env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"user {name} created" in done.stdout and password not in done.stdout + done.stderr
     return re.search(rf"experiment {name} \(id (\d+)\): MANAGE for {name}", done.stdout).group(1)
@@ -91,11 +90,11 @@ def class_server(tmp_path_factory) -> Iterator[ClassServer]:
         sql(store, "CREATE DATABASE mlflow_auth", autocommit=True)
         auth_store = store.rsplit("/", 1)[0] + "/mlflow_auth"
         config = folder / "basic_auth.ini"
-        config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = {auth_store}\nadmin_username = {ADMIN}\n"
-                          "auth_cache_ttl_seconds = 60\n")  # as docs/operations.md advises: one password hash per login and minute
+        config.write_text(
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = {auth_store}\nadmin_username = {ADMIN}\nauth_cache_ttl_seconds = 60\n"
+        )  # as docs/operations.md advises: one password hash per login and minute
         admin_password, secret_key = secrets.token_urlsafe(18), secrets.token_hex(24)
-        env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key}
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key}
         with serve(["--app-name", "basic-auth"], store, folder, env) as (url, artifacts):
             passwords = {name: f"{name}-{secrets.token_urlsafe(15)}" for name in STUDENTS}
             experiments = {name: add_student(url, admin_password, name, passwords[name]) for name in STUDENTS}
@@ -128,15 +127,13 @@ def get_run(server: ClassServer, run_id: str, as_user: str = ADMIN) -> dict[str,
     return ok(api(server, "GET", "/api/2.0/mlflow/runs/get", as_user, params={"run_id": run_id}))["run"]
 
 
-def student_env(server: ClassServer, name: str, data_root: Path, tmp_path: Path, password: str | None = None,
-                login_in_uri: bool = False) -> dict[str, str]:
+def student_env(server: ClassServer, name: str, data_root: Path, tmp_path: Path, password: str | None = None, login_in_uri: bool = False) -> dict[str, str]:
     """A subprocess environment for a student's commands: the server, their login (in the two
     variables, or written into the URI) and experiment, synthetic data, and no way to fetch
     ImageNet weights (the smoke study skips that step)."""
     password = password or server.passwords[name]
     uri = server.url.replace("://", f"://{name}:{password}@", 1) if login_in_uri else server.url
-    env = cli_env(data_root, uri, MLFLOW_EXPERIMENT_NAME=name, TORCH_HOME=str(tmp_path / "no-weights"),
-                  https_proxy="http://127.0.0.1:9", OMP_NUM_THREADS="1")
+    env = cli_env(data_root, uri, MLFLOW_EXPERIMENT_NAME=name, TORCH_HOME=str(tmp_path / "no-weights"), https_proxy="http://127.0.0.1:9", OMP_NUM_THREADS="1")
     env.pop("MLFLOW_TRACKING_USERNAME", None)
     env.pop("MLFLOW_TRACKING_PASSWORD", None)
     if not login_in_uri:
@@ -159,8 +156,7 @@ def test_no_or_wrong_credentials_are_refused_with_401(class_server):
         ("GET", "/api/2.0/mlflow-artifacts/artifacts", {"params": {"path": alice_experiment}}),
         ("POST", "/api/2.0/mlflow/users/create", {"json": {"username": "mallory", "password": "mallory-password-1"}}),
     ]
-    logins = [None, ("alice", "not-alices-password"), ("alice", server.passwords["bob"]), ("mallory", server.passwords["alice"]),
-              (ADMIN, server.passwords["alice"])]
+    logins = [None, ("alice", "not-alices-password"), ("alice", server.passwords["bob"]), ("mallory", server.passwords["alice"]), (ADMIN, server.passwords["alice"])]
     runs_before = run_count(server)
     for login in logins:
         for method, path, kwargs in requests_tried:
@@ -178,9 +174,15 @@ def test_a_student_can_neither_read_nor_change_nor_delete_anothers_experiment_ru
     server = class_server
     bob_experiment = server.experiments["bob"]
     run_id = new_run(server, "bob", {"stage": "baseline", "dataset": "breastmnist"})
-    ok(api(server, "POST", "/api/2.0/mlflow/runs/log-batch", "bob", json={
-        "run_id": run_id, "params": [{"key": "lr", "value": "0.001"}],
-        "metrics": [{"key": "test_auroc", "value": 0.81, "timestamp": 1, "step": 0}]}))
+    ok(
+        api(
+            server,
+            "POST",
+            "/api/2.0/mlflow/runs/log-batch",
+            "bob",
+            json={"run_id": run_id, "params": [{"key": "lr", "value": "0.001"}], "metrics": [{"key": "test_auroc", "value": 0.81, "timestamp": 1, "step": 0}]},
+        )
+    )
     artifact = f"/api/2.0/mlflow-artifacts/artifacts/{bob_experiment}/{run_id}/artifacts/predictions/test.csv"
     content = b"index,label,logit,prob\n0,1,2.0,0.88\n"
     ok(api(server, "PUT", artifact, "bob", data=content))
@@ -193,20 +195,21 @@ def test_a_student_can_neither_read_nor_change_nor_delete_anothers_experiment_ru
         "read the experiment": ("GET", "/api/2.0/mlflow/experiments/get", {"params": {"experiment_id": bob_experiment}}),
         "read it by name": ("GET", "/api/2.0/mlflow/experiments/get-by-name", {"params": {"experiment_name": "bob"}}),
         "rename it": ("POST", "/api/2.0/mlflow/experiments/update", {"json": {"experiment_id": bob_experiment, "new_name": "alice-now"}}),
-        "tag it": ("POST", "/api/2.0/mlflow/experiments/set-experiment-tag",
-                   {"json": {"experiment_id": bob_experiment, "key": "owner", "value": "alice"}}),
+        "tag it": ("POST", "/api/2.0/mlflow/experiments/set-experiment-tag", {"json": {"experiment_id": bob_experiment, "key": "owner", "value": "alice"}}),
         "delete it": ("POST", "/api/2.0/mlflow/experiments/delete", {"json": {"experiment_id": bob_experiment}}),
         "start a run in it": ("POST", "/api/2.0/mlflow/runs/create", {"json": {"experiment_id": bob_experiment}}),
         "read the run": ("GET", "/api/2.0/mlflow/runs/get", {"params": {"run_id": run_id}}),
         "read a metric's history": ("GET", "/api/2.0/mlflow/metrics/get-history", {"params": {"run_id": run_id, "metric_key": "test_auroc"}}),
         "tag the run": ("POST", "/api/2.0/mlflow/runs/set-tag", {"json": {"run_id": run_id, "key": "stage", "value": "forged"}}),
-        "log to the run": ("POST", "/api/2.0/mlflow/runs/log-batch",
-                           {"json": {"run_id": run_id, "metrics": [{"key": "test_auroc", "value": 0.99, "timestamp": 2, "step": 0}]}}),
+        "log to the run": (
+            "POST",
+            "/api/2.0/mlflow/runs/log-batch",
+            {"json": {"run_id": run_id, "metrics": [{"key": "test_auroc", "value": 0.99, "timestamp": 2, "step": 0}]}},
+        ),
         "end the run": ("POST", "/api/2.0/mlflow/runs/update", {"json": {"run_id": run_id, "status": "KILLED"}}),
         "delete the run": ("POST", "/api/2.0/mlflow/runs/delete", {"json": {"run_id": run_id}}),
         "list the run's artifacts": ("GET", "/api/2.0/mlflow/artifacts/list", {"params": {"run_id": run_id}}),
-        "list them through the proxy": ("GET", "/api/2.0/mlflow-artifacts/artifacts",
-                                        {"params": {"path": f"{bob_experiment}/{run_id}/artifacts"}}),
+        "list them through the proxy": ("GET", "/api/2.0/mlflow-artifacts/artifacts", {"params": {"path": f"{bob_experiment}/{run_id}/artifacts"}}),
         "download an artifact through the proxy": ("GET", artifact, {}),
         "download it through the UI's route": ("GET", "/get-artifact", {"params": {"run_id": run_id, "path": "predictions/test.csv"}}),
         "overwrite it": ("PUT", artifact, {"data": b"forged"}),
@@ -229,24 +232,22 @@ def test_a_student_can_neither_read_nor_change_nor_delete_anothers_experiment_ru
     assert get_run(server, run_id, "bob") == run_before
     assert run_before["info"]["status"] == "RUNNING" and "alice" not in str(run_before)
     assert api(server, "GET", artifact, "bob").content == content and on_disk.read_bytes() == content
-    assert len(ok(api(server, "GET", "/api/2.0/mlflow/metrics/get-history", "bob",
-                      params={"run_id": run_id, "metric_key": "test_auroc"}))["metrics"]) == 1
+    assert len(ok(api(server, "GET", "/api/2.0/mlflow/metrics/get-history", "bob", params={"run_id": run_id, "metric_key": "test_auroc"}))["metrics"]) == 1
 
 
 def test_add_student_can_be_repeated_and_needs_the_admin(class_server):
     server = class_server
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": ADMIN,
-           "MLFLOW_TRACKING_PASSWORD": server.admin_password}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": server.admin_password}
     script = [sys.executable, str(REPO / "scripts" / "add_student.py"), "alice"]
     again = subprocess.run(script, input="another-password-1\n", env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines()[:2] == ["user alice exists; its password is unchanged",
-                                             f"experiment alice (id {server.experiments['alice']}): MANAGE for alice"]
+    assert again.stdout.splitlines()[:2] == ["user alice exists; its password is unchanged", f"experiment alice (id {server.experiments['alice']}): MANAGE for alice"]
     assert ok(api(server, "GET", "/api/2.0/mlflow/users/current", "alice"))["user"]["username"] == "alice"
     as_student = {**env, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": server.passwords["bob"]}
     refused = subprocess.run([*script[:2], "carol"], input="carols-password-1\n", env=as_student, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        f"add_student: error: {server.url} answered 403 to /api/2.0/mlflow/users/create: MLFLOW_TRACKING_USERNAME is not an admin"]
+        f"add_student: error: {server.url} answered 403 to /api/2.0/mlflow/users/create: MLFLOW_TRACKING_USERNAME is not an admin"
+    ]
     assert "carol" not in [u["username"] for u in ok(api(server, "GET", "/api/2.0/mlflow/users/list", ADMIN))["users"]]
 
 
@@ -283,8 +284,11 @@ def test_the_projects_commands_work_as_a_student_and_leave_no_credential(class_s
     steps = [
         ("baseline", ["--dataset", "breastmnist", "--epochs", "2", "--batch-size", "32"], env),
         ("study", ["--dataset", "breastmnist", "--profile", "smoke", "--out", str(reports / "study")], env),
-        ("compare", ["--dataset", "breastmnist", "--out", str(reports / "compare"), "--export-results", "handin",
-                     "--results-root", str(results)], student_env(server, "alice", synthetic_root, tmp_path, login_in_uri=True)),
+        (
+            "compare",
+            ["--dataset", "breastmnist", "--out", str(reports / "compare"), "--export-results", "handin", "--results-root", str(results)],
+            student_env(server, "alice", synthetic_root, tmp_path, login_in_uri=True),
+        ),
         ("runs", ["clean-stale"], env),
     ]
     for step, args, step_env in steps:
@@ -294,8 +298,7 @@ def test_the_projects_commands_work_as_a_student_and_leave_no_credential(class_s
         assert server.passwords["alice"] not in done.stdout + done.stderr, f"{step} printed the password"  # MLflow's run links too
     assert "no stale runs" in done.stdout
 
-    mine = ok(api(server, "POST", "/api/2.0/mlflow/runs/search", "alice",
-                  json={"experiment_ids": [server.experiments["alice"]], "max_results": 1000}))["runs"]
+    mine = ok(api(server, "POST", "/api/2.0/mlflow/runs/search", "alice", json={"experiment_ids": [server.experiments["alice"]], "max_results": 1000}))["runs"]
     stages = {next((t["value"] for t in r["data"].get("tags", []) if t["key"] == "stage"), None) for r in mine}
     assert {"baseline", "study", "compare", "ssl_pretrain", "linear_probe"} <= stages
     assert all(r["info"]["status"] == "FINISHED" for r in mine)
@@ -305,8 +308,7 @@ def test_the_projects_commands_work_as_a_student_and_leave_no_credential(class_s
     assert handed_in and any(p.is_file() for folder in handed_in for p in folder.rglob("*"))
     # Bob sees none of it.
     assert api(server, "GET", "/api/2.0/mlflow/runs/get", "bob", params={"run_id": mine[0]["info"]["run_id"]}).status_code == 403
-    assert ok(api(server, "POST", "/api/2.0/mlflow/runs/search", "bob",
-                  json={"experiment_ids": [server.experiments["alice"]]})).get("runs", []) == []
+    assert ok(api(server, "POST", "/api/2.0/mlflow/runs/search", "bob", json={"experiment_ids": [server.experiments["alice"]]})).get("runs", []) == []
 
     # No credential anywhere: the tracking store, the user store (only hashes), artifacts, reports and hand-in folders.
     needles = secrets_of(server)

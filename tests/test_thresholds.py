@@ -98,8 +98,9 @@ def test_positive_class_zero_rates_refer_to_label_zero_and_p_class_0():
     """With class 0 positive, each rule's threshold is on p(class 0) = 1 − p(class 1), and TPR is the share of
     label-0 test images at or above it (FPR of label 1, precision among those called), counted here directly."""
     val, test = scores(seed=0, positive_rate=0.3), scores(seed=1, positive_rate=0.3)  # label 0 is the majority
-    rows = thresholds.threshold_rows(thresholds.choose_points(thresholds.oriented(val, 0), [0.9], [0.1]),
-                                     thresholds.oriented(val, 0), thresholds.oriented(test, 0), n_resamples=0, seed=0)
+    rows = thresholds.threshold_rows(
+        thresholds.choose_points(thresholds.oriented(val, 0), [0.9], [0.1]), thresholds.oriented(val, 0), thresholds.oriented(test, 0), n_resamples=0, seed=0
+    )
     val_p0, test_p0 = 1 - 1 / (1 + np.exp(-val.logits)), 1 - 1 / (1 + np.exp(-test.logits))
     youden = max(np.unique(val_p0), key=lambda t: np.mean(val_p0[val.labels == 0] >= t) - np.mean(val_p0[val.labels == 1] >= t))
     assert rows[1]["threshold"] == pytest.approx(youden, abs=1e-12)

@@ -132,8 +132,7 @@ def test_a_training_set_one_past_a_full_batch_trains():
     seed_everything(3)
     model = build_classifier(ModelSpec("resnet18", stem="imagenet"))  # 1×1 feature maps at 28 px
     generator = torch.Generator().manual_seed(3)
-    train = Split(torch.randint(0, 256, (9, 1, 28, 28), generator=generator, dtype=torch.uint8),
-                  torch.tensor([0, 1] * 4 + [1]))
+    train = Split(torch.randint(0, 256, (9, 1, 28, 28), generator=generator, dtype=torch.uint8), torch.tensor([0, 1] * 4 + [1]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = train_epoch(model, train, optimizer, identity, batch_size=4, seed=0, amp=False, description="test")  # 4 + 5
     assert np.isfinite(loss)

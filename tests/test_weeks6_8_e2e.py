@@ -80,8 +80,7 @@ def reference_ece(probs, labels, bins=10):
     conf = np.maximum(probs, 1 - probs)
     correct = ((probs >= 0.5) == labels).astype(float)
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    return sum(abs(correct[which == b].mean() - conf[which == b].mean()) * np.sum(which == b)
-               for b in range(bins) if np.any(which == b)) / len(probs)
+    return sum(abs(correct[which == b].mean() - conf[which == b].mean()) * np.sum(which == b) for b in range(bins) if np.any(which == b)) / len(probs)
 
 
 def fake_run(uri: str, **tags: str) -> str:
@@ -100,8 +99,7 @@ def source_predictions(uri, run_id, tmp_path):
 def check_tags(run, stage: str, source_id: str) -> None:
     tags = run.data.tags
     assert run.info.status == "FINISHED"
-    assert (tags["stage"], tags["dataset"], tags["source_run_id"], tags["model"], tags["seed"]) == (
-        stage, "breastmnist", source_id, "smallcnn", "0")
+    assert (tags["stage"], tags["dataset"], tags["source_run_id"], tags["model"], tags["seed"]) == (stage, "breastmnist", source_id, "smallcnn", "0")
 
 
 def test_calibrate_end_to_end(store, tmp_path, capsys):
@@ -119,16 +117,26 @@ def test_calibrate_end_to_end(store, tmp_path, capsys):
             for suffix in ("before", "after", "platt", "isotonic"):
                 assert f"{split}_{metric}_{suffix}" in m
     assert {"temperature", "platt_slope", "platt_intercept"} <= set(m)
-    assert {"calibration/table.csv", "calibration/table.md", "calibration/fitted.json", "predictions/val_calibrated.csv",
-            "predictions/test_calibrated.csv", "calibration/test_probs.csv", "plots/reliability_before.png",
-            "plots/reliability_after.png", "plots/reliability_side_by_side.png", "config.yaml"} <= artifact_paths(uri, run.info.run_id)
+    assert {
+        "calibration/table.csv",
+        "calibration/table.md",
+        "calibration/fitted.json",
+        "predictions/val_calibrated.csv",
+        "predictions/test_calibrated.csv",
+        "calibration/test_probs.csv",
+        "plots/reliability_before.png",
+        "plots/reliability_after.png",
+        "plots/reliability_side_by_side.png",
+        "config.yaml",
+    } <= artifact_paths(uri, run.info.run_id)
 
     # Independent recomputation from the source run's logged predictions.
     preds = source_predictions(uri, source_id, tmp_path)
     val_z, val_y = floats(preds["val"]["logit"]), preds["val"]["label"].astype(int)
     test_z, test_y = floats(preds["test"]["logit"]), preds["test"]["label"].astype(int)
-    fitted = minimize_scalar(lambda s: log_loss(val_y, sigmoid(val_z / np.exp(s)), labels=[0, 1]),
-                             bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-8})
+    fitted = minimize_scalar(
+        lambda s: log_loss(val_y, sigmoid(val_z / np.exp(s)), labels=[0, 1]), bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-8}
+    )
     t = m["temperature"]
     assert t > 0 and t == pytest.approx(np.exp(fitted.x), rel=1e-3)
     assert m["val_nll_after"] <= m["val_nll_before"] + 1e-12
@@ -175,15 +183,15 @@ def test_calibrators_are_fitted_on_validation_never_test(store, synthetic_root, 
     (val_z, val_y), (test_z, test_y) = predictions["val"], predictions["test"]
 
     def temperature_on(z, y):
-        fit = minimize_scalar(lambda s: log_loss(y, sigmoid(z / np.exp(s)), labels=[0, 1]),
-                              bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-8})
+        fit = minimize_scalar(lambda s: log_loss(y, sigmoid(z / np.exp(s)), labels=[0, 1]), bounds=(np.log(0.01), np.log(100)), method="bounded", options={"xatol": 1e-8})
         return np.exp(fit.x)
 
     t_val, t_test = temperature_on(val_z, val_y), temperature_on(test_z, test_y)
     assert abs(np.log(t_val / t_test)) > 1  # the splits disagree, so the check below can tell them apart
     assert m["temperature"] == pytest.approx(t_val, rel=1e-3)
-    fitted = json.loads(open(mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="calibration/fitted.json", dst_path=str(tmp_path), tracking_uri=uri)).read())
+    fitted = json.loads(
+        open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="calibration/fitted.json", dst_path=str(tmp_path), tracking_uri=uri)).read()
+    )
     assert fitted["temperature_at_bound"] is False
     platt = LogisticRegression(C=1e6, max_iter=1000).fit(val_z.reshape(-1, 1), val_y)
     assert (m["platt_slope"], m["platt_intercept"]) == pytest.approx((platt.coef_[0, 0], platt.intercept_[0]), rel=1e-3)
@@ -214,8 +222,7 @@ def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
     """BreastMNIST's finding (the default) is class 0, malignant: every rule, rate and AP then refers to
     p(class 0) = 1 − p(class 1) and label 0, recomputed here from the source run's class-1 logits."""
     uri, source_id = store
-    main(thresholds.command, ["--dataset", "breastmnist", "--target-tprs", "0.9,0.99", "--target-fprs", "0.1",
-                              "--confidence", "0.6", "--bootstrap", "200", *given])
+    main(thresholds.command, ["--dataset", "breastmnist", "--target-tprs", "0.9,0.99", "--target-fprs", "0.1", "--confidence", "0.6", "--bootstrap", "200", *given])
     name = {0: "malignant", 1: "normal, benign"}[positive]
     shown = f"{positive} ({name})"
     assert f"positive class {shown}: Youden t =" in capsys.readouterr().out
@@ -223,8 +230,14 @@ def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
     check_tags(run, "thresholds", source_id)
     assert_contract(uri, run, classifier=False)
     assert run.data.tags["positive_class"] == run.data.params["cfg.positive_class"] == str(positive)
-    assert {"thresholds/table.csv", "thresholds/table.md", "thresholds/high_confidence_errors.csv", "plots/roc.png",
-            "plots/pr.png", "plots/high_confidence_errors.png"} <= artifact_paths(uri, run.info.run_id)
+    assert {
+        "thresholds/table.csv",
+        "thresholds/table.md",
+        "thresholds/high_confidence_errors.csv",
+        "plots/roc.png",
+        "plots/pr.png",
+        "plots/high_confidence_errors.png",
+    } <= artifact_paths(uri, run.info.run_id)
     assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/thresholds/table.md").startswith(f"Positive class: {shown}.")
     preds = source_predictions(uri, source_id, tmp_path)
     class1_p, test_labels = sigmoid(floats(preds["test"]["logit"])), preds["test"]["label"].astype(int)
@@ -245,8 +258,7 @@ def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
     assert float(table["threshold"][1]) == pytest.approx(youden, rel=1e-6)
     check_rules_on_validation(table, val_p, val_y)
     m = run.data.metrics
-    assert m["test_average_precision"] == pytest.approx(
-        average_precision_score(test_labels, class1_p if positive else 1 - class1_p, pos_label=positive), abs=1e-9)
+    assert m["test_average_precision"] == pytest.approx(average_precision_score(test_labels, class1_p if positive else 1 - class1_p, pos_label=positive), abs=1e-9)
     for k, key in enumerate(table["key"]):
         if table["status"][k] != "ok":
             assert np.isnan(m[f"threshold_{key}"]) and table["threshold"][k] == "" and table["note"][k]
@@ -254,15 +266,19 @@ def test_thresholds_end_to_end(given, positive, store, tmp_path, capsys):
         cut = float(table["threshold"][k])
         assert m[f"threshold_{key}"] == pytest.approx(cut)
         tn, fp, fn, tp = confusion_matrix(test_y, test_p >= cut, labels=[0, 1]).ravel()
-        expected = {"tpr": tp / (tp + fn), "specificity": tn / (tn + fp), "fpr": fp / (fp + tn),
-                    "precision": tp / (tp + fp) if tp + fp else np.nan, "npv": tn / (tn + fn) if tn + fn else np.nan,
-                    "f1": 2 * tp / (2 * tp + fp + fn)}
+        expected = {
+            "tpr": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "fpr": fp / (fp + tn),
+            "precision": tp / (tp + fp) if tp + fp else np.nan,
+            "npv": tn / (tn + fn) if tn + fn else np.nan,
+            "f1": 2 * tp / (2 * tp + fp + fn),
+        }
         for rate, value in expected.items():
-            logged = floats(table[rate][k:k + 1])[0]
+            logged = floats(table[rate][k : k + 1])[0]
             assert (np.isnan(value) and np.isnan(logged)) or logged == pytest.approx(value, abs=1e-9), (key, rate)
             assert (np.isnan(value) and np.isnan(m[f"test_{rate}_{key}"])) or m[f"test_{rate}_{key}"] == pytest.approx(value)
-    errors = read_csv(uri, run.info.run_id, "thresholds/high_confidence_errors.csv", tmp_path / "errors") \
-        if m["high_confidence_errors"] else {"index": np.array([])}
+    errors = read_csv(uri, run.info.run_id, "thresholds/high_confidence_errors.csv", tmp_path / "errors") if m["high_confidence_errors"] else {"index": np.array([])}
     expected_errors = np.flatnonzero(((class1_p >= 0.5) != test_labels) & (np.maximum(class1_p, 1 - class1_p) >= 0.6))
     assert sorted(errors["index"].astype(int).tolist()) == expected_errors.tolist()
     if len(expected_errors):
@@ -309,8 +325,15 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
     assert "p = 0.2" in run.data.tags["mc_dropout"]
     assert run.data.params["mc_dropout_p_used"] == "0.2" and run.data.params["cfg.mc_passes"] == "4"
     assert not {"mc_dropout_p", "mc_passes"} & set(run.data.metrics)  # settings are params, not metrics
-    assert {"robustness/table.csv", "robustness/table.md", "robustness/mc_dropout.csv", "robustness/week8_note.md",
-            "plots/robustness.png", "plots/mc_dropout_entropy.png", "plots/corruption_examples.png"} <= artifact_paths(uri, run.info.run_id)
+    assert {
+        "robustness/table.csv",
+        "robustness/table.md",
+        "robustness/mc_dropout.csv",
+        "robustness/week8_note.md",
+        "plots/robustness.png",
+        "plots/mc_dropout_entropy.png",
+        "plots/corruption_examples.png",
+    } <= artifact_paths(uri, run.info.run_id)
     m = run.data.metrics
     preds = source_predictions(uri, source_id, tmp_path)
     test_p, test_y = sigmoid(floats(preds["test"]["logit"])), preds["test"]["label"].astype(int)
@@ -335,8 +358,7 @@ def test_robustness_end_to_end(store, tmp_path, capsys):
     assert f"AUROC {m['clean_test_auroc']:.3f}" in note and source_id in note
     ece = floats(table["ece"])
     k = 1 + int(np.argmax(ece[1:]))  # the note cites the highest corrupted ECE, not the lowest-AUROC row's
-    expected = (f"up to {ece[k]:.3f} under {table['corruption'][k]} at severity {table['severity'][k]}" if ece[k] > ece[0]
-                else f"at most {ece[k]:.3f} corrupted")
+    expected = f"up to {ece[k]:.3f} under {table['corruption'][k]} at severity {table['severity'][k]}" if ece[k] > ece[0] else f"at most {ece[k]:.3f} corrupted"
     assert expected in note
 
 
@@ -403,11 +425,14 @@ def test_latest_without_any_classifier_run(synthetic_root, tracking_uri, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step, params", [
-    ("calibrate", {"methods": "temperature,platt"}),
-    ("thresholds", {"target_tprs": "0.9", "bootstrap": "100", "positive_class": "finding"}),
-    ("robustness", {"severities": "1,2,3", "mc_passes": "5", "device": "cpu"}),
-])
+@pytest.mark.parametrize(
+    "step, params",
+    [
+        ("calibrate", {"methods": "temperature,platt"}),
+        ("thresholds", {"target_tprs": "0.9", "bootstrap": "100", "positive_class": "finding"}),
+        ("robustness", {"severities": "1,2,3", "mc_passes": "5", "device": "cpu"}),
+    ],
+)
 def test_mlflow_run_finishes(step, params, store, synthetic_root, tmp_path):
     uri, source_id = store
     result = mlflow_run(step, {"dataset": "breastmnist", **params}, cli_env(synthetic_root, uri), tmp_path)

@@ -38,8 +38,7 @@ def summary_csv(summary: list[Mapping[str, Any]]) -> str:
 
 def summary_markdown(summary: list[Mapping[str, Any]], title: str) -> str:
     """ablation.md: one row per variant, metrics as mean ± std over seeds."""
-    lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in ABLATION_METRICS) + " |",
-             "|---|---|" + "---|" * len(ABLATION_METRICS)]
+    lines = [f"# {title}", "", "| variant | n | " + " | ".join(m.replace("_", " ") for m in ABLATION_METRICS) + " |", "|---|---|" + "---|" * len(ABLATION_METRICS)]
     for entry in summary:
         lines.append(f"| {entry['variant']} | {entry['n']} | " + " | ".join(tables.mean_std(entry, m) for m in ABLATION_METRICS) + " |")
     return "\n".join(lines) + "\n\nmean ± sample std (ddof=1) over seeds; n = finished child runs.\n"
@@ -52,9 +51,7 @@ def metric_key(variant: str) -> str:
 
 def summary_metrics(summary: list[Mapping[str, Any]]) -> dict[str, float]:
     """Parent metrics `<variant>/<metric>_mean` and `_std` (NaN std for a single seed)."""
-    return {
-        f"{metric_key(e['variant'])}/{m}_{s}": e[f"{m}_{s}"] for e in summary for m in ABLATION_METRICS for s in ("mean", "std")
-    }
+    return {f"{metric_key(e['variant'])}/{m}_{s}": e[f"{m}_{s}"] for e in summary for m in ABLATION_METRICS for s in ("mean", "std")}
 
 
 def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[str, Any]]:
@@ -63,8 +60,11 @@ def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[di
     configure_speed(device, cfg.get("deterministic", False))
     data = load_splits(cfg["dataset"], cfg["size"], data_root, device)
     tags = {
-        "model": cfg["model"], "seed": ",".join(map(str, cfg["seeds"])),
-        "variants": ",".join(cfg["variants"]), "finetune": cfg["finetune"], "config_hash": config_hash(cfg),
+        "model": cfg["model"],
+        "seed": ",".join(map(str, cfg["seeds"])),
+        "variants": ",".join(cfg["variants"]),
+        "finetune": cfg["finetune"],
+        "config_hash": config_hash(cfg),
     }
     rows, failures = [], []
     with tracking.tracked_run("augment_ablation", cfg["dataset"], tags, run_name=f"augment_ablation-{cfg['model']}"):

@@ -45,7 +45,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(
         lambda log_t: nll_at_temperature(logits, labels, float(np.exp(log_t))),
-        bounds=(low, high), method="bounded", options={"xatol": 1e-7},
+        bounds=(low, high),
+        method="bounded",
+        options={"xatol": 1e-7},
     )
     return float(np.exp(result.x))
 
@@ -104,9 +106,7 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int, logits: np.ndar
     }
 
 
-def calibrated_scores(
-    source: SourceRun, calibrators: Sequence[Calibrator]
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+def calibrated_scores(source: SourceRun, calibrators: Sequence[Calibrator]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """p(class 1) per method (`uncalibrated` first) and split, and the calibrated logits of the
     methods that have them."""
     probs = {"uncalibrated": {"val": source.val.probs, "test": source.test.probs}}
@@ -119,21 +119,21 @@ def calibrated_scores(
 
 
 def calibration_rows(
-    probs: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray], n_bins: int,
+    probs: Mapping[str, Mapping[str, np.ndarray]],
+    labels: Mapping[str, np.ndarray],
+    n_bins: int,
     logits: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> list[dict[str, Any]]:
     """One table row per method and split with every metric in METRICS (from logits where given)."""
     logits = logits or {}
     return [
-        {"method": method, "split": split,
-         **evaluate(by_split[split], labels[split], n_bins, logits.get(method, {}).get(split))}
+        {"method": method, "split": split, **evaluate(by_split[split], labels[split], n_bins, logits.get(method, {}).get(split))}
         for method, by_split in probs.items()
         for split in ("val", "test")
     ]
 
 
-CHANGE_METRICS = {"ece": lambda p, y, bins: metrics.ece(p, y, bins), "brier": lambda p, y, bins: metrics.brier(p, y),
-                  "nll": lambda p, y, bins: metrics.nll(p, y)}
+CHANGE_METRICS = {"ece": lambda p, y, bins: metrics.ece(p, y, bins), "brier": lambda p, y, bins: metrics.brier(p, y), "nll": lambda p, y, bins: metrics.nll(p, y)}
 
 
 def calibration_change(before: np.ndarray, after: np.ndarray, labels: np.ndarray, n_bins: int, n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
@@ -147,10 +147,17 @@ def calibration_change(before: np.ndarray, after: np.ndarray, labels: np.ndarray
         change = score(after, labels, n_bins) - score(before, labels, n_bins)
         resampled = np.array([score(after[i], labels[i], n_bins) - score(before[i], labels[i], n_bins) for i in draws])
         low, high = np.percentile(resampled, [2.5, 97.5]) if n_bootstrap else (np.nan, np.nan)
-        rows.append({"metric": name, "before": score(before, labels, n_bins), "after": score(after, labels, n_bins),
-                     "change": change, "ci_low": float(low), "ci_high": float(high),
-                     "verdict": paired.verdict(float(low), float(high), higher_is_better=False).replace("helps", "improves")
-                     .replace("hurts", "worsens")})
+        rows.append(
+            {
+                "metric": name,
+                "before": score(before, labels, n_bins),
+                "after": score(after, labels, n_bins),
+                "change": change,
+                "ci_low": float(low),
+                "ci_high": float(high),
+                "verdict": paired.verdict(float(low), float(high), higher_is_better=False).replace("helps", "improves").replace("hurts", "worsens"),
+            }
+        )
     return rows
 
 
@@ -162,10 +169,7 @@ def metric_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def probability_table(index: np.ndarray, labels: np.ndarray, probs: Mapping[str, Mapping[str, np.ndarray]], split: str) -> str:
     """CSV of one split's p(class 1) under every method, side by side."""
     columns = ["index", "label", *(f"prob_{m}" for m in probs)]
-    rows = [
-        {"index": int(i), "label": int(y), **{f"prob_{m}": float(p[split][k]) for m, p in probs.items()}}
-        for k, (i, y) in enumerate(zip(index, labels))
-    ]
+    rows = [{"index": int(i), "label": int(y), **{f"prob_{m}": float(p[split][k]) for m, p in probs.items()}} for k, (i, y) in enumerate(zip(index, labels))]
     return tables.to_csv(rows, columns)
 
 
@@ -174,8 +178,13 @@ def side_by_side(probs: Mapping[str, Mapping[str, np.ndarray]], labels: np.ndarr
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        2, len(probs), figsize=(4.6 * len(probs), 5.6), sharex=True, squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True,
+        2,
+        len(probs),
+        figsize=(4.6 * len(probs), 5.6),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        constrained_layout=True,
     )
     for column, method in enumerate(probs):
         plots.reliability_diagram(probs[method]["test"], labels, n_bins, titles[method], ax_pair=(axes[0, column], axes[1, column]))
@@ -193,8 +202,7 @@ def run_calibrate(cfg: Mapping[str, Any], run_id: str = "latest") -> dict[str, f
     fitted = {k: v for calibrator in calibrators for k, v in calibrator.params.items()}
     values = {**metric_values(rows), **fitted}
     temperature = fitted["temperature"]
-    titles = {"uncalibrated": "Before (test)", "temperature": f"Temperature T = {temperature:.2f} (test)",
-              "platt": "Platt (test)", "isotonic": "Isotonic (test)"}
+    titles = {"uncalibrated": "Before (test)", "temperature": f"Temperature T = {temperature:.2f} (test)", "platt": "Platt (test)", "isotonic": "Isotonic (test)"}
     name = f"calibrate-{source.tags()['model']}-{source.run_id[:8]}"
     with tracking.tracked_run("calibrate", cfg["dataset"], source.tags(), run_name=name):
         tracking.log_config(cfg)
@@ -202,17 +210,15 @@ def run_calibrate(cfg: Mapping[str, Any], run_id: str = "latest") -> dict[str, f
         columns = ["method", "split", *METRICS]
         tracking.log_text(tables.to_csv(rows, columns), "calibration/table.csv")
         tracking.log_text(tables.to_markdown(rows, columns), "calibration/table.md")
-        change = calibration_change(probs["uncalibrated"]["test"], probs["temperature"]["test"], labels["test"], cfg["ece_bins"],
-                             cfg["bootstrap"], cfg["seed"])
+        change = calibration_change(probs["uncalibrated"]["test"], probs["temperature"]["test"], labels["test"], cfg["ece_bins"], cfg["bootstrap"], cfg["seed"])
         tracking.log_text(tables.to_csv(change, list(change[0])), "calibration/test_change.csv")
-        tracking.log_metrics({f"test_{r['metric']}_change{suffix}": r[key] for r in change
-                              for suffix, key in (("", "change"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))})
-        tracking.log_json({"source_run_id": source.run_id, **fitted, "temperature_at_bound": at_bound(temperature)},
-                          "calibration/fitted.json")
+        tracking.log_metrics(
+            {f"test_{r['metric']}_change{suffix}": r[key] for r in change for suffix, key in (("", "change"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))}
+        )
+        tracking.log_json({"source_run_id": source.run_id, **fitted, "temperature_at_bound": at_bound(temperature)}, "calibration/fitted.json")
         for split in ("val", "test"):
             predictions = getattr(source, split)
-            tracking.log_text(predictions_csv(np.asarray(predictions.logits) / temperature, predictions.labels, predictions.index),
-                              f"predictions/{split}_calibrated.csv")
+            tracking.log_text(predictions_csv(np.asarray(predictions.logits) / temperature, predictions.labels, predictions.index), f"predictions/{split}_calibrated.csv")
             tracking.log_text(probability_table(predictions.index, predictions.labels, probs, split), f"calibration/{split}_probs.csv")
         for method, file in (("uncalibrated", "before"), ("temperature", "after")):
             fig = plots.reliability_diagram(probs[method]["test"], labels["test"], cfg["ece_bins"], titles[method])

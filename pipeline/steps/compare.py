@@ -16,9 +16,15 @@ from pipeline.render import Table, write_table
 from pipeline.report import Scope, add_not_run, build_tables
 
 
-def run_compare(dataset: str, out_root: str = "reports", export_name: str = "", results_root: str = "results",
-                scope: Scope = None, not_run: Mapping[str, tuple[str, str]] | None = None,
-                echo: Callable[[str], None] = print) -> tuple[list[Table], Path]:
+def run_compare(
+    dataset: str,
+    out_root: str = "reports",
+    export_name: str = "",
+    results_root: str = "results",
+    scope: Scope = None,
+    not_run: Mapping[str, tuple[str, str]] | None = None,
+    echo: Callable[[str], None] = print,
+) -> tuple[list[Table], Path]:
     """Build every table (from the runs in `scope` when given), write them, the figures, the draft
     and the slides under `<out_root>/<dataset>/`, and log them to a `compare` run. `not_run`: the
     steps a study skipped, step → (stage, reason)."""
@@ -55,7 +61,8 @@ def register_champion(dataset: str, echo: Callable[[str], None] = print) -> None
     if champion is None:
         echo(f"champion not registered: no {dataset} run logged an MLflow model")
         return
-    tracking.set_tags({"champion": f"{champion.name}@{champion.alias}", "champion_version": champion.version,
-                       "champion_model_id": champion.model_id})
-    echo(f"champion: models:/{champion.name}@{champion.alias} = version {champion.version}, model {champion.model_id} "
-         f"of run {champion.run_id} (validation AUROC {champion.val_auroc:.3f})")
+    tracking.set_tags({"champion": f"{champion.name}@{champion.alias}", "champion_version": champion.version, "champion_model_id": champion.model_id})
+    echo(
+        f"champion: models:/{champion.name}@{champion.alias} = version {champion.version}, model {champion.model_id} "
+        f"of run {champion.run_id} (validation AUROC {champion.val_auroc:.3f})"
+    )

@@ -57,10 +57,15 @@ def balance_rows(splits: Mapping[str, ArraySplit], label_names: Mapping[str, str
         counts = class_counts(arrays.labels)
         total = sum(counts.values())
         for label, count in counts.items():
-            rows.append({
-                "split": split, "label": label, "class": label_names[str(label)],
-                "count": count, "fraction": count / total if total else float("nan"),
-            })
+            rows.append(
+                {
+                    "split": split,
+                    "label": label,
+                    "class": label_names[str(label)],
+                    "count": count,
+                    "fraction": count / total if total else float("nan"),
+                }
+            )
     return rows
 
 
@@ -89,9 +94,7 @@ def within_duplicates(hashes: list[str], labels: np.ndarray, max_examples: int =
     }
 
 
-def across_duplicates(
-    hashes_a: list[str], hashes_b: list[str], labels_a: np.ndarray, labels_b: np.ndarray, max_examples: int = 5
-) -> dict[str, Any]:
+def across_duplicates(hashes_a: list[str], hashes_b: list[str], labels_a: np.ndarray, labels_b: np.ndarray, max_examples: int = 5) -> dict[str, Any]:
     """Exact duplicates between two splits: images of b also in a, (a, b) pairs, label conflicts."""
     groups_a, groups_b = _groups(hashes_a), _groups(hashes_b)
     shared = sorted(set(groups_a) & set(groups_b), key=lambda h: groups_b[h][0])
@@ -112,9 +115,7 @@ def duplicate_report(splits: Mapping[str, ArraySplit], max_examples: int = 5) ->
     for name, arrays in splits.items():
         report["within"][name] = within_duplicates(hashes[name], arrays.labels, max_examples)
     for a, b in combinations(splits, 2):
-        report["across"][f"{a}/{b}"] = across_duplicates(
-            hashes[a], hashes[b], splits[a].labels, splits[b].labels, max_examples
-        )
+        report["across"][f"{a}/{b}"] = across_duplicates(hashes[a], hashes[b], splits[a].labels, splits[b].labels, max_examples)
     return report
 
 
@@ -133,6 +134,7 @@ def example_pairs(splits: Mapping[str, ArraySplit], report: Mapping[str, Any], l
     checks = [[(s, s, p) for p in r["examples"]] for s, r in report["within"].items()]
     checks += [[(*key.split("/"), p) for p in r["examples"]] for key, r in report["across"].items()]
     pairs = [check[k] for k in range(max(map(len, checks), default=0)) for check in checks if k < len(check)]
+
     def caption(split: str, index: int) -> str:
         return f"{split} #{index} (label {splits[split].labels[index]})"
 
@@ -164,6 +166,7 @@ def summary_lines(dataset: str, size: int, stats: Mapping[str, Any], rows: list[
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A GitHub Markdown table of dict rows (floats to 3 decimals)."""
+
     def cell(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -189,18 +192,14 @@ def run_eda(cfg: Mapping[str, Any], data_root: str = "") -> list[str]:
         tracking.log_metrics({f"{r['split']}_class{r['label']}_count": r["count"] for r in rows})
         tracking.log_metrics(duplicate_metrics(report))
         tracking.log_table(rows, "eda/class_balance.json")
-        tracking.log_json({"dataset": dataset, "size": size, "label_names": label_names, "stats": stats,
-                           "class_balance": rows, "duplicates": report}, "eda/summary.json")
+        tracking.log_json({"dataset": dataset, "size": size, "label_names": label_names, "stats": stats, "class_balance": rows, "duplicates": report}, "eda/summary.json")
         tracking.log_text(markdown_table(rows, ["split", "label", "class", "count", "fraction"]), "eda/class_balance.md")
         tracking.log_text("\n".join(lines) + "\n", "eda/summary.txt")
         train = splits["train"]
         picks = sample_indices(train.labels, cfg["samples_per_class"], cfg["seed"])
-        tracking.log_figure(plots.sample_grid(train.images, picks, label_names, f"{dataset} train samples ({size} px)"),
-                            "eda/samples_per_class.png")
-        tracking.log_figure(plots.intensity_histograms(splits, label_names, cfg["hist_bins"], f"{dataset} pixel intensities"),
-                            "eda/intensity_histograms.png")
-        tracking.log_figure(plots.duplicate_pairs(example_pairs(splits, report), f"{dataset}: example exact duplicates"),
-                            "eda/duplicate_examples.png")
+        tracking.log_figure(plots.sample_grid(train.images, picks, label_names, f"{dataset} train samples ({size} px)"), "eda/samples_per_class.png")
+        tracking.log_figure(plots.intensity_histograms(splits, label_names, cfg["hist_bins"], f"{dataset} pixel intensities"), "eda/intensity_histograms.png")
+        tracking.log_figure(plots.duplicate_pairs(example_pairs(splits, report), f"{dataset}: example exact duplicates"), "eda/duplicate_examples.png")
         if source is not None:
             rows = log_run_gallery(source, cfg["gallery_n"], data_root)
             lines.append(f"  error gallery of run {source.id}: {len(rows)} most confident test mistakes logged")

@@ -21,8 +21,22 @@ OVERFIT_GAP = 0.1
 UNDERFIT_LOSS = 0.4
 WEIGHTS = {"imagenet": "ImageNet weights", "none": "random weights"}  # a baseline's `weights`, in the table's words
 COLUMNS = [
-    "finetune", "run_id", "model", "weights", "stem", "epochs", "best_epoch", "train_loss_at_best", "val_loss_at_best",
-    "gap_at_best", "gap_last", "val_auroc", "test_auroc", "test_acc", "test_ece", "fit_hint",
+    "finetune",
+    "run_id",
+    "model",
+    "weights",
+    "stem",
+    "epochs",
+    "best_epoch",
+    "train_loss_at_best",
+    "val_loss_at_best",
+    "gap_at_best",
+    "gap_last",
+    "val_auroc",
+    "test_auroc",
+    "test_acc",
+    "test_ece",
+    "fit_hint",
 ]
 
 
@@ -67,13 +81,17 @@ def _cell(value: Any) -> str:
 
 def start_note(head: Mapping[str, Any], full: Mapping[str, Any]) -> str:
     """Whether the head-only and full fine-tuning rows start from the same model, weights and stem."""
-    starts = {mode: f"{row['model']} with {WEIGHTS.get(row['weights'], row['weights'] + ' weights')} and the {row['stem']} stem"
-              for mode, row in (("head", head), ("all", full))}
+    starts = {
+        mode: f"{row['model']} with {WEIGHTS.get(row['weights'], row['weights'] + ' weights')} and the {row['stem']} stem"
+        for mode, row in (("head", head), ("all", full))
+    }
     if starts["head"] == starts["all"]:
         return f"Same start: both runs begin from {starts['head']}, so the rows differ only in what is trained."
-    return (f"Different starts: head-only from {starts['head']}, full fine-tuning from {starts['all']}; the rows differ in "
-            "initialisation as well as in what is trained. For a like-for-like comparison, train the full fine-tuning "
-            "baseline from the head-only one's weights and stem.")
+    return (
+        f"Different starts: head-only from {starts['head']}, full fine-tuning from {starts['all']}; the rows differ in "
+        "initialisation as well as in what is trained. For a like-for-like comparison, train the full fine-tuning "
+        "baseline from the head-only one's weights and stem."
+    )
 
 
 def table_markdown(rows: list[Mapping[str, Any]], title: str) -> str:
@@ -119,9 +137,11 @@ def run_finetune_table(cfg: Mapping[str, Any]) -> str:
     title = f"{dataset}: head-only vs. full fine-tuning ({', '.join(models)})"
     markdown = table_markdown(rows, title)
     tags = {
-        "model": ",".join(models), "seed": "-",
+        "model": ",".join(models),
+        "seed": "-",
         "source_run_id": ",".join(run.id for run in runs.values()),
-        "head_run_id": runs["head"].id, "all_run_id": runs["all"].id,
+        "head_run_id": runs["head"].id,
+        "all_run_id": runs["all"].id,
     }
     with tracking.tracked_run("finetune_table", dataset, tags, run_name=f"finetune_table-{dataset}"):
         tracking.log_config(cfg)

@@ -27,8 +27,7 @@ from pipeline.checkpoint import load_classifier
 from pipeline.data import DatasetSplits, load_splits
 from pipeline.errors import UserError
 from pipeline.features import extract_features
-from pipeline.grids import (GRID_GUIDE, for_seed, load_encoder_checkpoint, majority_rows, pretraining_seed_note, raise_failures, run_grid,
-                            ssl_run_ids)
+from pipeline.grids import GRID_GUIDE, for_seed, load_encoder_checkpoint, majority_rows, pretraining_seed_note, raise_failures, run_grid, ssl_run_ids
 from pipeline.models import Classifier, ModelSpec, build_classifier
 from pipeline.probe import fit_linear_head, install_head
 from pipeline.results import METHOD_LABELS, PAIRED_COLUMNS, RESULT_KEYS, label_efficiency_figure
@@ -44,10 +43,7 @@ class FrozenEncoder:
 
     def __init__(self, model: Classifier, data: DatasetSplits, cfg: Mapping[str, Any]):
         self.model = model
-        self.features = {
-            s: extract_features(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]).cpu().numpy()
-            for s in ("train", "val", "test")
-        }
+        self.features = {s: extract_features(model, data.split(s), cfg["eval_batch_size"], cfg["amp"]).cpu().numpy() for s in ("train", "val", "test")}
 
 
 def random_encoder(spec: ModelSpec, data: DatasetSplits, cfg: Mapping[str, Any], device: torch.device, seed: int) -> FrozenEncoder:
@@ -85,14 +81,16 @@ def imagenet_encoder(data: DatasetSplits, cfg: Mapping[str, Any], device: torch.
     return FrozenEncoder(prepare_model(model, device, cfg).eval(), data, cfg), ""
 
 
-def probe_child(
-    encoder: FrozenEncoder, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], tags: Mapping[str, Any]
-) -> dict[str, float]:
+def probe_child(encoder: FrozenEncoder, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], tags: Mapping[str, Any]) -> dict[str, float]:
     """Fit one linear probe on cached features and log it as a nested classifier run."""
     labels = {s: data.split(s).labels.cpu().numpy() for s in ("train", "val")}
     head = fit_linear_head(
-        encoder.features["train"][subset], labels["train"][subset], encoder.features["val"], labels["val"],
-        cfg["probe_cs"], tags["seed"],
+        encoder.features["train"][subset],
+        labels["train"][subset],
+        encoder.features["val"],
+        labels["val"],
+        cfg["probe_cs"],
+        tags["seed"],
     )
     logits = {s: head.logits(encoder.features[s]) for s in ("val", "test")}
     install_head(encoder.model, head)
@@ -107,22 +105,39 @@ def probe_child(
 
 
 def supervised_member(
-    data: DatasetSplits, spec: ModelSpec, subset: np.ndarray, cfg: Mapping[str, Any], seed: int, fraction: float,
+    data: DatasetSplits,
+    spec: ModelSpec,
+    subset: np.ndarray,
+    cfg: Mapping[str, Any],
+    seed: int,
+    fraction: float,
     device: torch.device,
 ) -> MemberRun:
     """The supervised-only model of one subset, initialised from its seed: the encoder's architecture
     from scratch for `supervised_steps` optimizer steps (converted to epochs of this subset), or
     `supervised_epochs` when given."""
     epochs = cfg["supervised_epochs"] or epochs_for_steps(cfg["supervised_steps"], len(subset), cfg["batch_size"])
-    overrides = {"model": spec.model, "stem": spec.stem, "epochs": epochs, "eval_every": eval_interval(epochs),
-                 "augment": cfg["supervised_augment"], "seed": seed, "label_fraction": fraction, "size": data.size}
+    overrides = {
+        "model": spec.model,
+        "stem": spec.stem,
+        "epochs": epochs,
+        "eval_every": eval_interval(epochs),
+        "augment": cfg["supervised_augment"],
+        "seed": seed,
+        "label_fraction": fraction,
+        "size": data.size,
+    }
     child_cfg = config.derive(cfg, overrides, stage="baseline")
     seed_everything(seed)
     return MemberRun(prepare_model(build_classifier(spec), device, child_cfg), data.train.subset(subset), child_cfg)
 
 
 def supervised_child(
-    data: DatasetSplits, spec: ModelSpec, member: MemberRun, cfg: Mapping[str, Any], tags: Mapping[str, Any],
+    data: DatasetSplits,
+    spec: ModelSpec,
+    member: MemberRun,
+    cfg: Mapping[str, Any],
+    tags: Mapping[str, Any],
 ) -> dict[str, float]:
     """Log a supervised-only member as a nested classifier run: trained with its group, or now alone."""
     name = f"supervised-{tags['ssl_method']}-f{tags['label_fraction']}-s{tags['seed']}"
@@ -145,21 +160,31 @@ def log_label_efficiency(rows: list[dict[str, Any]], not_run: Mapping[str, str],
     columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in RESULT_KEYS for s in ("mean", "std")] + ["status", "run_ids"]
     tracking.log_text(tables.to_csv(summary, columns), "label_efficiency.csv")
     header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
-    body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"],
-             tables.mean_std(r, "test_acc"), tables.mean_std(r, "test_balanced_acc"), tables.mean_std(r, "test_auroc"),
-             tables.mean_std(r, "test_ece")]
-            for r in summary]
+    body = [
+        [
+            METHOD_LABELS.get(r["method"], r["method"]),
+            f"{r['label_fraction']:.0%}",
+            r["n"],
+            tables.mean_std(r, "test_acc"),
+            tables.mean_std(r, "test_balanced_acc"),
+            tables.mean_std(r, "test_auroc"),
+            tables.mean_std(r, "test_ece"),
+        ]
+        for r in summary
+    ]
     note = "".join(f"\n{METHOD_LABELS.get(m, m)}: not run ({reason}).\n" for m, reason in not_run.items())
-    text = (f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header)
-            + note + "".join(f"\n{line}\n" for line in notes))
+    text = (
+        f"# {title}\n\nmean ± sample std (ddof 1) over seeds; test split.\n\n" + tables.rows_to_markdown(body, header) + note + "".join(f"\n{line}\n" for line in notes)
+    )
     tracking.log_text(text, "label_efficiency.md")
     tracking.describe_run(text + GRID_GUIDE)
     ran = [r for r in summary if r["n"] and r["method"] != "majority_class"]
     tracking.log_figure(label_efficiency_figure(ran, "test_acc", f"{title}: accuracy"), "plots/label_efficiency_acc.png")
     tracking.log_figure(label_efficiency_figure(ran, "test_auroc", f"{title}: AUROC"), "plots/label_efficiency_auroc.png")
     for row in ran:  # one curve per method and metric in the UI's charts: step = percent of the labels
-        tracking.log_metrics({f"label_efficiency/{row['method']}_{k}_mean": row[f"{k}_mean"] for k in ("test_auroc", "test_acc")},
-                             step=round(row["label_fraction"] * 100))
+        tracking.log_metrics(
+            {f"label_efficiency/{row['method']}_{k}_mean": row[f"{k}_mean"] for k in ("test_auroc", "test_acc")}, step=round(row["label_fraction"] * 100)
+        )
     differences = paired.compare_methods(rows, PROBE_COMPARISONS)
     tracking.log_text(tables.to_csv(differences, PAIRED_COLUMNS), "paired_differences.csv")
     return summary
@@ -181,8 +206,14 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     runnable = [m for m in methods if m not in not_run]
     ssl_method = ssl_runs[0].tags.get("method", "")
     sources = [run.id for run in ssl_runs]
-    parent_tags = {"model": spec.model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
-                   "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
+    parent_tags = {
+        "model": spec.model,
+        "seed": ",".join(map(str, cfg["seeds"])),
+        "source_run_id": ",".join(sources),
+        "ssl_method": ssl_method,
+        "pretraining_runs": len(sources),
+        "config_hash": config.config_hash(cfg),
+    }
 
     random_encoders: dict[int, FrozenEncoder] = {}  # one per seed, shared by its fractions
     grouped: dict[tuple[float, int], MemberRun] = {}  # (fraction, seed): a member built, and trained, with its fraction's seeds
@@ -191,8 +222,7 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         method, seed = tags["method"], tags["seed"]
         if method == "ssl_probe":
             run = for_seed(ssl_runs, cfg["seeds"], seed)
-            return probe_child(ssl_features[run.id], data, subset, cfg,
-                               {**tags, "source_run_id": run.id, "pretrain_seed": run.tags.get("seed", "")})
+            return probe_child(ssl_features[run.id], data, subset, cfg, {**tags, "source_run_id": run.id, "pretrain_seed": run.tags.get("seed", "")})
         if method == "random_probe":
             if seed not in random_encoders:
                 random_encoders[seed] = random_encoder(spec, data, cfg, device, seed)
@@ -223,9 +253,11 @@ def run_linear_probe(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         rows += majority_rows(data, cfg)
         log_selected_model(rows, data, cfg["dataset"])
         prevalence = float(data.test.labels.float().mean())
-        notes = [pretraining_seed_note(list(cfg["seeds"]), ssl_runs),
-                 f"Test prevalence of class 1: {prevalence:.3f} (train {float(data.train.labels.float().mean()):.3f}); "
-                 "the majority-class row predicts each subset's most common label."]
+        notes = [
+            pretraining_seed_note(list(cfg["seeds"]), ssl_runs),
+            f"Test prevalence of class 1: {prevalence:.3f} (train {float(data.train.labels.float().mean()):.3f}); "
+            "the majority-class row predicts each subset's most common label.",
+        ]
         title = f"{cfg['dataset']} label efficiency ({ssl_method} encoder)"
         summary = log_label_efficiency(rows, not_run, title, notes)
         raise_failures(failures, len(cfg["label_fractions"]) * len(cfg["seeds"]) * len(runnable), "linear_probe")

@@ -84,9 +84,7 @@ def corruption_seed(seed: int, name: str, severity: int) -> int:
 
 
 @torch.inference_mode()
-def corrupted_logits(
-    model: nn.Module, split: Split, name: str, severity: int, seed: int, batch_size: int, amp: bool
-) -> np.ndarray:
+def corrupted_logits(model: nn.Module, split: Split, name: str, severity: int, seed: int, batch_size: int, amp: bool) -> np.ndarray:
     """Logits (eval mode) of a split under one corruption; severity 0 means clean."""
     model.eval()
     device = split.images.device
@@ -104,13 +102,22 @@ def corrupted_logits(
 def summary(probs: np.ndarray, labels: np.ndarray, n_bins: int, scores: np.ndarray | None = None) -> dict[str, float]:
     """AUROC (ranked by `scores` when given: logits, which do not saturate as probabilities do),
     accuracy at 0.5 and top-label ECE of p(class 1)."""
-    return {"auroc": metrics.auroc(probs if scores is None else scores, labels), "acc": float(np.mean((probs >= 0.5) == labels)),
-            "ece": metrics.ece(probs, labels, n_bins)}
+    return {
+        "auroc": metrics.auroc(probs if scores is None else scores, labels),
+        "acc": float(np.mean((probs >= 0.5) == labels)),
+        "ece": metrics.ece(probs, labels, n_bins),
+    }
 
 
 def robustness_rows(
-    model: nn.Module, test: Split, corruptions: Sequence[str], severities: Sequence[int], seed: int,
-    batch_size: int, amp: bool, n_bins: int,
+    model: nn.Module,
+    test: Split,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    seed: int,
+    batch_size: int,
+    amp: bool,
+    n_bins: int,
 ) -> list[dict[str, Any]]:
     """A clean row (severity 0) and one row per corruption × severity with AUROC, accuracy and ECE."""
     labels = test.labels.cpu().numpy()
@@ -121,14 +128,11 @@ def robustness_rows(
         for severity in sorted(severities):
             logits = corrupted_logits(model, test, name, severity, seed, batch_size, amp)
             values = summary(metrics.sigmoid(logits), labels, n_bins, scores=logits)
-            rows.append({"corruption": name, "severity": severity, "level": LEVELS[name][severity - 1], **values,
-                         "auroc_drop": clean["auroc"] - values["auroc"]})
+            rows.append({"corruption": name, "severity": severity, "level": LEVELS[name][severity - 1], **values, "auroc_drop": clean["auroc"] - values["auroc"]})
     return rows
 
 
-def corruption_examples(
-    image: torch.Tensor, corruptions: Sequence[str], severities: Sequence[int], seed: int
-) -> dict[tuple[str, int], np.ndarray]:
+def corruption_examples(image: torch.Tensor, corruptions: Sequence[str], severities: Sequence[int], seed: int) -> dict[tuple[str, int], np.ndarray]:
     """One [0, 1] image (1×C×H×W) under every corruption and severity, first channel as H×W arrays."""
     out = {}
     for name in corruptions:
@@ -212,40 +216,44 @@ def ethics_note(cfg: Mapping[str, Any], source: SourceRun, rows: Sequence[Mappin
     worst = min(rows[1:], key=lambda r: r["auroc"]) if len(rows) > 1 else clean
     worst_ece = max(rows[1:], key=lambda r: r["ece"]) if len(rows) > 1 else clean
     if worst_ece["ece"] > clean["ece"]:
-        ece_shift = (f"Calibration degrades under shift (ECE {clean['ece']:.3f} clean, up to {worst_ece['ece']:.3f} under "
-                     f"{worst_ece['corruption']} at severity {worst_ece['severity']}):\n  probabilities cannot be read at "
-                     "face value on shifted data.")
+        ece_shift = (
+            f"Calibration degrades under shift (ECE {clean['ece']:.3f} clean, up to {worst_ece['ece']:.3f} under "
+            f"{worst_ece['corruption']} at severity {worst_ece['severity']}):\n  probabilities cannot be read at "
+            "face value on shifted data."
+        )
     else:
-        ece_shift = (f"Calibration did not degrade under these corruptions (ECE {clean['ece']:.3f} clean, at most "
-                     f"{worst_ece['ece']:.3f} corrupted); TODO: would a real shift behave the same?")
+        ece_shift = (
+            f"Calibration did not degrade under these corruptions (ECE {clean['ece']:.3f} clean, at most "
+            f"{worst_ece['ece']:.3f} corrupted); TODO: would a real shift behave the same?"
+        )
     source_metrics = source.run.metrics
-    ci = (f"{source_metrics['test_auroc_ci_low']:.3f}–{source_metrics['test_auroc_ci_high']:.3f}"
-          if "test_auroc_ci_low" in source_metrics else "not logged")
+    ci = f"{source_metrics['test_auroc_ci_low']:.3f}–{source_metrics['test_auroc_ci_high']:.3f}" if "test_auroc_ci_low" in source_metrics else "not logged"
     per_corruption = "\n".join(
         f"| {r['corruption']} | {r['severity']} | {r['level']:g} | {r['auroc']:.3f} | {r['acc']:.3f} | {r['ece']:.3f} |"
-        for r in rows[1:] if r["severity"] == max(cfg["severities"])
+        for r in rows[1:]
+        if r["severity"] == max(cfg["severities"])
     )
-    return f"""# Week 8 note: risks, assumptions and mitigations ({cfg['dataset']})
+    return f"""# Week 8 note: risks, assumptions and mitigations ({cfg["dataset"]})
 
-Source classifier run `{source.run_id}` (stage `{source.run.tags.get('stage')}`, model
-`{source.tags()['model']}`, seed {source.tags()['seed']}); numbers are on the test split
+Source classifier run `{source.run_id}` (stage `{source.run.tags.get("stage")}`, model
+`{source.tags()["model"]}`, seed {source.tags()["seed"]}); numbers are on the test split
 (n = {len(source.test.labels)}). Fill in the parts marked TODO.
 
 ## Measured
 
-- Clean test: AUROC {clean['auroc']:.3f}, accuracy {clean['acc']:.3f}, ECE {clean['ece']:.3f}.
-- Worst corruption: {worst['corruption']} at severity {worst['severity']}: AUROC {worst['auroc']:.3f}
-  (drop {clean['auroc'] - worst['auroc']:.3f}), accuracy {worst['acc']:.3f}, ECE {worst['ece']:.3f}.
-- At the highest severity tested ({max(cfg['severities'])}):
+- Clean test: AUROC {clean["auroc"]:.3f}, accuracy {clean["acc"]:.3f}, ECE {clean["ece"]:.3f}.
+- Worst corruption: {worst["corruption"]} at severity {worst["severity"]}: AUROC {worst["auroc"]:.3f}
+  (drop {clean["auroc"] - worst["auroc"]:.3f}), accuracy {worst["acc"]:.3f}, ECE {worst["ece"]:.3f}.
+- At the highest severity tested ({max(cfg["severities"])}):
 
 | corruption | severity | level | AUROC | accuracy | ECE |
 |---|---|---|---|---|---|
 {per_corruption}
 
-- MC dropout ({cfg['mc_passes']} passes, p = {mc['mc_dropout_p']:g}): AUROC {mc['mc_test_auroc']:.3f}, ECE {mc['mc_test_ece']:.3f};
-  on the same MC-mean predictions ({int(mc['mc_errors'])} errors), predictive entropy separates errors from
-  correct predictions with AUROC {mc['mc_error_auroc_entropy']:.3f}, 1 − confidence with {mc['mc_error_auroc_confidence']:.3f}
-  (the deterministic model's 1 − confidence on its own errors: {mc['error_auroc_confidence']:.3f}).
+- MC dropout ({cfg["mc_passes"]} passes, p = {mc["mc_dropout_p"]:g}): AUROC {mc["mc_test_auroc"]:.3f}, ECE {mc["mc_test_ece"]:.3f};
+  on the same MC-mean predictions ({int(mc["mc_errors"])} errors), predictive entropy separates errors from
+  correct predictions with AUROC {mc["mc_error_auroc_entropy"]:.3f}, 1 − confidence with {mc["mc_error_auroc_confidence"]:.3f}
+  (the deterministic model's 1 − confidence on its own errors: {mc["error_auroc_confidence"]:.3f}).
 
 ## Assumptions
 
@@ -266,7 +274,7 @@ Source classifier run `{source.run_id}` (stage `{source.run.tags.get('stage')}`,
 
 - TODO: augmentation matching the harmful corruptions (see `augment_ablation`), re-check after retraining.
 - Recalibrate on data from the target site (`calibrate`), and monitor input statistics.
-- Defer uncertain cases to a reader: entropy flags errors with AUROC {mc['mc_error_auroc_entropy']:.3f}.
+- Defer uncertain cases to a reader: entropy flags errors with AUROC {mc["mc_error_auroc_entropy"]:.3f}.
 """
 
 
@@ -287,8 +295,11 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
     labels = test.labels.cpu().numpy()
     mc, per_sample = mc_summary(mc_logits, clean_logits, labels, bins)
     mc.update(mc_dropout_p=p, mc_passes=cfg["mc_passes"])
-    dropout_note = (f"the model was trained without dropout: MC dropout enabled at the head input with p = {p:g}"
-                    if enabled_here else f"MC dropout uses the model's own dropout p = {p:g}")
+    dropout_note = (
+        f"the model was trained without dropout: MC dropout enabled at the head input with p = {p:g}"
+        if enabled_here
+        else f"MC dropout uses the model's own dropout p = {p:g}"
+    )
     values = {f"clean_test_{k}": rows[0][k] for k in ("auroc", "acc", "ece")}
     values["clean_logit_max_abs_diff"] = float(np.max(np.abs(clean_logits - source.test.logits)))
     corrupted = rows[1:]
@@ -305,10 +316,8 @@ def run_robustness(cfg: Mapping[str, Any], run_id: str = "latest", data_root: st
         columns = ["corruption", "severity", "level", "auroc", "acc", "ece", "auroc_drop"]
         tracking.log_text(tables.to_csv(rows, columns), "robustness/table.csv")
         tracking.log_text(tables.to_markdown(rows, columns), "robustness/table.md")
-        sample_rows = [{"index": int(i), "label": int(y), **{k: v[n].item() for k, v in per_sample.items()}}
-                       for n, (i, y) in enumerate(zip(source.test.index, labels))]
-        tracking.log_text(tables.to_csv(sample_rows, ["index", "label", "prob_deterministic", "prob", "entropy", "mutual_info", "error"]),
-                          "robustness/mc_dropout.csv")
+        sample_rows = [{"index": int(i), "label": int(y), **{k: v[n].item() for k, v in per_sample.items()}} for n, (i, y) in enumerate(zip(source.test.index, labels))]
+        tracking.log_text(tables.to_csv(sample_rows, ["index", "label", "prob_deterministic", "prob", "entropy", "mutual_info", "error"]), "robustness/mc_dropout.csv")
         tracking.log_text(f"{dropout_note}\n", "robustness/mc_dropout.txt")
         tracking.log_text(ethics_note(cfg, source, rows, mc), "robustness/week8_note.md")
         tracking.log_figure(plots.robustness_curves(rows), "plots/robustness.png")

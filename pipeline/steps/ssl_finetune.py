@@ -49,8 +49,9 @@ def baseline_label(run: RunRecord) -> str:
     model = tags.get("model", "?")
     stem = f"/{settings.get('stem', '?')}" if model == "resnet18" else ""
     weights = ", ImageNet weights" if settings.get("weights") == "imagenet" else ""
-    return (f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {settings.get('epochs', '?')} epochs, "
-            f"augment {settings.get('augment', '?')}; recipe {recipe})")
+    return (
+        f"baseline {model}{stem}{weights} ({tags.get('finetune', 'all')}, {settings.get('epochs', '?')} epochs, augment {settings.get('augment', '?')}; recipe {recipe})"
+    )
 
 
 def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -69,8 +70,7 @@ def comparison_rows(dataset: str, ssl_run_id: str) -> tuple[list[dict[str, Any]]
     return rows, notes
 
 
-def log_comparison_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str, Any]], ssl_run_id: str,
-                    dataset: str) -> list[dict[str, Any]]:
+def log_comparison_table(finetune_rows: list[dict[str, Any]], controls: list[dict[str, Any]], ssl_run_id: str, dataset: str) -> list[dict[str, Any]]:
     """The week-6 comparison (accuracy, balanced accuracy, AUROC, ECE, mean ± std) as CSV and
     Markdown, with the `controls` rows (majority class), plus a figure and the paired differences."""
     others, notes = comparison_rows(dataset, ssl_run_id)
@@ -79,11 +79,14 @@ def log_comparison_table(finetune_rows: list[dict[str, Any]], controls: list[dic
     columns = ["method", "label_fraction", "n"] + [f"{k}_{s}" for k in SHOWN_KEYS for s in ("mean", "std")]
     tracking.log_text(tables.to_csv(summary, columns), "week6_comparison.csv")
     header = ["method", "labels", "n", "test acc", "test balanced acc", "test AUROC", "test ECE"]
-    body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"],
-             *(tables.mean_std(r, k) for k in SHOWN_KEYS)] for r in summary]
-    text = (f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
-            "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
-            + tables.rows_to_markdown(body, header) + "".join(f"\n- {n}" for n in notes) + "\n")
+    body = [[METHOD_LABELS.get(r["method"], r["method"]), f"{r['label_fraction']:.0%}", r["n"], *(tables.mean_std(r, k) for k in SHOWN_KEYS)] for r in summary]
+    text = (
+        f"# {dataset}: SSL probe vs. SSL fine-tune vs. supervised (SSL run {ssl_run_id})\n\n"
+        "mean ± sample std (ddof 1) over seeds; test split; ECE = top-label, 10 equal-width bins.\n\n"
+        + tables.rows_to_markdown(body, header)
+        + "".join(f"\n- {n}" for n in notes)
+        + "\n"
+    )
     tracking.log_text(text, "week6_comparison.md")
     tracking.describe_run(text + GRID_GUIDE)
     differences = paired.compare_methods(finetune_rows + others, FINETUNE_COMPARISONS)
@@ -106,12 +109,24 @@ def finetune_model(encoder_path: Path, cfg: Mapping[str, Any], seed: int, device
 def child_config(cfg: Mapping[str, Any], model: Classifier, seed: int, fraction: float, scale: float, n: int, size: int) -> dict[str, Any]:
     """A fine-tuning run's config: one seed, fraction and encoder lr scale, its step budget in epochs."""
     epochs = cfg["epochs"] or epochs_for_steps(cfg["steps"], n, cfg["batch_size"])
-    return config.derive(cfg, {"seed": seed, "label_fraction": fraction, "encoder_lr_scale": scale, "epochs": epochs,
-                               "eval_every": eval_interval(epochs), "model": model.spec.model, "stem": model.spec.stem, "size": size})
+    return config.derive(
+        cfg,
+        {
+            "seed": seed,
+            "label_fraction": fraction,
+            "encoder_lr_scale": scale,
+            "epochs": epochs,
+            "eval_every": eval_interval(epochs),
+            "model": model.spec.model,
+            "stem": model.spec.stem,
+            "size": size,
+        },
+    )
 
 
-def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], fraction: float,
-                 seed: int, device: torch.device) -> tuple[float, dict[float, float]]:
+def choose_scale(
+    encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], fraction: float, seed: int, device: torch.device
+) -> tuple[float, dict[float, float]]:
     """The encoder lr scale with the best validation AUROC on this subset (ties: the first listed),
     and every scale's score; a one-value grid is taken as it is."""
     grid = list(cfg["encoder_lr_scale"])
@@ -126,8 +141,9 @@ def choose_scale(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cf
     return max(grid, key=lambda scale: scores[scale]), scores
 
 
-def finetune_member(encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], seed: int,
-                    fraction: float, scale: float, device: torch.device) -> MemberRun:
+def finetune_member(
+    encoder_path: Path, data: DatasetSplits, subset: np.ndarray, cfg: Mapping[str, Any], seed: int, fraction: float, scale: float, device: torch.device
+) -> MemberRun:
     """One seed's fine-tuning run at the chosen scale: its model, labelled subset and config."""
     model = finetune_model(encoder_path, cfg, seed, device)
     child_cfg = child_config(cfg, model, seed, fraction, scale, len(subset), data.size)
@@ -149,21 +165,21 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
     def ahead(fraction: float, subsets: dict[int, np.ndarray]) -> None:
         seed = cfg["seeds"][0]
         try:
-            chosen[fraction], scores = choose_scale(for_seed(encoders, cfg["seeds"], seed)[0], data, subsets[seed], cfg,
-                                                    fraction, seed, device)
+            chosen[fraction], scores = choose_scale(for_seed(encoders, cfg["seeds"], seed)[0], data, subsets[seed], cfg, fraction, seed, device)
         except UserError:
             raise
         except Exception as exc:  # every child of the fraction fails with it, in its own run
             chosen[fraction] = exc
             return
-        selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction],
-                          **{f"val_auroc_scale_{k:g}": v for k, v in scores.items()}})
+        selection.append({"label_fraction": fraction, "seed": seed, "chosen": chosen[fraction], **{f"val_auroc_scale_{k:g}": v for k, v in scores.items()}})
         if cfg["group_members"]:
             group_fraction(fraction, subsets)
 
     def group_fraction(fraction: float, subsets: dict[int, np.ndarray]) -> None:
-        built = {seed: finetune_member(for_seed(encoders, cfg["seeds"], seed)[0], data, subset, cfg, seed, fraction,
-                                       chosen[fraction], device) for seed, subset in subsets.items()}
+        built = {
+            seed: finetune_member(for_seed(encoders, cfg["seeds"], seed)[0], data, subset, cfg, seed, fraction, chosen[fraction], device)
+            for seed, subset in subsets.items()
+        }
         why_not = train_together(list(built.values()), data.val)
         if why_not:
             tqdm.write(f"ssl_finetune: the seeds at {fraction:g} train one by one ({why_not})")
@@ -176,8 +192,12 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
         if member is None and not isinstance(chosen[fraction], Exception):
             member = finetune_member(path, data, subset, cfg, seed, fraction, chosen[fraction], device)
         name = f"ssl_finetune-{tags['ssl_method']}-f{fraction}-s{seed}"
-        child_tags = {**tags, "source_run_id": ssl_run.id, "pretrain_seed": ssl_run.tags.get("seed", ""),
-                      "grouped": str(member is not None and member.result is not None).lower()}
+        child_tags = {
+            **tags,
+            "source_run_id": ssl_run.id,
+            "pretrain_seed": ssl_run.tags.get("seed", ""),
+            "grouped": str(member is not None and member.result is not None).lower(),
+        }
         with tracking.tracked_run("ssl_finetune", cfg["dataset"], child_tags, run_name=name, nested=True) as run_id:
             if member is None:
                 raise chosen[fraction]
@@ -186,8 +206,14 @@ def run_ssl_finetune(cfg: Mapping[str, Any], data_root: str = "") -> list[dict[s
 
     spec_model = checkpoint["spec"]["model"]
     ssl_method = encoders[0][1].tags.get("method", "")
-    parent_tags = {"model": spec_model, "seed": ",".join(map(str, cfg["seeds"])), "source_run_id": ",".join(sources),
-                   "ssl_method": ssl_method, "pretraining_runs": len(sources), "config_hash": config.config_hash(cfg)}
+    parent_tags = {
+        "model": spec_model,
+        "seed": ",".join(map(str, cfg["seeds"])),
+        "source_run_id": ",".join(sources),
+        "ssl_method": ssl_method,
+        "pretraining_runs": len(sources),
+        "config_hash": config.config_hash(cfg),
+    }
     with tracking.tracked_run("ssl_finetune", cfg["dataset"], parent_tags, run_name=f"ssl-finetune-{ssl_method}-{spec_model}"):
         tracking.log_config(cfg)
         rows, failures = run_grid(cfg, data, child, ["ssl_finetune"], {"model": spec_model, "ssl_method": ssl_method}, ahead)

@@ -38,8 +38,7 @@ def ssl_loss_figure(history: list[dict[str, float]], title: str) -> plt.Figure:
     loss_ax.set_ylabel("ssl_loss (mean since the previous point)")
     loss_ax.set_title(f"final loss {history[-1]['ssl_loss']:.3f}")
     loss_ax.legend()
-    knn_ax.plot([r["step"] for r in history], [r["knn_val_auroc"] for r in history], "o-", ms=3, color="tab:green",
-                label="kNN val AUROC")
+    knn_ax.plot([r["step"] for r in history], [r["knn_val_auroc"] for r in history], "o-", ms=3, color="tab:green", label="kNN val AUROC")
     knn_ax.axhline(history[0]["knn_val_auroc"], color="tab:red", linestyle="--", label="random init (step 0)")
     knn_ax.axhline(0.5, color="grey", linestyle=":", label="chance")
     knn_ax.set_xlabel("optimizer step")
@@ -54,12 +53,15 @@ def ssl_settings(cfg: Mapping[str, Any], n: int) -> dict[str, Any]:
     """The settings a reader of the paper needs, as logged in `ssl_config.json` (`n`: training images);
     the budget both in optimizer steps and in epochs."""
     steps = PretrainSettings.of(cfg).total_steps(n)
-    keys = ["method", "model", "stem", "batch_size", "lr", "weight_decay", "warmup_steps",
-            "temperature", "proj_hidden_dim", "proj_dim", "seed", "size"]
+    keys = ["method", "model", "stem", "batch_size", "lr", "weight_decay", "warmup_steps", "temperature", "proj_hidden_dim", "proj_dim", "seed", "size"]
     settings = {**{k: cfg[k] for k in keys}, "steps": steps, "epochs": steps / steps_per_epoch(n, cfg["batch_size"])}
     if cfg["method"] == "moco":
-        settings.update(queue_size=cfg["queue_size"], moco_momentum=cfg["moco_momentum"], bn_splits=cfg["bn_splits"],
-                        key_init_share_at_half=key_init_share(cfg["moco_momentum"], steps // 2))
+        settings.update(
+            queue_size=cfg["queue_size"],
+            moco_momentum=cfg["moco_momentum"],
+            bn_splits=cfg["bn_splits"],
+            key_init_share_at_half=key_init_share(cfg["moco_momentum"], steps // 2),
+        )
     settings["augmentations"] = SSL_VIEW_DESCRIPTION
     return settings
 
@@ -67,7 +69,7 @@ def ssl_settings(cfg: Mapping[str, Any], n: int) -> dict[str, Any]:
 def key_init_share(momentum: float, steps: int) -> float:
     """The weight the key encoder of MoCo still gives its random initialisation after `steps`
     momentum updates (momentum^steps)."""
-    return momentum ** steps
+    return momentum**steps
 
 
 def _resume_state(cfg: Mapping[str, Any], resume_run_id: str) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -84,8 +86,10 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
     """MoCo's batch-norm chunks must divide the batch into chunks of at least two images."""
     splits, batch = cfg["bn_splits"], cfg["batch_size"]
     if cfg["method"] == "moco" and splits > 1 and (batch % splits or batch // splits < 2):
-        raise UserError(f"bn_splits={splits} must divide batch_size={batch} into chunks of at least 2 images "
-                        "(MoCo's shuffling BN); choose another batch size, or bn_splits=1 for plain BN")
+        raise UserError(
+            f"bn_splits={splits} must divide batch_size={batch} into chunks of at least 2 images "
+            "(MoCo's shuffling BN); choose another batch size, or bn_splits=1 for plain BN"
+        )
 
 
 def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id: str = "", other_data: bool = False) -> dict[str, float]:
@@ -112,14 +116,18 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
         check_resume_state(module, PretrainSettings.of(cfg), len(data.train), state, f"checkpoints/last.pt of run {resume_run_id}")
     tags = {"model": cfg["model"], "seed": cfg["seed"], "method": cfg["method"], "config_hash": config_hash(cfg), "data_md5": data_md5}
     name = f"ssl-{cfg['method']}-{cfg['model']}-s{cfg['seed']}"
-    with tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None), \
-            tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp:
+    with (
+        tracking.tracked_run("ssl_pretrain", cfg["dataset"], tags, run_name=name, resume_run_id=resume_run_id or None),
+        tempfile.TemporaryDirectory(prefix="medmnist-ssl-") as tmp,
+    ):
         settings = PretrainSettings.of(cfg)
         n, steps = len(data.train), settings.total_steps(len(data.train))
         if cfg["method"] == "moco" and key_init_share(cfg["moco_momentum"], steps // 2) > 0.01:
-            tqdm.write(f"warning: moco_momentum={cfg['moco_momentum']} keeps {key_init_share(cfg['moco_momentum'], steps // 2):.0%} "
-                       f"of the key encoder's random init at mid-run ({steps} steps); lower it, e.g. to "
-                       f"{0.01 ** (2 / steps):.3f}")
+            tqdm.write(
+                f"warning: moco_momentum={cfg['moco_momentum']} keeps {key_init_share(cfg['moco_momentum'], steps // 2):.0%} "
+                f"of the key encoder's random init at mid-run ({steps} steps); lower it, e.g. to "
+                f"{0.01 ** (2 / steps):.3f}"
+            )
         if state is None:
             tracking.log_config(cfg)
             tracking.log_params({"total_steps": steps, "steps_per_epoch": steps_per_epoch(n, cfg["batch_size"])})
@@ -144,5 +152,3 @@ def run_ssl_pretrain(cfg: Mapping[str, Any], data_root: str = "", resume_run_id:
         title = f"{cfg['dataset']} {cfg['method']} {cfg['model']} (τ={cfg['temperature']}, batch {cfg['batch_size']})"
         tracking.log_figure(ssl_loss_figure(history, title), "plots/ssl_loss.png")
     return {**{k: v for k, v in history[-1].items() if k != "epoch"}, "knn_val_auroc_init": history[0]["knn_val_auroc"]}
-
-

@@ -83,8 +83,12 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
     analyse, trained with `analysed_dropout` when given), SSL methods and pretraining seeds."""
     spec = profile.get("study", {})
     baselines = [
-        Step(f"baseline_{i}_{b.get('model', 'default')}_{b.get('finetune', 'all')}", "baseline", dict(b),
-             optional=b.get("weights") == "imagenet" or b.get("finetune") == "head")
+        Step(
+            f"baseline_{i}_{b.get('model', 'default')}_{b.get('finetune', 'all')}",
+            "baseline",
+            dict(b),
+            optional=b.get("weights") == "imagenet" or b.get("finetune") == "head",
+        )
         for i, b in enumerate(spec.get("baselines", [{}]))
     ]
     if "analysed_dropout" in spec:  # week 8's MC dropout samples the dropout the analysed model trained with
@@ -101,19 +105,18 @@ def plan(profile: Mapping[str, Any]) -> list[Step]:
         Step("augment_ablation", "augment_ablation"),
         *[Step(f"ssl_pretrain_{m}_s{seed}", "ssl_pretrain", {"method": m, "seed": seed}) for m in methods for seed in seeds],
         # The supervised-only and control rows do not depend on the SSL method: only the first probe trains them.
-        *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]},
-               needs={"ssl_run_id": pretraining[m]}) for i, m in enumerate(methods)],
+        *[Step(f"linear_probe_{m}", "linear_probe", {} if i == 0 else {"methods": ["ssl_probe"]}, needs={"ssl_run_id": pretraining[m]}) for i, m in enumerate(methods)],
         *[Step(f"ssl_finetune_{m}", "ssl_finetune", needs={"ssl_run_id": pretraining[m]}) for m in methods],
         # the tag `analysed` tells these runs from the baseline's in compare's tables
-        *[Step(f"{stage}_ssl", stage, needs={"run_id": finetunes}, best_selected=True, tags={ANALYSED: "ssl_finetune"})
-          for stage in ("calibrate", "thresholds")],
+        *[Step(f"{stage}_ssl", stage, needs={"run_id": finetunes}, best_selected=True, tags={ANALYSED: "ssl_finetune"}) for stage in ("calibrate", "thresholds")],
         *[Step(stage, stage, needs={"run_id": [analysed]}, tags={ANALYSED: "baseline"}) for stage in ("calibrate", "thresholds", "robustness")],
         Step("compare", "compare"),
     ]
 
 
-def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str,
-                export: tuple[str, str] = ("", "results")) -> tuple[dict[str, Any], dict[str, str]]:
+def step_config(
+    step: Step, dataset: str, profile_name: str, run_ids: Mapping[str, str], out_root: str, export: tuple[str, str] = ("", "results")
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The resolved config of a step and the run ids it consumes (config keys go into the config)."""
     inputs = {}
     for key, sources in step.needs.items():
@@ -132,8 +135,7 @@ def step_config(step: Step, dataset: str, profile_name: str, run_ids: Mapping[st
 def skipped_inputs(step: Step, skipped: Mapping[str, str]) -> str:
     """Why a step cannot run: the steps it needs that were skipped, and why ("" when none was).
     For a step that is not optional, that is a UserError."""
-    reasons = [f"needs step {source}, which was skipped: {skipped[source]}"
-               for sources in step.needs.values() for source in sources if source in skipped]
+    reasons = [f"needs step {source}, which was skipped: {skipped[source]}" for sources in step.needs.values() for source in sources if source in skipped]
     if reasons and not step.optional:
         raise UserError(f"study step {step.name} {reasons[0]}")
     return "; ".join(reasons)
@@ -179,8 +181,7 @@ def reuse_key(step: Step, cfg: Mapping[str, Any], inputs: Mapping[str, str], dat
 READS_NO_IMAGES = ("calibrate", "finetune_table", "compare")  # they read logged predictions, metrics or tables
 
 
-def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner,
-             dataset: str, study_run_id: str) -> Outcome:
+def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root: str, runner: Runner, dataset: str, study_run_id: str) -> Outcome:
     """Reuse a FINISHED run with the same reuse key and code version whose artifacts are still
     there, else run the step."""
     data_md5 = "" if step.stage in READS_NO_IMAGES else fingerprint(dataset, data_size(cfg, inputs), data_root)
@@ -200,8 +201,10 @@ def run_step(step: Step, cfg: dict[str, Any], inputs: dict[str, str], data_root:
         return Outcome(step.name, step.stage, "skipped", "", time.time() - start, str(exc))
     run_id = step_run_id(opened, study_run_id, step.stage)
     fitted_imagenet = uses_imagenet_probe(step, cfg) and "imagenet_probe_status" not in tracking.get_run(run_id).tags
-    tracking.tag_run(run_id, {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet),
-                              "study_step": step.name, **step.tags, **({"data_md5": data_md5} if data_md5 else {})})
+    tracking.tag_run(
+        run_id,
+        {"study_config": reuse_key(step, cfg, inputs, data_md5, fitted_imagenet), "study_step": step.name, **step.tags, **({"data_md5": data_md5} if data_md5 else {})},
+    )
     return Outcome(step.name, step.stage, "ran", run_id, time.time() - start)
 
 
@@ -215,8 +218,7 @@ def study_description(profile_name: str, outcomes: list[Outcome], out_root: str,
     """The study run's description: what the profile is for, its steps with links to their runs,
     and compare's headline tables (label efficiency, then the paired differences)."""
     rows = [[o.step, o.status, tracking.run_link(o.run_id, o.run_id[:8]) if o.run_id else "—", f"{o.seconds:.0f}"] for o in outcomes]
-    parts = [f"**{profile_name} profile**: {profile_note(profile_name)}",
-             "## Steps\n\n" + tables.rows_to_markdown(rows, ["step", "status", "run", "seconds"])]
+    parts = [f"**{profile_name} profile**: {profile_note(profile_name)}", "## Steps\n\n" + tables.rows_to_markdown(rows, ["step", "status", "run", "seconds"])]
     for name in ("week5_label_efficiency.md", "week6_paired_differences.md"):
         path = Path(out_root) / dataset / name
         parts.append(path.read_text() if path.is_file() else f"({name}: compare did not write it)")
@@ -228,8 +230,15 @@ def profile_note(profile_name: str) -> str:
     return str(config.load_profile(profile_name).get("note", ""))
 
 
-def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], data_root: str = "",
-              out_root: str = "reports", echo: Callable[[str], None] = print, export: tuple[str, str] = ("", "results")) -> list[Outcome]:
+def run_study(
+    dataset: str,
+    profile_name: str,
+    runners: Mapping[str, Runner],
+    data_root: str = "",
+    out_root: str = "reports",
+    echo: Callable[[str], None] = print,
+    export: tuple[str, str] = ("", "results"),
+) -> list[Outcome]:
     """Run every step of the study under one parent `study` run; `runners` maps each stage to its
     pipeline call (the entry point wires them, so no step module imports another). `export`: the
     hand-in name (empty: none) and results root that compare writes the weekly folders to."""
@@ -256,15 +265,12 @@ def run_study(dataset: str, profile_name: str, runners: Mapping[str, Runner], da
                 cfg, inputs = step_config(step, dataset, profile_name, run_ids, out_root, export)
                 if step.stage == "compare":  # the tables and the draft say what the study could not run
                     cfg["not_run"] = {o.step: (o.stage, o.note) for o in outcomes if o.status == "skipped"}
-                outcome = run_step(step, cfg, consumed_inputs(step, inputs), data_root, runners[step.stage], dataset,
-                                   study_run_id)
+                outcome = run_step(step, cfg, consumed_inputs(step, inputs), data_root, runners[step.stage], dataset, study_run_id)
             outcomes.append(outcome)
             if outcome.run_id:
                 run_ids[step.name] = outcome.run_id
-            echo(" ".join(filter(None, [f"[study] {step.name}: {outcome.status}", outcome.run_id[:8],
-                                        f"({outcome.seconds:.0f} s)", outcome.note[:100]])))
+            echo(" ".join(filter(None, [f"[study] {step.name}: {outcome.status}", outcome.run_id[:8], f"({outcome.seconds:.0f} s)", outcome.note[:100]])))
             tracking.log_text(steps_table(outcomes), "study_steps.md")
-        tracking.log_metrics({"steps_ran": sum(o.status == "ran" for o in outcomes),
-                              "steps_reused": sum(o.status == "reused" for o in outcomes)})
+        tracking.log_metrics({"steps_ran": sum(o.status == "ran" for o in outcomes), "steps_reused": sum(o.status == "reused" for o in outcomes)})
         tracking.describe_run(study_description(profile_name, outcomes, out_root, dataset))
     return outcomes

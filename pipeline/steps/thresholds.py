@@ -73,8 +73,7 @@ def confusion_counts(probs: np.ndarray, labels: np.ndarray, threshold: float, ax
     """TP, FP, TN, FN of `probs >= threshold` against 0/1 labels, summed along `axis`."""
     predicted = np.asarray(probs) >= threshold
     positive = np.asarray(labels) == 1
-    return tuple(np.sum(a & b, axis=axis) for a, b in
-                 ((predicted, positive), (predicted, ~positive), (~predicted, ~positive), (~predicted, positive)))
+    return tuple(np.sum(a & b, axis=axis) for a, b in ((predicted, positive), (predicted, ~positive), (~predicted, ~positive), (~predicted, positive)))
 
 
 def rates_at(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
@@ -84,9 +83,7 @@ def rates_at(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[st
     return {**dict(zip(("tp", "fp", "tn", "fn"), map(int, counts))), **values}
 
 
-def bootstrap_rates(
-    probs: np.ndarray, labels: np.ndarray, threshold: float, n_resamples: int, seed: int, level: float = 0.95
-) -> dict[str, tuple[float, float]]:
+def bootstrap_rates(probs: np.ndarray, labels: np.ndarray, threshold: float, n_resamples: int, seed: int, level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap CI of each rate at a fixed threshold (resamples of the test split)."""
     if n_resamples == 0:
         return {r: (math.nan, math.nan) for r in RATES}
@@ -163,14 +160,11 @@ def choose_points(val: Predictions, target_tprs: Sequence[float], target_fprs: S
     return points
 
 
-def threshold_rows(
-    points: Sequence[OperatingPoint], val: Predictions, test: Predictions, n_resamples: int, seed: int
-) -> list[dict[str, Any]]:
+def threshold_rows(points: Sequence[OperatingPoint], val: Predictions, test: Predictions, n_resamples: int, seed: int) -> list[dict[str, Any]]:
     """One row per rule: threshold, rates reached on validation, test rates with bootstrap CIs."""
     rows = []
     for point in points:
-        row: dict[str, Any] = {"rule": point.rule, "key": point.key, "target": point.target, "status": point.status,
-                               "threshold": point.threshold}
+        row: dict[str, Any] = {"rule": point.rule, "key": point.key, "target": point.target, "status": point.status, "threshold": point.threshold}
         if point.status == "ok":
             on_val = rates_at(val.probs, val.labels, point.threshold)
             row.update(val_tpr=on_val["tpr"], val_fpr=on_val["fpr"], **rates_at(test.probs, test.labels, point.threshold))
@@ -181,8 +175,22 @@ def threshold_rows(
     return rows
 
 
-CSV_COLUMNS = ["rule", "key", "target", "status", "positive_class", "threshold", "val_tpr", "val_fpr", "tp", "fp", "tn", "fn",
-               *(f"{r}{s}" for r in RATES for s in ("", "_ci_low", "_ci_high")), "note"]
+CSV_COLUMNS = [
+    "rule",
+    "key",
+    "target",
+    "status",
+    "positive_class",
+    "threshold",
+    "val_tpr",
+    "val_fpr",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    *(f"{r}{s}" for r in RATES for s in ("", "_ci_low", "_ci_high")),
+    "note",
+]
 
 
 def markdown_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -229,9 +237,19 @@ def high_confidence_errors(test: Predictions, confidence: float) -> list[dict[st
     top = np.maximum(probs, 1 - probs)
     wrong = np.flatnonzero((predicted != test.labels) & (top >= confidence))
     wrong = wrong[np.argsort(-top[wrong], kind="stable")]
-    return [{"position": int(k), "index": int(test.index[k]), "true": int(test.labels[k]), "predicted": int(predicted[k]),
-             "prob": float(probs[k]), "confidence": float(top[k]), "note": "", **dict.fromkeys(STUDENT_COLUMNS, "")}
-            for k in wrong]
+    return [
+        {
+            "position": int(k),
+            "index": int(test.index[k]),
+            "true": int(test.labels[k]),
+            "predicted": int(predicted[k]),
+            "prob": float(probs[k]),
+            "confidence": float(top[k]),
+            "note": "",
+            **dict.fromkeys(STUDENT_COLUMNS, ""),
+        }
+        for k in wrong
+    ]
 
 
 def run_thresholds(cfg: Mapping[str, Any], run_id: str = "latest", data_root: str = "") -> dict[str, float]:

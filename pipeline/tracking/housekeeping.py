@@ -44,7 +44,7 @@ def _process_alive(pid: str) -> bool:
 def _entry_point(words: list[str]) -> str | None:
     """The entry point of an `mlflow run` command line (`main` when not given), or None for another command."""
     at = next((i for i, word in enumerate(words[:4]) if Path(word).name == "mlflow"), None)
-    if at is None or words[at + 1:at + 2] != ["run"]:
+    if at is None or words[at + 1 : at + 2] != ["run"]:
         return None
     for i, word in enumerate(words):
         if word in ("-e", "--entry-point") and i + 1 < len(words):
@@ -77,10 +77,13 @@ def stale_reason(run: RunRecord, older_than_s: float | None, now: float) -> str 
         if _process_alive(tags["pid"]):
             return None
         return f"process {tags['pid']} on {tags['host']} is gone"
-    if ("stage" not in tags and "mlflow.project.entryPoint" in tags and sqlite_path(mlflow.get_tracking_uri())
-            and not _mlflow_run_alive(tags["mlflow.project.entryPoint"], run.start / 1000)):
-        return (f"`mlflow run -e {tags['mlflow.project.entryPoint']}` exited before its step began "
-                "(e.g. it could not build its environment: see docs/steps.md)")
+    if (
+        "stage" not in tags
+        and "mlflow.project.entryPoint" in tags
+        and sqlite_path(mlflow.get_tracking_uri())
+        and not _mlflow_run_alive(tags["mlflow.project.entryPoint"], run.start / 1000)
+    ):
+        return f"`mlflow run -e {tags['mlflow.project.entryPoint']}` exited before its step began (e.g. it could not build its environment: see docs/steps.md)"
     if older_than_s is not None and age > older_than_s:
         where = f"on {tags['host']}" if tags.get("host") else "with no host/pid tags"
         return f"RUNNING for {age / 3600:.1f} h {where} (older than {older_than_s / 3600:.2g} h)"

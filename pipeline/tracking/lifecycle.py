@@ -158,8 +158,7 @@ def _close(run_id: str, outcome: BaseException | None) -> str:
             except Exception as exc:
                 if outcome is None:  # a FINISHED run that cannot be marked so is this process's failure
                     raise
-                print(f"warning: run {target} could not be marked {status} ({_one_line(exc)}); "
-                      "`medmnist-ssl runs clean-stale` marks it KILLED later", file=sys.stderr)
+                print(f"warning: run {target} could not be marked {status} ({_one_line(exc)}); `medmnist-ssl runs clean-stale` marks it KILLED later", file=sys.stderr)
 
         if outcome is not None:
             reason = "interrupted (Ctrl-C or SIGTERM)" if status == "KILLED" else _one_line(outcome)
@@ -199,9 +198,14 @@ def fail_adopted_run(message: str, stage: str) -> None:
         run = client.get_run(run_id)
         if run.info.status == "RUNNING":
             params = run.data.params
-            tags = {"stage": stage, "week": contract()["weeks"].get(stage, ""), "dataset": params.get("dataset", ""),
-                    "model": params.get("model", "").strip("'") or "-", "seed": params.get("seed", "").strip("'") or "-",
-                    "failure_reason": message[:4000]}
+            tags = {
+                "stage": stage,
+                "week": contract()["weeks"].get(stage, ""),
+                "dataset": params.get("dataset", ""),
+                "model": params.get("model", "").strip("'") or "-",
+                "seed": params.get("seed", "").strip("'") or "-",
+                "failure_reason": message[:4000],
+            }
             for key, value in tags.items():
                 if key not in run.data.tags:
                     client.set_tag(run_id, key, str(value))
@@ -212,9 +216,7 @@ def resumable_run(stage: str, dataset: str, run_id: str) -> RunRecord:
     """A run of this stage and dataset that may be reopened: KILLED, FAILED or RUNNING but stale."""
     adopted = os.environ.get("MLFLOW_RUN_ID")
     if adopted and adopted != run_id:
-        raise UserError(
-            f"`mlflow run` created a new run {adopted}; resume {run_id} with `medmnist-ssl {stage} --resume {run_id}`"
-        )
+        raise UserError(f"`mlflow run` created a new run {adopted}; resume {run_id} with `medmnist-ssl {stage} --resume {run_id}`")
     run = find_run(stage, dataset, run_id)
     status = run.status
     if status == "FINISHED":
@@ -233,8 +235,10 @@ def check_same_data(run: RunRecord, data_md5: str, other_data: bool = False) -> 
     and test would mix two datasets."""
     started_on = run.tags.get("data_md5")
     if started_on and started_on != data_md5 and not other_data:
-        raise UserError(f"run {run.id} started on a data file with MD5 {started_on}, this data root's has {data_md5}: "
-                        "point --data-root at the original file, or pass --other-data to resume on this one anyway")
+        raise UserError(
+            f"run {run.id} started on a data file with MD5 {started_on}, this data root's has {data_md5}: "
+            "point --data-root at the original file, or pass --other-data to resume on this one anyway"
+        )
 
 
 CLAIM_WAIT_S = 1.5  # longer than a claimant takes from its check to reopening the run
@@ -259,7 +263,6 @@ def claim_run(run: RunRecord, wait_s: float = CLAIM_WAIT_S) -> RunRecord:
     now = to_record(client.get_run(run.id))
     reopened = now.status == "RUNNING" and stale_reason(now, None, time.time()) is None
     if now.tags.get("resume_claim") != token or reopened:
-        raise UserError(f"run {run.id} is being resumed by another process "
-                        f"({now.tags.get('resume_claim', '?').rsplit(':', 1)[0]}); not resuming it twice")
+        raise UserError(f"run {run.id} is being resumed by another process ({now.tags.get('resume_claim', '?').rsplit(':', 1)[0]}); not resuming it twice")
     remove_partial_uploads(now)
     return now

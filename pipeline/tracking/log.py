@@ -110,8 +110,7 @@ def log_inputs(inputs: Iterable[InputData]) -> None:
 
     local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")  # made at import
     for item in inputs:
-        dataset = mlflow.data.from_numpy(item.features, source=local(item.source),
-                                         targets=item.targets, name=item.name)
+        dataset = mlflow.data.from_numpy(item.features, source=local(item.source), targets=item.targets, name=item.name)
         _write(lambda dataset=dataset, context=item.context: mlflow.log_input(dataset, context=context))
 
 
@@ -133,9 +132,18 @@ def log_model(model: torch.nn.Module, example: np.ndarray, dataset: str, tags: M
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
         with warnings.catch_warnings():  # torch.export's archive writer warns about every buffer of a CPU model
             warnings.filterwarnings("ignore", message="No complete tensor found")
-            info = _write(lambda: mlflow.pytorch.log_model(
-                model, name="model", signature=infer_signature(example, output), input_example=example,
-                serialization_format="pt2", pip_requirements=requirements, params={"dataset": dataset}, tags=dict(tags)))
+            info = _write(
+                lambda: mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=infer_signature(example, output),
+                    input_example=example,
+                    serialization_format="pt2",
+                    pip_requirements=requirements,
+                    params={"dataset": dataset},
+                    tags=dict(tags),
+                )
+            )
     finally:
         model.train(was_training)
     return info.model_id

@@ -21,11 +21,18 @@ from pipeline.records import RunRecord
 def to_record(run: Run) -> RunRecord:
     """The plain record of an MLflow run."""
     params = run.data.params
-    return RunRecord(id=run.info.run_id, name=run.info.run_name or "", experiment_id=run.info.experiment_id,
-                     status=run.info.status, start=run.info.start_time or 0, artifact_uri=run.info.artifact_uri or "",
-                     tags=dict(run.data.tags), metrics=dict(run.data.metrics),
-                     config={k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")},
-                     params={k: v for k, v in params.items() if not k.startswith("cfg.")})
+    return RunRecord(
+        id=run.info.run_id,
+        name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        start=run.info.start_time or 0,
+        artifact_uri=run.info.artifact_uri or "",
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+        config={k.removeprefix("cfg."): v for k, v in params.items() if k.startswith("cfg.")},
+        params={k: v for k, v in params.items() if not k.startswith("cfg.")},
+    )
 
 
 def has_artifacts(run_id: str, paths: tuple[str, ...]) -> bool:
@@ -64,10 +71,7 @@ def find_run(stage: str, dataset: str, run_id: str = "latest", require: tuple[st
         if tags.get("stage") not in stages and not (tags.get("method") and "classifier" in stages):
             raise UserError(f"run {run_id} is a {tags.get('stage', 'unknown')} run; expected {' or '.join(stages)}")
         if require and not has_artifacts(run_id, require):
-            raise UserError(
-                f"run {run_id} has no {' and '.join(require)} (status {run.status}); "
-                f"pass a FINISHED classifier run, or run_id=latest"
-            )
+            raise UserError(f"run {run_id} has no {' and '.join(require)} (status {run.status}); pass a FINISHED classifier run, or run_id=latest")
         return run
     for candidate in stages:
         for run in finished_runs(dataset, f"tags.stage = '{candidate}'", max_results=0 if require else 1):
@@ -89,13 +93,13 @@ def finished_runs(dataset: str, where: str = "", max_results: int = 0) -> list[R
 SEARCH_LIMIT = 100_000  # MLflow's fluent default: "every run" for any store this project meets
 
 
-def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", view: int = ViewType.ACTIVE_ONLY,
-             max_results: int = 0) -> list[RunRecord]:
+def all_runs(filter_string: str, order_by: str = "attributes.start_time DESC", view: int = ViewType.ACTIVE_ONLY, max_results: int = 0) -> list[RunRecord]:
     """Every run (or the first `max_results`) of every active experiment that matches the filter.
     MLflow's fluent search pages through the store; one `MlflowClient.search_runs` call stops at
     1000 runs, which a team store passes."""
-    found = mlflow.search_runs(filter_string=filter_string, order_by=[order_by], search_all_experiments=True,
-                               output_format="list", run_view_type=view, max_results=max_results or SEARCH_LIMIT)
+    found = mlflow.search_runs(
+        filter_string=filter_string, order_by=[order_by], search_all_experiments=True, output_format="list", run_view_type=view, max_results=max_results or SEARCH_LIMIT
+    )
     return [to_record(run) for run in found]
 
 

@@ -32,8 +32,7 @@ class Champion:
 def logged_models(dataset: str) -> list[Any]:
     """Every READY logged model of `dataset` (the `dataset` param `log_model` gives it), in any experiment."""
     experiments = [e.experiment_id for e in MlflowClient().search_experiments()]
-    found = mlflow.search_logged_models(experiment_ids=experiments, filter_string=f"params.dataset = '{dataset}'",
-                                        output_format="list")
+    found = mlflow.search_logged_models(experiment_ids=experiments, filter_string=f"params.dataset = '{dataset}'", output_format="list")
     return [m for m in found if m.status == LoggedModelStatus.READY]
 
 

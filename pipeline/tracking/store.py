@@ -102,8 +102,7 @@ def ensure_store() -> None:
 def experiment_tags(description: str) -> dict[str, str]:
     """An experiment's description, contract version, and the kind that makes MLflow's UI open it
     on the runs table of model training (not on the GenAI overview)."""
-    return {"mlflow.note.content": description, "contract.version": str(contract()["version"]),
-            "mlflow.experimentKind": "custom_model_development"}
+    return {"mlflow.note.content": description, "contract.version": str(contract()["version"]), "mlflow.experimentKind": "custom_model_development"}
 
 
 def describe_experiment(experiment_id: str, dataset: str) -> None:

@@ -43,10 +43,10 @@ def refusal(exc: BaseException, what: str, hint: str = "") -> UserError:
     user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
     if refused(exc) == 401:
         login = f"the login of {user!r}" if user else "a request without a login"
-        return UserError(f"the tracking server {mlflow.get_tracking_uri()} refused {login} (HTTP 401): "
-                         "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    return UserError(f"the tracking server {mlflow.get_tracking_uri()} refused {user or 'this client'} access to {what} "
-                     f"(HTTP 403, permission denied){': ' + hint if hint else ''}")
+        return UserError(f"the tracking server {mlflow.get_tracking_uri()} refused {login} (HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return UserError(
+        f"the tracking server {mlflow.get_tracking_uri()} refused {user or 'this client'} access to {what} (HTTP 403, permission denied){': ' + hint if hint else ''}"
+    )
 
 
 def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
@@ -63,8 +63,7 @@ def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
             if any(word in message for word in FULL):
                 run = mlflow.active_run()
                 resume = f", then `--resume {run.info.run_id}` continues from its last checkpoint" if run else ""
-                raise UserError(f"the tracking store {mlflow.get_tracking_uri()} (or its artifact folder) is out of disk "
-                                f"space: free some{resume}") from None
+                raise UserError(f"the tracking store {mlflow.get_tracking_uri()} (or its artifact folder) is out of disk space: free some{resume}") from None
             if refused(exc):
                 run = mlflow.active_run()
                 raise refusal(exc, f"run {run.info.run_id}" if run else "the store") from None
@@ -73,8 +72,9 @@ def _write(call: Callable[[], Any], patience_s: float | None = None) -> Any:
             if time.monotonic() + wait > deadline:
                 run = mlflow.active_run()
                 resume = f"; its last checkpoint is kept: `--resume {run.info.run_id}` continues it" if run else ""
-                raise UserError(f"the tracking store {mlflow.get_tracking_uri()} stayed locked or unreachable for "
-                                f"{patience_s:.0f} s ({_one_line(exc)}){resume}") from None
+                raise UserError(
+                    f"the tracking store {mlflow.get_tracking_uri()} stayed locked or unreachable for {patience_s:.0f} s ({_one_line(exc)}){resume}"
+                ) from None
             time.sleep(wait)
             wait = min(wait * 2, 8.0)
 
