@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
@@ -92,6 +92,22 @@ def raise_failures(failures: list[str], total: int, grid: str) -> None:
         raise PipelineError(f"{len(failures)} of {total} {grid} child runs failed: {'; '.join(failures)}")
 
 
+def run_cells(cells: Iterable[tuple[str, T]], child: Callable[[T], Mapping[str, Any]]) -> tuple[list[tuple[T, Mapping[str, Any]]], list[str]]:
+    """Every grid's children and its one failure policy: call `child(cell)` for each (name, cell);
+    a child that fails (its run already FAILED with the reason) is recorded by name and the grid goes
+    on, so one diverging seed does not cost the others; a user mistake stops it at once, since every
+    child would repeat it. Returns ((cell, child's values) of the finished children, failures)."""
+    done, failures = [], []
+    for name, cell in cells:
+        try:
+            done.append((cell, child(cell)))
+        except UserError:
+            raise
+        except Exception as exc:
+            failures.append(child_failure(name, exc))
+    return done, failures
+
+
 def run_grid(
     cfg: Mapping[str, Any],
     data: DatasetSplits,
@@ -104,25 +120,16 @@ def run_grid(
     method; the same stratified subset serves every method of a (fraction, seed). `ahead(fraction,
     {seed: subset})`, when given, runs before a fraction's children, so a step can train that
     fraction's members together and let each child log its stored result (a member's failure is
-    stored too and raised by its child; an error of `ahead` itself stops the grid). Every grid's
-    failure policy: a child that fails (its run already FAILED with the reason) is recorded and the
-    grid goes on, so one diverging seed does not cost the others; a user mistake stops it at once,
-    since every child would repeat it. Returns (rows of the finished children, failures)."""
+    stored too and raised by its child; an error of `ahead` itself stops the grid). Children run
+    under `run_cells`' failure policy. Returns (rows of the finished children, failures)."""
     train_labels = data.train.labels.cpu().numpy()
     rows, failures = [], []
     for fraction in cfg["label_fractions"]:
         subsets = {seed: stratified_subset(train_labels, fraction, seed) for seed in cfg["seeds"]}
         if ahead is not None:
             ahead(fraction, subsets)
-        for seed, subset in subsets.items():
-            for method in methods:
-                tags = {**base_tags, "method": method, "label_fraction": fraction, "seed": seed}
-                try:
-                    values = child(subset, tags)
-                except UserError:
-                    raise
-                except Exception as exc:
-                    failures.append(child_failure(f"{method}-f{fraction:g}-s{seed}", exc))
-                    continue
-                rows.append({**tags, **{k: values[k] for k in RESULT_KEYS}, "run_id": values["run_id"]})
+        cells = [(f"{method}-f{fraction:g}-s{seed}", {**base_tags, "method": method, "label_fraction": fraction, "seed": seed}) for seed in subsets for method in methods]
+        done, failed = run_cells(cells, lambda tags: child(subsets[tags["seed"]], tags))
+        rows += [{**tags, **{k: values[k] for k in RESULT_KEYS}, "run_id": values["run_id"]} for tags, values in done]
+        failures += failed
     return rows, failures

@@ -1,9 +1,10 @@
 """Week 3 augmentation ablation: one parent run, one nested supervised classifier per (variant × seed).
 
-Each child is a full classifier run (`pipeline.steps.baseline.train_supervised`, stage `augment_ablation`,
+Each child is a full classifier run (`pipeline.supervised.train_supervised`, stage `augment_ablation`,
 tags `augment` and `seed`). The parent aggregates the children's val/test AUROC, accuracy and test ECE per
 variant (mean ± sample std over seeds) into `ablation.csv`, `ablation.md`, a plot and metrics. A
-child that fails does not stop the others; the parent then ends FAILED naming the failed children.
+child that fails does not stop the others (every grid's policy, `grids.run_cells`); the parent then
+ends FAILED naming the failed children.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any, Mapping
 from pipeline import config, plots, tables, tracking
 from pipeline.config import config_hash
 from pipeline.data import load_splits
-from pipeline.errors import UserError
-from pipeline.grids import GRID_GUIDE, child_failure, raise_failures
+from pipeline.grids import GRID_GUIDE, raise_failures, run_cells
 from pipeline.results import ABLATION_METRICS, ablation_summary
 from pipeline.runtime import configure_speed, resolve_device
 from pipeline.supervised import log_selected_model, train_supervised
@@ -66,20 +66,16 @@ def run_augment_ablation(cfg: Mapping[str, Any], data_root: str = "") -> list[di
         "finetune": cfg["finetune"],
         "config_hash": config_hash(cfg),
     }
-    rows, failures = [], []
     with tracking.tracked_run("augment_ablation", cfg["dataset"], tags, run_name=f"augment_ablation-{cfg['model']}"):
         tracking.log_config(cfg)
-        for variant in cfg["variants"]:
-            for seed in cfg["seeds"]:
-                name = f"ablation-{variant}-s{seed}"
-                try:
-                    values = train_supervised(child_config(cfg, variant, seed), data, device, "augment_ablation", name, nested=True)
-                except UserError:  # the grids' one failure policy (grids.run_grid): a user mistake stops at once
-                    raise
-                except Exception as exc:  # the child is already FAILED with its reason; go on with the others
-                    failures.append(child_failure(name, exc))
-                    continue
-                rows.append({"variant": variant, "seed": seed, **{m: values[m] for m in ABLATION_METRICS}, "run_id": values["run_id"]})
+        cells = [(f"ablation-{variant}-s{seed}", (variant, seed)) for variant in cfg["variants"] for seed in cfg["seeds"]]
+
+        def child(cell: tuple[str, int]) -> Mapping[str, Any]:
+            variant, seed = cell
+            return train_supervised(child_config(cfg, variant, seed), data, device, "augment_ablation", f"ablation-{variant}-s{seed}", nested=True)
+
+        done, failures = run_cells(cells, child)
+        rows = [{"variant": v, "seed": s, **{m: values[m] for m in ABLATION_METRICS}, "run_id": values["run_id"]} for (v, s), values in done]
         log_selected_model(rows, data, cfg["dataset"])
         summary = ablation_summary(rows, cfg["variants"])
         if summary:
