@@ -85,12 +85,13 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
     return wall
 
 
-def classic_command(args: argparse.Namespace) -> list[str]:
-    """This script in its classic-worker mode."""
+def worker_command(args: argparse.Namespace, mode: str = "--worker") -> list[str]:
+    """This script in one of its worker modes (`--worker`: the classic script; `--spans-worker`: our
+    entry point with timed spans), on the benchmark's dataset, epochs and batch."""
     return [
         sys.executable,
         str(Path(__file__).resolve()),
-        "--worker",
+        mode,
         "--dataset",
         args.dataset,
         "--data-root",
@@ -161,7 +162,7 @@ def rounds(args: argparse.Namespace) -> list[dict[str, float]]:
     out = []
     for index in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="classic-vs-run-") as tmp:
-            classic = timed(classic_command(args), environment(Path(tmp)), Path(tmp))
+            classic = timed(worker_command(args), environment(Path(tmp)), Path(tmp))
         with tempfile.TemporaryDirectory(prefix="classic-vs-run-") as tmp:
             ours = timed(ours_command(args), environment(Path(tmp)), Path(tmp))
         row = {"classic_s": round(classic, 2), "ours_s": round(ours, 2), "ratio": round(classic / ours, 3)}
@@ -230,19 +231,7 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
     """Our entry point once with its spans timed (its own fresh store): seconds of each, the process
     wall time, and everything but the training epochs."""
     with tempfile.TemporaryDirectory(prefix="classic-vs-run-") as tmp:
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--spans-worker",
-            "--dataset",
-            args.dataset,
-            "--data-root",
-            data_root(args.data_root),
-            "--epochs",
-            str(args.epochs),
-            "--batch",
-            str(args.batch),
-        ]
+        command = worker_command(args, "--spans-worker")
         env = environment(Path(tmp))
         start = time.perf_counter()
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
